@@ -1,0 +1,88 @@
+"""Single-process token dispatch: group token copies by expert, and the exact reverse.
+
+Shape legend: T tokens, K experts per token, D hidden, E experts, N kept token copies (= T·K
+when dropless).
+
+`LocalDispatcher` is the one-rank implementation of the dispatcher interface; the expert-parallel
+`AllToAllDispatcher` in `parallel/dispatcher.py` shares the interface and the routing plan below.
+It lives here, in plain torch, because `models/` must not import `parallel/`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RoutingPlan:
+    """Which token copies go where, decided on the local tokens before any exchange."""
+
+    order_N: torch.Tensor  # indices into the flattened [T·K] assignments, sorted by expert (stable)
+    kept_per_expert_E: torch.Tensor  # copies each expert will compute after capacity drops
+    routed_per_expert_E: torch.Tensor  # copies the router asked each expert for (the load)
+    num_dropped: torch.Tensor  # scalar int64: copies dropped by capacity (0 when dropless)
+
+
+def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
+    """Copies one expert may take per step: ceil(factor · T·K / E), the GShard/Switch rule."""
+    return math.ceil(capacity_factor * num_assignments / num_experts)
+
+
+def plan_routing(expert_ids_TK: torch.Tensor, num_experts: int, capacity_factor: float | None) -> RoutingPlan:
+    flat_ids = expert_ids_TK.flatten()  # [T·K]
+    order_N = torch.argsort(flat_ids, stable=True)  # stable: earlier tokens keep priority
+    routed_E = torch.bincount(flat_ids, minlength=num_experts)
+    if capacity_factor is None:
+        return RoutingPlan(order_N, routed_E, routed_E, torch.zeros((), dtype=torch.int64, device=flat_ids.device))
+
+    capacity = expert_capacity(flat_ids.numel(), num_experts, capacity_factor)
+    sorted_ids = flat_ids[order_N]
+    first_slot_E = torch.cumsum(routed_E, 0) - routed_E
+    rank_within_expert = torch.arange(flat_ids.numel(), device=flat_ids.device) - first_slot_E[sorted_ids]
+    keep = rank_within_expert < capacity
+    kept_E = routed_E.clamp(max=capacity)
+    return RoutingPlan(order_N[keep], kept_E, routed_E, (~keep).sum())
+
+
+def gather_tokens(x_TD: torch.Tensor, plan: RoutingPlan, top_k: int) -> torch.Tensor:
+    """[T, D] tokens -> [N, D] copies grouped by expert."""
+    return x_TD[plan.order_N // top_k]
+
+
+def scatter_combine(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan, num_tokens: int) -> torch.Tensor:
+    """[N, D] expert outputs -> [T, D]: each token's weighted sum over its kept copies.
+    Dropped copies add nothing (the residual stream carries the token on)."""
+    top_k = weights_TK.shape[-1]
+    weights_N = weights_TK.flatten()[plan.order_N].to(y_ND.dtype)
+    out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
+    return out_TD.index_add(0, plan.order_N // top_k, y_ND * weights_N[:, None])
+
+
+@dataclass
+class DispatchState:
+    """What `combine` needs to undo `dispatch`, plus the step's counters."""
+
+    plan: RoutingPlan
+    num_tokens: int
+    bytes_sent: int = 0  # bytes this rank sent to other ranks (there and back); 0 on one rank
+    extra: object = None  # dispatcher-specific bookkeeping (all-to-all splits)
+
+
+class LocalDispatcher:
+    """All experts on this process: dispatch is a sort, combine a weighted scatter-add."""
+
+    def __init__(self, num_experts: int, top_k: int, capacity_factor: float | None):
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor):
+        """Returns ([N, D] copies grouped by local expert, [E_local] counts, state)."""
+        plan = plan_routing(expert_ids_TK, self.num_experts, self.capacity_factor)
+        return gather_tokens(x_TD, plan, self.top_k), plan.kept_per_expert_E, DispatchState(plan, x_TD.shape[0])
+
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        return scatter_combine(y_ND, weights_TK, state.plan, state.num_tokens)

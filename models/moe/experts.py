@@ -1,0 +1,100 @@
+"""Routed experts as stacked weights, and the compute backends that run them.
+
+Shape legend: N routed token copies (sorted by expert), D hidden, F expert width,
+E experts held by this module (all of them, or the local shard under expert parallelism).
+
+The input is grouped by expert: rows [0, counts[0]) belong to expert 0, the next counts[1] rows
+to expert 1, and so on. Groups may be empty; nothing is padded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import EXPERT_BACKENDS
+
+
+def activate(h_NF: torch.Tensor, gate_NF: torch.Tensor | None) -> torch.Tensor:
+    """SwiGLU when a gate projection exists, else GELU."""
+    if gate_NF is None:
+        return F.gelu(h_NF)
+    return F.silu(gate_NF) * h_NF
+
+
+def run_experts_loop(x_ND, counts_E, w1_EDF, w2_EFD, w3_EDF=None) -> torch.Tensor:
+    """The oracle: one plain matmul chain per expert, in a Python loop."""
+    outputs = []
+    for e, x_expert in enumerate(torch.split(x_ND, counts_E.tolist())):
+        gate = x_expert @ w3_EDF[e] if w3_EDF is not None else None
+        outputs.append(activate(x_expert @ w1_EDF[e], gate) @ w2_EFD[e])
+    if not outputs:
+        return x_ND.new_zeros(0, w2_EFD.shape[-1])
+    return torch.cat(outputs)
+
+
+def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
+    # grouped_mm's backward rejects non-contiguous incoming gradients (e.g. from index_add).
+    if t.requires_grad:
+        t.register_hook(lambda g: g.contiguous())
+    return t
+
+
+def grouped_mm_supported(x_ND: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """grouped_mm needs every row stride to be a multiple of 16 bytes."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    sizes = [x_ND.shape[-1]] + [w.shape[-1] for w in weights]
+    return all(s * x_ND.element_size() % 16 == 0 for s in sizes)
+
+
+def run_experts_grouped(x_ND, counts_E, w1_EDF, w2_EFD, w3_EDF=None) -> torch.Tensor:
+    """One grouped GEMM per weight over the variable-size expert groups."""
+    offsets_E = torch.cumsum(counts_E, dim=0).to(device=x_ND.device, dtype=torch.int32)
+    x_ND = x_ND.to(w1_EDF.dtype)
+    h_NF = _contiguous_grad(F.grouped_mm(x_ND, w1_EDF, offs=offsets_E))
+    gate_NF = _contiguous_grad(F.grouped_mm(x_ND, w3_EDF, offs=offsets_E)) if w3_EDF is not None else None
+    return _contiguous_grad(F.grouped_mm(activate(h_NF, gate_NF).contiguous(), w2_EFD, offs=offsets_E))
+
+
+class GroupedExperts(nn.Module):
+    """`num_experts` SwiGLU/GELU feed-forward experts stored as [E, ...] stacked weights."""
+
+    def __init__(self, num_experts: int, d_model: int, ffn_hidden: int, activation: str, backend: str):
+        super().__init__()
+        if backend not in EXPERT_BACKENDS:
+            raise ValueError(f"moe.backend must be one of {', '.join(map(repr, EXPERT_BACKENDS))}; got {backend!r}")
+        self.num_experts = num_experts
+        self.backend = backend
+        self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, ffn_hidden))
+        self.w2_EFD = nn.Parameter(torch.empty(num_experts, ffn_hidden, d_model))
+        self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, ffn_hidden)) if activation == "swiglu" else None
+
+    def reset_parameters(self, init_std: float, num_layers: int) -> None:
+        nn.init.normal_(self.w1_EDF, std=init_std)
+        if self.w3_EDF is not None:
+            nn.init.normal_(self.w3_EDF, std=init_std)
+        # Residual-branch output projections shrink with depth (GPT-2).
+        nn.init.normal_(self.w2_EFD, std=init_std / math.sqrt(2 * num_layers))
+
+    def keep_experts(self, first: int, count: int) -> None:
+        """Drop every expert but [first, first + count): the expert-parallel shard of this rank."""
+        for name in ("w1_EDF", "w2_EFD", "w3_EDF"):
+            weight = getattr(self, name)
+            if weight is not None:
+                setattr(self, name, nn.Parameter(weight.detach()[first : first + count].clone()))
+        self.num_experts = count
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        assert counts_E.numel() == self.num_experts, (counts_E.numel(), self.num_experts)
+        weights = (self.w1_EDF, self.w2_EFD, self.w3_EDF)
+        if self.backend == "megablocks":
+            from models.moe.megablocks_backend import run_experts_megablocks  # CUDA only: lazy import
+
+            return run_experts_megablocks(x_ND, counts_E, *weights)
+        if grouped_mm_supported(x_ND, *(w for w in weights if w is not None)):
+            return run_experts_grouped(x_ND, counts_E, *weights)
+        return run_experts_loop(x_ND, counts_E, *weights)
