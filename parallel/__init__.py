@@ -1,0 +1,1 @@
+"""Everything about processes: degrees and groups, the all-to-all dispatcher, expert parallelism."""

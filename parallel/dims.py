@@ -1,0 +1,93 @@
+"""World = DP × EP: validated once, process groups built in one place.
+
+Every rank owns a data shard (dense weights are data parallel over the whole world). Within the
+world, consecutive blocks of `ep` ranks split the experts between them (an expert-parallel group,
+kept on one node when GPUs are packed per node); ranks at the same position of different blocks
+hold the same experts and average their gradients (an expert-data-parallel group).
+
+    world 4, ep 2:   EP groups {0,1} {2,3}     EDP groups {0,2} {1,3}
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world_size: int
+    rank: int
+    local_rank: int
+    ep: int
+    ep_group: Optional[dist.ProcessGroup] = None  # ranks that split the experts; None on one process
+    edp_group: Optional[dist.ProcessGroup] = None  # ranks that hold the same experts
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep
+
+    @property
+    def edp(self) -> int:
+        return self.world_size // self.ep
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def validate_degrees(world_size: int, ep: int, num_experts: int) -> None:
+    """Pure arithmetic, so every rank reaches the same verdict without talking to the others."""
+    if ep < 1 or world_size % ep:
+        raise ValueError(f"parallel.ep ({ep}) must divide the number of processes ({world_size}); allowed: divisors of {world_size}")
+    if num_experts % ep:
+        raise ValueError(f"parallel.ep ({ep}) must divide moe.num_experts ({num_experts})")
+
+
+def read_launch_env() -> tuple[int, int, int]:
+    """(world_size, rank, local_rank) from torchrun's variables, else SLURM's, else one process."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"]), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env:
+        return int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0))
+    return 1, 0, 0
+
+
+def init_parallel(ep: int, num_experts: int, device: torch.device) -> ParallelDims:
+    """Validate degrees (before any collective, so a bad setting cannot hang), then build the groups."""
+    world_size, rank, local_rank = read_launch_env()
+    validate_degrees(world_size, ep, num_experts)
+    if world_size == 1:
+        return ParallelDims(1, 0, 0, ep)
+
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world_size))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    ep_group = edp_group = None
+    # Every rank must create every group, in the same order.
+    for first in range(0, world_size, ep):
+        group = dist.new_group(list(range(first, first + ep)))
+        if first <= rank < first + ep:
+            ep_group = group
+    for position in range(ep):
+        group = dist.new_group(list(range(position, world_size, ep)))
+        if rank % ep == position:
+            edp_group = group
+    return ParallelDims(world_size, rank, local_rank, ep, ep_group, edp_group)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,69 @@
+"""Token dispatchers: `LocalDispatcher` (all experts on this rank) and `AllToAllDispatcher`
+(experts split over the ranks of an expert-parallel group). Same interface:
+
+    dispatch(x_TD, expert_ids_TK) -> (x_ND grouped by local expert, counts per local expert, state)
+    combine(y_ND, weights_TK, state) -> out_TD
+
+Shape legend: T tokens, D hidden, K experts per token, E experts, L = E / ep local experts,
+P peers in the EP group, N copies this rank sends, M copies it receives.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.moe.dispatch import DispatchState, LocalDispatcher, gather_tokens, plan_routing, scatter_combine
+from parallel.all_to_all import all_to_all, all_to_all_async
+
+__all__ = ["AllToAllDispatcher", "LocalDispatcher"]
+
+
+def peer_major_to_expert_major(counts_PL: torch.Tensor) -> torch.Tensor:
+    """Row permutation that turns received rows, ordered (peer, local expert), into
+    (local expert, peer) order, so each local expert's rows are contiguous for the grouped GEMM."""
+    num_peers, num_local = counts_PL.shape
+    sizes = counts_PL.flatten()  # chunk (p, l) has sizes[p * L + l] rows
+    starts = torch.cumsum(sizes, 0) - sizes
+    wanted = torch.arange(num_peers * num_local).view(num_peers, num_local).t().flatten()  # (l, p) order
+    wanted_sizes, wanted_starts = sizes[wanted], starts[wanted]
+    new_starts = torch.cumsum(wanted_sizes, 0) - wanted_sizes
+    total = int(sizes.sum())
+    return torch.repeat_interleave(wanted_starts - new_starts, wanted_sizes, output_size=total) + torch.arange(total)
+
+
+class AllToAllDispatcher:
+    def __init__(self, num_experts: int, top_k: int, capacity_factor: float | None, group, ep: int, ep_rank: int):
+        assert num_experts % ep == 0, (num_experts, ep)
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // ep
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.group = group
+        self.ep = ep
+        self.ep_rank = ep_rank
+
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor):
+        plan = plan_routing(expert_ids_TK, self.num_experts, self.capacity_factor)
+        # Experts are laid out peer by peer: peer p holds experts [p·L, (p+1)·L).
+        send_counts_PL = plan.kept_per_expert_E.view(self.ep, self.num_local_experts)
+        recv_counts, counts_work = all_to_all_async(send_counts_PL.flatten(), self.group)
+        x_ND = gather_tokens(x_TD, plan, self.top_k)  # sorted by expert = grouped by destination peer
+        counts_work.wait()
+        recv_counts_PL = recv_counts.view(self.ep, self.num_local_experts)
+
+        input_splits = send_counts_PL.sum(1).tolist()
+        output_splits = recv_counts_PL.sum(1).tolist()
+        x_MD = all_to_all(x_ND, output_splits, input_splits, self.group)  # (peer, local expert) order
+        regroup_M = peer_major_to_expert_major(recv_counts_PL.cpu()).to(x_MD.device)
+
+        remote_rows = sum(input_splits) - input_splits[self.ep_rank]
+        bytes_sent = 2 * remote_rows * x_TD.shape[-1] * x_TD.element_size()  # there and back
+        state = DispatchState(plan, x_TD.shape[0], bytes_sent, extra=(input_splits, output_splits, regroup_M))
+        return x_MD[regroup_M], recv_counts_PL.sum(0), state
+
+    def combine(self, y_MD: torch.Tensor, weights_TK: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        input_splits, output_splits, regroup_M = state.extra
+        undo_M = torch.empty_like(regroup_M)
+        undo_M[regroup_M] = torch.arange(regroup_M.numel(), device=regroup_M.device)
+        y_ND = all_to_all(y_MD[undo_M], input_splits, output_splits, self.group)  # back in send order
+        return scatter_combine(y_ND, weights_TK, state.plan, state.num_tokens)
