@@ -17,7 +17,7 @@ from models.moe.layer import MoELayer
 from parallel.dims import init_parallel
 from parallel.dispatcher import peer_major_to_expert_major
 from parallel.expert_parallel import apply_expert_parallel
-from tests.multiprocess import run_ranks
+from tests.ranks import run_ranks
 
 WORLD = 4
 D = 16

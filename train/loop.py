@@ -1,0 +1,228 @@
+"""The training loop: set up (where every user mistake surfaces), then step, log, evaluate, save."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from models.gpt import GPT, count_parameters
+from models.moe.layer import router_losses
+from parallel.data_parallel import all_reduce_gradients, all_reduce_sum
+from parallel.dims import ParallelDims, init_parallel
+from parallel.expert_parallel import apply_expert_parallel
+from train.checkpoint import latest_checkpoint, load_checkpoint, model_signature, save_checkpoint
+from train.config import JobConfig
+from train.data import BatchSampler, PreparedData, prepare_data, val_batches
+from train.logging import RunLogger
+from train.metrics import MoEWindow, flops_per_token
+
+
+@dataclass
+class Run:
+    """Everything a running job holds."""
+
+    job: JobConfig
+    dims: ParallelDims
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    data: PreparedData
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    start_step: int
+    ckpt_dir: Path
+    flops_per_token: float
+
+
+def pick_device(job: JobConfig) -> torch.device:
+    if job.train.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but CUDA is not available; allowed here: auto, cpu")
+    if job.train.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def pick_autocast_dtype(job: JobConfig, device: torch.device) -> torch.dtype | None:
+    """None = plain fp32. CPUs run bf16 matmuls slower than fp32, so `auto` keeps them in fp32."""
+    if job.train.dtype == "bf16" or (job.train.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def build_optimizer(model: GPT, job: JobConfig) -> torch.optim.AdamW:
+    # Weight decay on matrices only; norms (1-D) are left alone.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    o = job.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+def lr_at(step: int, job: JobConfig) -> float:
+    """Linear warmup, then cosine decay to lr · min_lr_ratio at the last step."""
+    o, total = job.optim, job.train.steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def barrier(dims: ParallelDims) -> None:
+    if dims.distributed:
+        dist.barrier()
+
+
+def setup(job: JobConfig) -> Run:
+    """Everything that can fail because of the user's input fails here, as a ValueError."""
+    job.validate()
+    device = pick_device(job)
+    dims = init_parallel(job.parallel.ep, job.moe.num_experts, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", dims.local_rank)
+        torch.cuda.set_device(device)
+
+    job.data.cache_dir = os.path.abspath(os.path.expanduser(job.data.cache_dir))
+    job.data.paths = [os.path.abspath(os.path.expanduser(p)) for p in job.data.paths]
+    data = prepare_data(job.data)
+    job.model.vocab_size = data.vocab_size
+    torch.manual_seed(job.train.seed)  # same initial weights on every rank
+    model = GPT(job.gpt_config())
+    total_params, active_params = count_parameters(model)
+    embedding_params = 0 if job.model.tie_embeddings else model.embed.weight.numel()
+    apply_expert_parallel(model, dims)
+    model.to(device)
+    optimizer = build_optimizer(model, job)
+
+    ckpt_dir = Path(job.run_dir) / "checkpoints"
+    start_step = 0
+    if job.train.resume:
+        state, meta = load_checkpoint(ckpt_dir, dims.rank, checkpoint_meta(job, dims))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        start_step = meta["step"]
+    elif dims.is_main and latest_checkpoint(ckpt_dir) is not None:
+        # A fresh run never overwrites an earlier run's checkpoints: they are kept aside.
+        aside = ckpt_dir.with_name(f"checkpoints.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(ckpt_dir, aside)
+        print(f"switchyard: starting fresh; earlier checkpoints moved to {aside} (use train.resume=true to continue)")
+    barrier(dims)
+    fpt = flops_per_token(active_params, embedding_params, job.model.n_layers, job.model.d_model, job.train.seq_len)
+    if dims.is_main:
+        print(
+            f"switchyard: {total_params / 1e6:.1f}M parameters ({active_params / 1e6:.1f}M active), "
+            f"{dims.world_size} process(es), ep={dims.ep}, device={device}, "
+            f"{len(data.train) / 1e6:.2f}M training tokens, vocab {data.vocab_size}"
+        )
+    return Run(job, dims, device, pick_autocast_dtype(job, device), data, model, optimizer, start_step, ckpt_dir, fpt)
+
+
+def checkpoint_meta(job: JobConfig, dims: ParallelDims) -> dict:
+    return {"model_signature": model_signature(job), "world_size": dims.world_size, "parallel.ep": dims.ep}
+
+
+def forward_loss(run: Run, x_BS: torch.Tensor, y_BS: torch.Tensor):
+    """(total loss, cross-entropy, MoE stats) for one micro-batch."""
+    autocast = (
+        torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
+    )
+    with autocast:
+        logits_BSV, stats = run.model(x_BS.to(run.device))
+    ce = F.cross_entropy(logits_BSV.flatten(0, 1), y_BS.to(run.device).flatten())
+    return ce + router_losses(stats, run.job.moe).to(ce.device), ce, stats
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean validation cross-entropy over fixed blocks, averaged over all ranks."""
+    t = run.job.train
+    run.model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for x, y in val_batches(run.data.val, t.seq_len, t.micro_batch, t.eval_batches, run.dims.world_size, run.dims.rank):
+        _, ce, _ = forward_loss(run, x, y)
+        total += torch.tensor([ce.item(), 1.0], dtype=torch.float64)
+    run.model.train()
+    total = all_reduce_sum(total, run.dims)
+    return float(total[0] / total[1])
+
+
+def save(run: Run, step: int) -> None:
+    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
+    save_checkpoint(run.ckpt_dir, step, state, checkpoint_meta(run.job, run.dims), run.dims.rank, lambda: barrier(run.dims))
+
+
+def train_steps(run: Run, logger: RunLogger) -> dict:
+    job, dims, t = run.job, run.dims, run.job.train
+    sampler = BatchSampler(run.data.train, t.seq_len, t.micro_batch, dims.world_size, dims.rank, t.grad_accum, t.seed)
+    moe_layers = run.model.moe_layers()
+    window = MoEWindow(len(moe_layers), job.moe.num_experts)
+    tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * dims.world_size
+    loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()
+    summary: dict = {}
+    if run.start_step == 0:
+        logger.log(0, {"val/loss": evaluate(run)})  # the starting point of the validation curve
+    last_step = min(t.steps, t.stop_at or t.steps)
+    for step in range(run.start_step, last_step):
+        lr = lr_at(step, job)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        step_load_LE = torch.zeros(len(moe_layers), job.moe.num_experts)
+        for micro_step in range(t.grad_accum):
+            x, y = sampler.get(step, micro_step)
+            loss, ce, stats = forward_loss(run, x, y)
+            (loss / t.grad_accum).backward()
+            window.add(stats)
+            step_load_LE += torch.stack([s.tokens_per_expert.float().cpu() for s in stats]) if stats else 0
+            loss_sum += ce.item() / t.grad_accum
+        all_reduce_gradients(run.model, dims)
+        if job.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), job.optim.grad_clip)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        if job.moe.bias_update_rate > 0:
+            run.model.update_router_biases(list(all_reduce_sum(step_load_LE, dims)))
+        window_steps += 1
+        done = step + 1
+
+        if done % t.log_interval == 0 or done == t.steps:
+            elapsed = time.perf_counter() - window_start
+            mean_loss = float(all_reduce_sum(torch.tensor([loss_sum / window_steps], dtype=torch.float64), dims)[0]) / dims.world_size
+            tokens_per_s = tokens_per_step * window_steps / elapsed
+            metrics = {"train/loss": mean_loss, "train/lr": lr, "perf/tokens_per_s": tokens_per_s, **window.summarize(dims)}
+            if t.peak_tflops:
+                metrics["perf/mfu"] = tokens_per_s * run.flops_per_token / (t.peak_tflops * 1e12 * dims.world_size)
+            logger.log(done, metrics)
+            logger.progress(done, {"loss": f"{mean_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"})
+            summary.update(metrics)
+            loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()
+            window.reset()
+        if done % t.eval_interval == 0 or done == t.steps:
+            val_loss = evaluate(run)
+            logger.log(done, {"val/loss": val_loss})
+            logger.info(f"step {done}: val loss {val_loss:.4f}")
+            summary["val/loss"] = val_loss
+        if done % t.ckpt_interval == 0 or done == last_step:
+            save(run, done)
+    return summary
+
+
+def train(run: Run) -> dict:
+    """Run the set-up job; returns the last logged figures (for sweeps and tests)."""
+    job = run.job
+    job_dict = dataclasses.asdict(job)
+    logger = RunLogger(
+        Path(job.run_dir), job_dict, job.train.steps, run.start_step, job.logging.wandb, job.logging.progress_bar, run.dims.is_main
+    )
+    try:
+        return train_steps(run, logger)
+    finally:
+        logger.close()

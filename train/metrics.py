@@ -1,0 +1,61 @@
+"""Expert-utilisation and throughput figures, accumulated over a log window and reduced over ranks.
+
+Shape legend: L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.moe.layer import MoEStats
+from parallel.data_parallel import all_reduce_sum
+from parallel.dims import ParallelDims
+
+
+class MoEWindow:
+    """Sums each MoE layer's stats over the micro-steps of one log window."""
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.tokens_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        # Per layer: aux, z, entropy (summed per micro-step) and dropped copies, bytes sent.
+        self.sums_L5 = torch.zeros(num_layers, 5, dtype=torch.float64)
+        self.num_micro_steps = 0
+
+    def add(self, stats: list[MoEStats]) -> None:
+        for layer, s in enumerate(stats):
+            self.tokens_LE[layer] += s.tokens_per_expert.double().cpu()
+            values = (s.aux_loss.detach(), s.z_loss.detach(), s.router_entropy, s.num_dropped, s.bytes_sent)
+            self.sums_L5[layer] += torch.tensor([float(v) for v in values], dtype=torch.float64)
+        self.num_micro_steps += 1
+
+    def summarize(self, dims: ParallelDims) -> dict:
+        """Global figures (identical on every rank): counts summed over ranks, losses averaged."""
+        tokens_LE = all_reduce_sum(self.tokens_LE.clone(), dims)
+        sums_L5 = all_reduce_sum(self.sums_L5.clone(), dims)
+        means_L3 = sums_L5[:, :3] / max(self.num_micro_steps * dims.world_size, 1)
+        out = {}
+        for layer in range(tokens_LE.shape[0]):
+            load_E = tokens_LE[layer]
+            mean = load_E.mean().clamp_min(1e-12)
+            prefix = f"moe/layer{layer}"
+            out[f"{prefix}/tokens_per_expert"] = [int(v) for v in load_E.tolist()]
+            out[f"{prefix}/imbalance_max_over_mean"] = float(load_E.max() / mean)
+            out[f"{prefix}/load_cv"] = float(load_E.std(unbiased=False) / mean)
+            out[f"{prefix}/dead_experts"] = int((load_E == 0).sum())
+            out[f"{prefix}/aux_loss"] = float(means_L3[layer, 0])
+            out[f"{prefix}/z_loss"] = float(means_L3[layer, 1])
+            out[f"{prefix}/router_entropy"] = float(means_L3[layer, 2])
+            out[f"{prefix}/dropped_tokens"] = int(sums_L5[layer, 3])
+            out[f"{prefix}/all_to_all_bytes"] = int(sums_L5[layer, 4])
+        return out
+
+    def reset(self) -> None:
+        self.tokens_LE.zero_()
+        self.sums_L5.zero_()
+        self.num_micro_steps = 0
+
+
+def flops_per_token(active_params: int, embedding_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6·N_active (matmul weights, embedding lookup
+    excluded) plus 12·L·D·S for attention scores and values."""
+    return 6.0 * (active_params - embedding_params) + 12.0 * n_layers * d_model * seq_len
