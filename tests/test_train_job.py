@@ -97,3 +97,14 @@ def test_empty_corpus_is_refused(tmp_path, data_cache):
     done = run_job(tmp_path, data_cache, *TINY, "data=files", f"data.paths=[{empty}]", "data.tokenizer.kind=bytes", timeout=120)
     assert done.returncode == 2
     assert "empty" in done.stderr.strip().splitlines()[-1]
+
+
+def test_wandb_offline_run_records_expert_utilisation(tmp_path, data_cache):
+    overrides = [o for o in TINY if not o.startswith("logging.wandb.mode")]
+    done = run_job(tmp_path, data_cache, *overrides, "run_name=wb", "train.steps=3", "train.eval_interval=3", "logging.wandb.mode=offline")
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((tmp_path / "outputs/wb/wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    history = runs[0].read_bytes()
+    for key in (b"moe/layer0/tokens_per_expert", b"moe/layer1/imbalance_max_over_mean", b"moe/layer0/router_entropy", b"val/loss"):
+        assert key in history, key
