@@ -151,7 +151,7 @@ def build_deepspeed(args, full: MoELayer, E: int, k: int, capacity_factor: float
     moe.set_deepspeed_parallelism()  # creates (once) and attaches the expert-parallel group
     local = E // WORLD
     with torch.no_grad():
-        moe.deepspeed_moe.gate.wg.weight.copy_(full.router.gate.weight)
+        moe.deepspeed_moe.gate.wg.weight.copy_(full.router.gate_ED)
         for l, mlp in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
             e = rank * local + l
             mlp[0].weight.copy_(full.experts.w1_EDF[e].t())  # Linear(D, F).weight is [F, D]

@@ -1,10 +1,10 @@
-"""Gradient averaging for the plain-PyTorch path: dense weights over the whole world, routed
-experts over their expert-data-parallel group.
+"""Collectives the training loop needs outside DeepSpeed: expert-gradient averaging and sums.
 
 Why the expert divisor is the world size, not the group size: the single-process gradient of a
 global-batch mean is (1/W)·Σ_ranks ∂L_r/∂θ. A rank holding expert e already receives, through the
 all-to-all backward, the contributions of every rank in its EP group; summing over the EDP group
-adds the other EP groups, giving Σ over all W ranks.
+adds the other EP groups, giving Σ over all W ranks. (DeepSpeed divides its own expert gradients
+by the data-parallel world size for the same reason.)
 """
 
 from __future__ import annotations
@@ -16,33 +16,19 @@ from torch import nn
 from parallel.dims import ParallelDims
 
 
-def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for layer in model.moe_layers() for p in layer.experts.parameters()]
-
-
-def _all_reduce_mean(grads: list[torch.Tensor], group, world_size: int) -> None:
-    if not grads:
+def all_reduce_expert_gradients(params: list[nn.Parameter], dims: ParallelDims) -> None:
+    if not dims.distributed or not params:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective instead of one per tensor
-    dist.all_reduce(flat, group=group)
-    flat /= world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def all_reduce_gradients(model: nn.Module, dims: ParallelDims) -> None:
-    if not dims.distributed:
-        return
-    expert_ids = {id(p) for p in expert_parameters(model)}
-    dense, expert = [], []
-    for p in model.parameters():
+    for p in params:
         if p.grad is None:
-            p.grad = torch.zeros_like(p)  # a layer unused on this rank must still join the collective
-        (expert if id(p) in expert_ids else dense).append(p.grad)
-    _all_reduce_mean(dense, None, dims.world_size)
-    _all_reduce_mean(expert, dims.edp_group, dims.world_size)
+            p.grad = torch.zeros_like(p)  # experts that saw no token still join the collective
+    flat = torch.cat([p.grad.reshape(-1) for p in params])  # one collective instead of one per tensor
+    dist.all_reduce(flat, group=dims.edp_group)
+    flat /= dims.world_size
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
 
 
 def all_reduce_sum(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
@@ -50,3 +36,9 @@ def all_reduce_sum(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
     if dims.distributed:
         dist.all_reduce(t)
     return t
+
+
+def any_rank(flag: bool, dims: ParallelDims) -> bool:
+    """True when `flag` is true on at least one rank: every rank takes the same branch."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    return bool(all_reduce_sum(t, dims).item() > 0)

@@ -67,12 +67,16 @@ def init_parallel(ep: int, num_experts: int, device: torch.device) -> ParallelDi
     """Validate degrees (before any collective, so a bad setting cannot hang), then build the groups."""
     world_size, rank, local_rank = read_launch_env()
     validate_degrees(world_size, ep, num_experts)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # torchrun's variables, also when started by srun or by hand: DeepSpeed reads them.
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank)):
+        os.environ.setdefault(name, str(value))
     if world_size == 1:
+        # DeepSpeed wants a process group even for one process; an in-memory store needs no port.
+        if not dist.is_initialized():
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         return ParallelDims(1, 0, 0, ep)
 
-    os.environ.setdefault("RANK", str(rank))
-    os.environ.setdefault("WORLD_SIZE", str(world_size))
-    backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
     ep_group = edp_group = None

@@ -93,8 +93,8 @@ def _check_case(dims, ep, E, k, mode, shared, capacity_factor):
         dist.all_reduce(grad, group=dims.edp_group)  # the other EP groups' tokens
         want = getattr(ref.experts, name).grad[first : first + E // ep]
         torch.testing.assert_close(grad, want, **TOL, msg=lambda m: f"{case}: {name} grad\n{m}")
-    dense = [ep_layer.router.gate.weight] + (list(ep_layer.shared_experts.parameters()) if shared else [])
-    dense_ref = [ref.router.gate.weight] + (list(ref.shared_experts.parameters()) if shared else [])
+    dense = [ep_layer.router.gate_ED] + (list(ep_layer.shared_experts.parameters()) if shared else [])
+    dense_ref = [ref.router.gate_ED] + (list(ref.shared_experts.parameters()) if shared else [])
     for p, p_ref in zip(dense, dense_ref):
         grad = p.grad.clone()
         dist.all_reduce(grad)

@@ -90,8 +90,8 @@ def test_capacity_with_mixed_load_counts_per_expert():
     # capacity = ceil(1.5 * 10 / 2) = 8; send 9 tokens to expert 1 and 1 token to expert 0.
     x = torch.randn(10, D)
     with torch.no_grad():
-        layer.router.gate.weight.zero_()
-        layer.router.gate.weight[0, 0] = 1.0
+        layer.router.gate_ED.zero_()
+        layer.router.gate_ED[0, 0] = 1.0
     x[:, 0] = -5.0
     x[3, 0] = 5.0
     _, stats = layer(x.unsqueeze(0))

@@ -13,7 +13,7 @@ def make_router(weight, **overrides):
     cfg = MoEConfig(num_experts=len(weight), **overrides)
     router = TopKRouter(d_model=len(weight[0]), cfg=cfg)
     with torch.no_grad():
-        router.gate.weight.copy_(torch.tensor(weight, dtype=torch.float32))
+        router.gate_ED.copy_(torch.tensor(weight, dtype=torch.float32))
     return router
 
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from parallel.dims import shutdown
 from train.config import JobConfig, register_configs
 from train.logging import quiet_third_party_logs
-from train.loop import setup, train
+from train.loop import TrainingDiverged, setup, train
 
 register_configs()
 
@@ -26,6 +26,9 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     try:
         summary = train(run)
+    except TrainingDiverged as err:
+        print(f"switchyard: error: {err}", file=sys.stderr)
+        sys.exit(3)
     finally:
         shutdown()
     return summary.get("val/loss")

@@ -1,13 +1,20 @@
-"""Checkpoints that a crash can never corrupt.
+"""Checkpoints that a crash can never corrupt, and that reshard across expert-parallel layouts.
 
-Layout under `<run_dir>/checkpoints/`:
-    step_000200/rank0.pt ...   one file per rank (its expert shard, dense weights, optimizer, RNG)
-    step_000200/meta.json      step, model shape, world layout: written last, by rank 0
-    latest                     the name of the newest complete checkpoint
+Layout under `<run_dir>/checkpoints/step_000200/`:
+    (DeepSpeed's files)    the engine: dense weights and their (ZeRO-partitioned) optimizer state
+    dense.pt               the full dense weights (gathered under ZeRO-3), for resharding
+    experts_ep{i}.pt       expert shard i: its weights per MoE layer and its optimizer state
+    rng_rank{r}.pt         each rank's RNG state
+    meta.json              step, model shape, process layout: written last, by rank 0
+and `<run_dir>/checkpoints/latest` names the newest complete one.
 
 Every rank writes into `step_N.tmp/`; after a barrier rank 0 writes meta.json, renames the folder
-and only then replaces `latest` (write + fsync + os.replace). Loading goes through `latest` alone,
-so a half-written folder is never read; it is swept away by the next save.
+and only then replaces `latest` (write, fsync, os.replace). Loading goes through `latest` alone,
+so a half-written folder is never read; the next save sweeps it away.
+
+Resuming with the same layout (world size, `parallel.ep`, ZeRO stage) restores everything, and
+the run continues bit for bit. Another layout restores the weights only (dense.pt + the expert
+shards regrouped for the new `ep`); optimizer state then starts afresh.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +34,10 @@ SHAPE_KEYS = {
     "model": ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "activation", "tie_embeddings"),
     "moe": ("num_experts", "every", "expert_ffn_hidden", "num_shared_experts"),
 }
+LAYOUT_KEYS = ("world_size", "parallel.ep", "deepspeed.zero_stage")
+# Fault injection for the crash tests: SIGKILL rank 0 after it wrote its files for this step, before
+# the checkpoint is published (first attempt only, so a torchrun restart can then finish the job).
+KILL_IN_SAVE_ENV = "SWITCHYARD_FAULT_KILL_IN_SAVE"
 
 
 def model_signature(job) -> dict:
@@ -42,7 +54,13 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, rank_state: dict, meta: dict, rank: int, barrier: Callable[[], None]) -> Path:
+def _maybe_inject_kill(step: int, rank: int) -> None:
+    if rank == 0 and os.environ.get(KILL_IN_SAVE_ENV) == str(step) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, write_files: Callable[[Path], None], meta: dict, rank: int, barrier: Callable[[], None]) -> Path:
+    """`write_files(folder)` is called on every rank to write that rank's part into the staging folder."""
     name = f"step_{step:06d}"
     final, staging = ckpt_dir / name, ckpt_dir / f"{name}.tmp"
     if rank == 0:
@@ -50,7 +68,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, rank_state: dict, meta: dict, ran
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
     barrier()
-    torch.save(rank_state, staging / f"rank{rank}.pt")
+    write_files(staging)
+    _maybe_inject_kill(step, rank)
     barrier()
     if rank == 0:
         _write_atomic(staging / "meta.json", json.dumps({**meta, "step": step}, indent=2))
@@ -80,16 +99,40 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return path if (path / "meta.json").is_file() else None
 
 
-def load_checkpoint(ckpt_dir: Path, rank: int, expected_meta: dict) -> tuple[dict, dict]:
-    """Returns (this rank's state, meta) of the latest complete checkpoint, after checking that it
-    fits the current model and process layout."""
+def open_checkpoint(ckpt_dir: Path, signature: dict) -> tuple[Path, dict]:
+    """(folder, meta) of the latest complete checkpoint, after checking it fits this model."""
     path = latest_checkpoint(ckpt_dir)
     if path is None:
         raise ValueError(f"train.resume=true but there is no complete checkpoint in {ckpt_dir}")
     meta = json.loads((path / "meta.json").read_text())
-    for key, want in expected_meta.items():
-        have = meta.get(key)
+    for key, want in signature.items():
+        have = meta["model_signature"].get(key)
         if have != want:
             raise ValueError(f"train.resume=true: checkpoint {path} was saved with {key}={have!r}, this run has {key}={want!r}")
-    state = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=True)
-    return state, meta
+    return path, meta
+
+
+def same_layout(meta: dict, layout: dict) -> bool:
+    return all(meta.get(key) == layout[key] for key in LAYOUT_KEYS)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def expert_shard_weights(path: Path, meta: dict, num_experts: int, first: int, count: int) -> list[dict[str, torch.Tensor]]:
+    """Per MoE layer, the stacked weights of global experts [first, first + count), gathered from
+    the shards of the saved layout (whatever its `parallel.ep`)."""
+    saved_per_shard = num_experts // meta["parallel.ep"]
+    shards = {}
+    pieces: list[dict[str, list[torch.Tensor]]] = []
+    for e in range(first, first + count):
+        shard = e // saved_per_shard
+        if shard not in shards:
+            shards[shard] = load(path / f"experts_ep{shard}.pt")["weights"]
+        for layer, weights in enumerate(shards[shard]):
+            if layer == len(pieces):
+                pieces.append({name: [] for name in weights})
+            for name, w in weights.items():
+                pieces[layer][name].append(w[e % saved_per_shard : e % saved_per_shard + 1])
+    return [{name: torch.cat(parts) for name, parts in layer.items()} for layer in pieces]

@@ -12,6 +12,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 
 from models.config import GPTConfig, ModelConfig, MoEConfig, require_choice, require_positive_int
+from parallel.zero import validate_zero_stage
 
 CORPORA = ("classics", "files", "hub")
 TOKENIZER_KINDS = ("bpe", "file", "hub", "bytes")
@@ -23,6 +24,11 @@ DEVICES = ("auto", "cpu", "cuda")
 @dataclass
 class ParallelConfig:
     ep: int = 1  # expert-parallel degree: ranks that split moe.num_experts between them
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0  # ZeRO stage for the dense weights: 0, 1, 2 or 3 (experts stay whole on their EP rank)
 
 
 @dataclass
@@ -71,6 +77,7 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_interval: int = 200
     resume: bool = False
+    max_bad_steps: int = 5  # consecutive non-finite-loss steps (each skipped) before the run stops
     stop_at: Optional[int] = None  # end this invocation after this step, with a checkpoint (time-boxed jobs)
     peak_tflops: Optional[float] = None  # for MFU; null = measured table on known GPUs, none on CPU
 
@@ -95,6 +102,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -109,6 +117,8 @@ class JobConfig:
         """Every user mistake that can be seen without data or processes -> one ValueError."""
         self.gpt_config().validate()
         require_positive_int("parallel.ep", self.parallel.ep)
+        validate_zero_stage(self.deepspeed.zero_stage)
+        require_positive_int("train.max_bad_steps", self.train.max_bad_steps)
         t = self.train
         for name in ("steps", "micro_batch", "seq_len", "grad_accum", "log_interval", "eval_interval", "eval_batches", "ckpt_interval"):
             require_positive_int(f"train.{name}", getattr(t, name))

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 
 from models.gpt import GPT, count_parameters
 from models.moe.layer import router_losses
-from parallel.data_parallel import all_reduce_gradients, all_reduce_sum
+from parallel.data_parallel import all_reduce_sum, any_rank
 from parallel.dims import ParallelDims, init_parallel
 from parallel.expert_parallel import apply_expert_parallel
-from train.checkpoint import latest_checkpoint, load_checkpoint, model_signature, save_checkpoint
+from parallel.zero import ZeroTrainer, deepspeed_config, detach_experts
+from train.checkpoint import latest_checkpoint, model_signature, open_checkpoint, save_checkpoint
+from train.run_state import restore_training_state, restore_weights, write_training_state
 from train.config import JobConfig
 from train.data import BatchSampler, PreparedData, prepare_data, val_batches
 from train.logging import RunLogger
@@ -36,11 +38,21 @@ class Run:
     device: torch.device
     autocast_dtype: torch.dtype | None
     data: PreparedData
-    model: GPT
-    optimizer: torch.optim.Optimizer
+    trainer: ZeroTrainer
     start_step: int
     ckpt_dir: Path
     flops_per_token: float
+
+    @property
+    def model(self) -> GPT:
+        return self.trainer.module
+
+
+NAN_FAULT_ENV = "SWITCHYARD_FAULT_NAN_STEPS"
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss."""
 
 
 def pick_device(job: JobConfig) -> torch.device:
@@ -58,13 +70,15 @@ def pick_autocast_dtype(job: JobConfig, device: torch.device) -> torch.dtype | N
     return None
 
 
-def build_optimizer(model: GPT, job: JobConfig) -> torch.optim.AdamW:
+def build_optimizer(params, weight_decay: float, job: JobConfig) -> torch.optim.AdamW:
     # Weight decay on matrices only; norms (1-D) are left alone.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    params = list(params)
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     o = job.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
 def lr_at(step: int, job: JobConfig) -> float:
@@ -100,34 +114,55 @@ def setup(job: JobConfig) -> Run:
     embedding_params = 0 if job.model.tie_embeddings else model.embed.weight.numel()
     apply_expert_parallel(model, dims)
     model.to(device)
-    optimizer = build_optimizer(model, job)
+    experts = detach_experts(model)
 
     ckpt_dir = Path(job.run_dir) / "checkpoints"
+    resume_from = find_resume_point(job, dims, ckpt_dir)
+    if resume_from is not None:
+        restore_weights(resume_from, model, experts, job, dims)
+    trainer = ZeroTrainer(
+        model,
+        build_optimizer(model.parameters(), job.optim.weight_decay, job),
+        experts,
+        build_optimizer([p for m in experts for p in m.parameters()], job.optim.weight_decay, job) if experts else None,
+        deepspeed_config(job.deepspeed.zero_stage, job.train.micro_batch, job.train.grad_accum, job.optim.grad_clip, dims.world_size),
+        dims,
+        job.optim.grad_clip,
+    )
     start_step = 0
-    if job.train.resume:
-        state, meta = load_checkpoint(ckpt_dir, dims.rank, checkpoint_meta(job, dims))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        start_step = meta["step"]
-    elif dims.is_main and latest_checkpoint(ckpt_dir) is not None:
-        # A fresh run never overwrites an earlier run's checkpoints: they are kept aside.
-        aside = ckpt_dir.with_name(f"checkpoints.prev-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(ckpt_dir, aside)
-        print(f"switchyard: starting fresh; earlier checkpoints moved to {aside} (use train.resume=true to continue)")
+    if resume_from is not None:
+        start_step = restore_training_state(resume_from, trainer, layout(job, dims), dims)
     barrier(dims)
     fpt = flops_per_token(active_params, embedding_params, job.model.n_layers, job.model.d_model, job.train.seq_len)
     if dims.is_main:
         print(
             f"switchyard: {total_params / 1e6:.1f}M parameters ({active_params / 1e6:.1f}M active), "
-            f"{dims.world_size} process(es), ep={dims.ep}, device={device}, "
+            f"{dims.world_size} process(es), ep={dims.ep}, ZeRO-{job.deepspeed.zero_stage}, device={device}, "
             f"{len(data.train) / 1e6:.2f}M training tokens, vocab {data.vocab_size}"
         )
-    return Run(job, dims, device, pick_autocast_dtype(job, device), data, model, optimizer, start_step, ckpt_dir, fpt)
+    return Run(job, dims, device, pick_autocast_dtype(job, device), data, trainer, start_step, ckpt_dir, fpt)
+
+
+def layout(job: JobConfig, dims: ParallelDims) -> dict:
+    return {"world_size": dims.world_size, "parallel.ep": dims.ep, "deepspeed.zero_stage": job.deepspeed.zero_stage}
+
+
+def find_resume_point(job: JobConfig, dims: ParallelDims, ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """The checkpoint to continue from: asked for with train.resume, or implied by a torchrun
+    restart after a failure (elastic restart), when one exists."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if job.train.resume or (restarted and latest_checkpoint(ckpt_dir) is not None):
+        return open_checkpoint(ckpt_dir, model_signature(job))
+    if not restarted and dims.is_main and latest_checkpoint(ckpt_dir) is not None:
+        # A fresh run never overwrites an earlier run's checkpoints: they are kept aside.
+        aside = ckpt_dir.with_name(f"checkpoints.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(ckpt_dir, aside)
+        print(f"switchyard: starting fresh; earlier checkpoints moved to {aside} (use train.resume=true to continue)")
+    return None
 
 
 def checkpoint_meta(job: JobConfig, dims: ParallelDims) -> dict:
-    return {"model_signature": model_signature(job), "world_size": dims.world_size, "parallel.ep": dims.ep}
+    return {"model_signature": model_signature(job), **layout(job, dims)}
 
 
 def forward_loss(run: Run, x_BS: torch.Tensor, y_BS: torch.Tensor):
@@ -136,7 +171,7 @@ def forward_loss(run: Run, x_BS: torch.Tensor, y_BS: torch.Tensor):
         torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
     )
     with autocast:
-        logits_BSV, stats = run.model(x_BS.to(run.device))
+        logits_BSV, stats = run.trainer.forward(x_BS.to(run.device))
     ce = F.cross_entropy(logits_BSV.flatten(0, 1), y_BS.to(run.device).flatten())
     return ce + router_losses(stats, run.job.moe).to(ce.device), ce, stats
 
@@ -145,59 +180,102 @@ def forward_loss(run: Run, x_BS: torch.Tensor, y_BS: torch.Tensor):
 def evaluate(run: Run) -> float:
     """Mean validation cross-entropy over fixed blocks, averaged over all ranks."""
     t = run.job.train
-    run.model.eval()
+    run.trainer.train(False)
     total = torch.zeros(2, dtype=torch.float64)
     for x, y in val_batches(run.data.val, t.seq_len, t.micro_batch, t.eval_batches, run.dims.world_size, run.dims.rank):
         _, ce, _ = forward_loss(run, x, y)
         total += torch.tensor([ce.item(), 1.0], dtype=torch.float64)
-    run.model.train()
+    run.trainer.train(True)
     total = all_reduce_sum(total, run.dims)
     return float(total[0] / total[1])
 
 
 def save(run: Run, step: int) -> None:
-    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
-    save_checkpoint(run.ckpt_dir, step, state, checkpoint_meta(run.job, run.dims), run.dims.rank, lambda: barrier(run.dims))
+    save_checkpoint(
+        run.ckpt_dir, step, lambda folder: write_training_state(folder, run.trainer, run.job, run.dims),
+        checkpoint_meta(run.job, run.dims), run.dims.rank, lambda: barrier(run.dims),
+    )
+
+
+def nan_fault_steps() -> set[int]:
+    """Fault injection for tests: steps (1-based) whose loss is made NaN."""
+    spec = os.environ.get(NAN_FAULT_ENV, "")
+    return {int(v) for v in spec.split(",") if v.strip()}
+
+
+def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow, poison: bool) -> tuple[bool, float, torch.Tensor]:
+    """One optimizer step over grad_accum micro-batches. Returns (applied, mean cross-entropy,
+    [L, E] tokens per expert). A non-finite loss on any rank skips the step on every rank."""
+    t, dims = run.job.train, run.dims
+    lr = lr_at(step, run.job)
+    ce_sum = 0.0
+    load_LE = torch.zeros(len(run.model.moe_layers()), run.job.moe.num_experts)
+    for micro_step in range(t.grad_accum):
+        x, y = sampler.get(step, micro_step)
+        loss, ce, stats = forward_loss(run, x, y)
+        if poison:
+            loss = loss * float("nan")
+        if any_rank(not torch.isfinite(loss).item(), dims):
+            finish_skipped_window(run, x, micro_step)
+            return False, float("nan"), load_LE
+        run.trainer.backward(loss)
+        run.trainer.step(lr)
+        window.add(stats)
+        if stats:
+            load_LE += torch.stack([s.tokens_per_expert.float().cpu() for s in stats])
+        ce_sum += ce.item()
+    return True, ce_sum / t.grad_accum, load_LE
+
+
+def finish_skipped_window(run: Run, x_BS: torch.Tensor, bad_micro_step: int) -> None:
+    """Leave DeepSpeed's accumulation window as if nothing happened. With nothing accumulated yet
+    (the usual grad_accum=1 case) there is nothing to undo. Otherwise the remaining micro-steps
+    run as zero-loss passes and the step is applied with lr 0, so no weight changes (Adam's
+    moments do see the earlier micro-batches)."""
+    if bad_micro_step == 0:
+        return
+    for _ in range(bad_micro_step, run.job.train.grad_accum):
+        logits, _ = run.trainer.forward(x_BS[:, :1].to(run.device))
+        run.trainer.backward(logits.nan_to_num().sum() * 0.0)
+        run.trainer.step(0.0)
 
 
 def train_steps(run: Run, logger: RunLogger) -> dict:
     job, dims, t = run.job, run.dims, run.job.train
     sampler = BatchSampler(run.data.train, t.seq_len, t.micro_batch, dims.world_size, dims.rank, t.grad_accum, t.seed)
-    moe_layers = run.model.moe_layers()
-    window = MoEWindow(len(moe_layers), job.moe.num_experts)
+    window = MoEWindow(len(run.model.moe_layers()), job.moe.num_experts)
     tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * dims.world_size
+    poisoned = nan_fault_steps()
     loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()
+    bad_in_a_row, bad_total = 0, 0
     summary: dict = {}
     if run.start_step == 0:
         logger.log(0, {"val/loss": evaluate(run)})  # the starting point of the validation curve
     last_step = min(t.steps, t.stop_at or t.steps)
     for step in range(run.start_step, last_step):
-        lr = lr_at(step, job)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        step_load_LE = torch.zeros(len(moe_layers), job.moe.num_experts)
-        for micro_step in range(t.grad_accum):
-            x, y = sampler.get(step, micro_step)
-            loss, ce, stats = forward_loss(run, x, y)
-            (loss / t.grad_accum).backward()
-            window.add(stats)
-            step_load_LE += torch.stack([s.tokens_per_expert.float().cpu() for s in stats]) if stats else 0
-            loss_sum += ce.item() / t.grad_accum
-        all_reduce_gradients(run.model, dims)
-        if job.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), job.optim.grad_clip)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        if job.moe.bias_update_rate > 0:
-            run.model.update_router_biases(list(all_reduce_sum(step_load_LE, dims)))
-        window_steps += 1
         done = step + 1
+        applied, ce, load_LE = run_step(run, sampler, step, window, poison=done in poisoned)
+        if not applied:
+            bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+            logger.info(f"step {done}: non-finite loss, step skipped ({bad_in_a_row} in a row, {bad_total} in all)")
+            logger.log(done, {"train/skipped_steps": bad_total})
+            if bad_in_a_row >= t.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{bad_in_a_row} consecutive steps had a non-finite loss (train.max_bad_steps={t.max_bad_steps}); "
+                    f"stopping at step {done}, the last good checkpoint is kept in {run.ckpt_dir}"
+                )
+            continue
+        bad_in_a_row = 0
+        if job.moe.bias_update_rate > 0:
+            run.model.update_router_biases(list(all_reduce_sum(load_LE, dims)))
+        loss_sum += ce
+        window_steps += 1
 
         if done % t.log_interval == 0 or done == t.steps:
             elapsed = time.perf_counter() - window_start
-            mean_loss = float(all_reduce_sum(torch.tensor([loss_sum / window_steps], dtype=torch.float64), dims)[0]) / dims.world_size
+            mean_loss = float(all_reduce_sum(torch.tensor([loss_sum / max(window_steps, 1)], dtype=torch.float64), dims)[0]) / dims.world_size
             tokens_per_s = tokens_per_step * window_steps / elapsed
-            metrics = {"train/loss": mean_loss, "train/lr": lr, "perf/tokens_per_s": tokens_per_s, **window.summarize(dims)}
+            metrics = {"train/loss": mean_loss, "train/lr": lr_at(step, job), "perf/tokens_per_s": tokens_per_s, **window.summarize(dims)}
             if t.peak_tflops:
                 metrics["perf/mfu"] = tokens_per_s * run.flops_per_token / (t.peak_tflops * 1e12 * dims.world_size)
             logger.log(done, metrics)

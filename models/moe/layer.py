@@ -6,7 +6,7 @@ E experts, N routed token copies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -18,8 +18,7 @@ from models.moe.experts import GroupedExperts
 from models.moe.router import TopKRouter
 
 
-@dataclass
-class MoEStats:
+class MoEStats(NamedTuple):
     """One MoE layer's step: returned from forward, never kept in globals."""
 
     tokens_per_expert: torch.Tensor  # [E] int64, copies routed to each expert (before capacity drops)
@@ -45,7 +44,7 @@ class MoELayer(nn.Module):
         self.dispatcher = LocalDispatcher(cfg.num_experts, cfg.top_k, cfg.capacity_factor)
 
     def reset_parameters(self, init_std: float, num_layers: int) -> None:
-        nn.init.normal_(self.router.gate.weight, std=init_std)
+        nn.init.normal_(self.router.gate_ED, std=init_std)
         self.experts.reset_parameters(init_std, num_layers)
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters(init_std, num_layers)

@@ -5,7 +5,7 @@ Shape legend: T tokens, D hidden, E experts, K experts chosen per token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +14,9 @@ from torch import nn
 from models.config import MoEConfig
 
 
-@dataclass
-class RouterOutput:
+class RouterOutput(NamedTuple):
+    # A NamedTuple (not a dataclass): ZeRO-3 hooks module outputs it can walk (tuples, lists,
+    # dicts) to re-gather parameters in the backward pass.
     expert_ids_TK: torch.Tensor  # int64, the k experts of each token
     weights_TK: torch.Tensor  # fp32 combine weights
     aux_loss: torch.Tensor  # scalar, Switch load-balancing loss (1.0 when perfectly balanced)
@@ -32,7 +33,9 @@ class TopKRouter(nn.Module):
         self.normalize_topk = cfg.normalize_topk
         self.jitter = cfg.jitter
         self.bias_update_rate = cfg.bias_update_rate
-        self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
+        # A bare parameter rather than nn.Linear: the logits are computed in fp32 from it directly,
+        # and ZeRO-3 gathers a module's own parameters when that module's forward runs.
+        self.gate_ED = nn.Parameter(torch.randn(cfg.num_experts, d_model) * 0.02)
         # Aux-loss-free balancing (DeepSeek-V3): this bias shifts which experts are *selected*,
         # never the combine weights, and is trained by `update_bias`, not by gradients.
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=True)
@@ -43,7 +46,7 @@ class TopKRouter(nn.Module):
             x_TD = x_TD * noise
         # Routing decisions are made in fp32 whatever the autocast dtype: bf16 logits flip top-k ties.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+            logits_TE = F.linear(x_TD.float(), self.gate_ED.float())
         if self.score == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
         else:
