@@ -78,7 +78,13 @@ def init_parallel(ep: int, num_experts: int, device: torch.device) -> ParallelDi
         return ParallelDims(1, 0, 0, ep)
 
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        timeout = datetime.timedelta(minutes=10)
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        # After a torchrun restart the store can still hold the dead attempt's gloo addresses:
+        # a per-attempt key prefix makes the new processes meet only each other.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"switchyard/attempt{attempt}", store),
+                                rank=rank, world_size=world_size, timeout=timeout)
     ep_group = edp_group = None
     # Every rank must create every group, in the same order.
     for first in range(0, world_size, ep):

@@ -31,13 +31,18 @@ def job_env(cache_dir: Path) -> dict:
     return env
 
 
-def run_job(workdir: Path, cache_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "train"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
+def job_command(*overrides: str, nproc: int = 1, max_restarts: int = 0) -> list[str]:
+    if nproc == 1 and max_restarts == 0:
+        return [sys.executable, "-m", "train", *overrides]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, f"--max-restarts={max_restarts}", "-m", "train", *overrides]
+
+
+def run_job(workdir: Path, cache_dir: Path, *overrides: str, nproc: int = 1, max_restarts: int = 0, timeout: int = 600,
+            extra_env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        cmd + list(overrides), cwd=workdir, env=job_env(cache_dir), capture_output=True, text=True, timeout=timeout
+        job_command(*overrides, nproc=nproc, max_restarts=max_restarts),
+        cwd=workdir, env={**job_env(cache_dir), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout,
     )
 
 

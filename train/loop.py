@@ -249,8 +249,8 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
     loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()
     bad_in_a_row, bad_total = 0, 0
     summary: dict = {}
-    if run.start_step == 0:
-        logger.log(0, {"val/loss": evaluate(run)})  # the starting point of the validation curve
+    # Where the validation curve starts: the untrained model, or the model a resume just loaded.
+    logger.log(run.start_step, {"val/loss": evaluate(run)})
     last_step = min(t.steps, t.stop_at or t.steps)
     for step in range(run.start_step, last_step):
         done = step + 1

@@ -1,0 +1,107 @@
+"""Checkpoints a user can trust: exact resume under EP + ZeRO, resharding across EP layouts,
+elastic restart after a killed rank (also mid-save), and skipping non-finite steps."""
+
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from tests.jobs import TINY, job_command, job_env, read_metrics, run_job, train_losses, val_losses
+
+EXACT = ["train.eval_interval=100", "moe.jitter=0.1", "moe.bias_update_rate=0.01"]
+
+
+def last_per_step(records: list[dict]) -> dict[int, float]:
+    """Training loss per step; after a restart, the re-run steps' later records win."""
+    return train_losses(records)
+
+
+def test_resume_with_ep2_and_zero2_is_exact(tmp_path, data_cache):
+    common = [*TINY, *EXACT, "train.steps=12", "train.ckpt_interval=100", "parallel.ep=2", "deepspeed.zero_stage=2"]
+    whole = run_job(tmp_path, data_cache, *common, "run_name=whole", nproc=4)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = run_job(tmp_path, data_cache, *common, "run_name=split", "train.stop_at=6", nproc=4)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_job(tmp_path, data_cache, *common, "run_name=split", "train.resume=true", nproc=4)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert train_losses(read_metrics(tmp_path, "split")) == train_losses(read_metrics(tmp_path, "whole"))
+
+
+def test_checkpoint_reshards_across_ep_layouts(tmp_path, data_cache):
+    # Saved by 4 ranks with ep=2; the validation set is the same whenever micro_batch x ranks is.
+    saved = run_job(tmp_path, data_cache, *TINY, "run_name=ep2", "train.steps=8", "train.eval_interval=8", "parallel.ep=2",
+                    "train.micro_batch=4", nproc=4)
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    want = val_losses(read_metrics(tmp_path, "ep2"))[8]
+    source = tmp_path / "outputs/ep2"
+    for name, nproc, ep, micro in (("as_ep1", 1, 1, 16), ("as_ep4", 4, 4, 4)):
+        target = tmp_path / "outputs" / name
+        target.mkdir(parents=True)
+        subprocess.run(["cp", "-r", str(source / "checkpoints"), str(target / "checkpoints")], check=True)
+        done = run_job(tmp_path, data_cache, *TINY, f"run_name={name}", "train.steps=8", "train.resume=true",
+                       f"parallel.ep={ep}", f"train.micro_batch={micro}", nproc=nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "resharding checkpoint step_000008" in done.stdout
+        got = val_losses(read_metrics(tmp_path, name))[8]
+        assert got == pytest.approx(want, rel=1e-5), (name, got, want)
+
+
+def _worker_pids(launcher: subprocess.Popen) -> list[int]:
+    return [p.pid for p in psutil.Process(launcher.pid).children(recursive=True) if "train" in " ".join(p.cmdline())]
+
+
+def test_killed_rank_restarts_and_finishes_from_the_last_checkpoint(tmp_path, data_cache):
+    common = [*TINY, *EXACT, "train.steps=30", "train.ckpt_interval=5", "parallel.ep=2"]
+    reference = run_job(tmp_path, data_cache, *common, "run_name=reference", nproc=2)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    launcher = subprocess.Popen(
+        job_command(*common, "run_name=killed", nproc=2, max_restarts=2), cwd=tmp_path, env=job_env(data_cache),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = tmp_path / "outputs/killed/metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until a checkpoint exists and training has moved past it
+        if (tmp_path / "outputs/killed/checkpoints/latest").exists() and metrics.exists() and len(train_losses(read_metrics(tmp_path, "killed"))) >= 8:
+            break
+        time.sleep(0.2)
+    victims = _worker_pids(launcher)
+    assert victims, "no worker processes found"
+    os.kill(victims[-1], signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, stderr[-3000:]
+    got = train_losses(read_metrics(tmp_path, "killed"))
+    assert got == train_losses(read_metrics(tmp_path, "reference"))  # resumed exactly, finished
+
+
+def test_kill_during_checkpoint_save_never_loads_a_partial_checkpoint(tmp_path, data_cache):
+    common = [*TINY, *EXACT, "train.steps=12", "train.ckpt_interval=4", "parallel.ep=2"]
+    reference = run_job(tmp_path, data_cache, *common, "run_name=reference", nproc=2)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    # Rank 0 is SIGKILLed after writing its part of step 8, before the checkpoint is published.
+    done = run_job(tmp_path, data_cache, *common, "run_name=crash", nproc=2, max_restarts=1,
+                   extra_env={"SWITCHYARD_FAULT_KILL_IN_SAVE": "8"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (tmp_path / "outputs/crash/metrics.jsonl").read_text()
+    # The restart resumed from step 4 (the last complete checkpoint), re-ran 5..12, and matches.
+    assert log.count('"step": 5,') == 2
+    assert train_losses(read_metrics(tmp_path, "crash")) == train_losses(read_metrics(tmp_path, "reference"))
+    assert (tmp_path / "outputs/crash/checkpoints/latest").read_text() == "step_000012"
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, data_cache):
+    common = [*TINY, "train.steps=10", "train.eval_interval=100", "train.ckpt_interval=2", "train.max_bad_steps=3"]
+    one_bad = run_job(tmp_path, data_cache, *common, "run_name=one", extra_env={"SWITCHYARD_FAULT_NAN_STEPS": "3"})
+    assert one_bad.returncode == 0, one_bad.stderr[-3000:]
+    records = read_metrics(tmp_path, "one")
+    assert 3 not in train_losses(records)
+    assert {"step": 3, "train/skipped_steps": 1} in records
+    assert max(train_losses(records)) == 10
+
+    diverged = run_job(tmp_path, data_cache, *common, "run_name=bad", extra_env={"SWITCHYARD_FAULT_NAN_STEPS": "5,6,7"})
+    assert diverged.returncode == 3
+    assert "3 consecutive steps had a non-finite loss (train.max_bad_steps=3)" in diverged.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "outputs/bad/checkpoints/latest").read_text() == "step_000004"
