@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.switchyard-installed
 
-.PHONY: setup train test test-all clean
+.PHONY: setup setup-gpu train test test-all clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# GPU boxes: make setup-gpu TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# MegaBlocks' CUDA extension is compiled against the installed torch; its own pins are not followed.
+setup-gpu: $(STAMP)
+	$(BIN)/pip install --no-build-isolation --no-deps stanford-stk==0.7.1 megablocks==0.10.0
 
 train: $(STAMP)
 	$(BIN)/python -m train $(ARGS)

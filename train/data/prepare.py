@@ -1,0 +1,203 @@
+"""`prepare_data(cfg)`: the configured corpus as token files in an on-disk cache, opened as `PreparedData`.
+
+It checks the data config, then turns the corpus into two flat token files (train.bin / val.bin)
+under `<cfg.cache_dir>/<key>/`, where the key hashes everything that affects the tokens.
+Preparation runs once per key: concurrent callers (torchrun ranks before any process group
+exists) serialise on a file lock, one of them builds into a temporary directory and renames it
+into place. The files themselves are written by `tokens`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from train.config import CORPORA, TOKENIZER_KINDS
+from train.data.classics import _CLASSICS_PINS
+from train.data.sources import _abspath, _checked_paths
+from train.data.tokenizer import BYTES_VOCAB, Tokenizer
+from train.data.tokens import _write_prepared
+
+log = logging.getLogger(__name__)
+
+# Bump when the cleaning, splitting or file layout changes: old caches then miss instead of being reused.
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Config checks and cache key
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_of(setting: str, value, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{setting} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+
+
+def _check_config(cfg) -> None:
+    _one_of("data.corpus", cfg.corpus, CORPORA)
+    _one_of("data.tokenizer.kind", cfg.tokenizer.kind, TOKENIZER_KINDS)
+    if not 0.0 < float(cfg.val_fraction) < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1); got {cfg.val_fraction!r}")
+    if not cfg.cache_dir:
+        raise ValueError("data.cache_dir must be set")
+    if int(cfg.num_proc) < 1:
+        raise ValueError(f"data.num_proc must be >= 1; got {cfg.num_proc!r}")
+    if cfg.corpus == "hub" and not cfg.hub_name:
+        raise ValueError("data.hub_name must be set when data.corpus='hub'")
+    if cfg.corpus in ("files", "hub") and not cfg.text_field:
+        raise ValueError("data.text_field must name the text column")
+    tok = cfg.tokenizer
+    if tok.kind == "bpe" and int(tok.vocab_size) < BYTES_VOCAB:
+        raise ValueError(f"data.tokenizer.vocab_size must be >= {BYTES_VOCAB} (256 bytes + end-of-text) "
+                         f"for kind='bpe'; got {tok.vocab_size!r}")
+    if tok.kind == "file":
+        if not tok.path:
+            raise ValueError("data.tokenizer.path must be set when data.tokenizer.kind='file'")
+        if not os.path.isfile(_abspath(tok.path)):
+            raise ValueError(f"data.tokenizer.path: file not found: {_abspath(tok.path)}")
+    if tok.kind == "hub" and not tok.name:
+        raise ValueError("data.tokenizer.name must be set when data.tokenizer.kind='hub'")
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_inputs(cfg) -> dict:
+    """Everything the prepared tokens depend on (cheap to compute: no corpus reading)."""
+    if cfg.corpus == "classics":
+        corpus = {"kind": "classics", "packages": _CLASSICS_PINS}
+    elif cfg.corpus == "files":
+        files = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in _checked_paths(cfg)]
+        corpus = {"kind": "files", "files": files, "text_field": cfg.text_field}
+    else:
+        corpus = {"kind": "hub", "name": cfg.hub_name, "text_field": cfg.text_field}
+    tok = cfg.tokenizer
+    tokenizer = {"kind": tok.kind}
+    if tok.kind == "bpe":
+        tokenizer["vocab_size"] = int(tok.vocab_size)
+    elif tok.kind == "file":
+        tokenizer["sha256"] = _file_sha256(_abspath(tok.path))
+    elif tok.kind == "hub":
+        tokenizer["name"] = tok.name
+    return {"format": FORMAT_VERSION, "corpus": corpus, "tokenizer": tokenizer,
+            "val_fraction": float(cfg.val_fraction)}
+
+
+def _cache_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and loading the cache
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedData:
+    train: np.ndarray  # [N_train] token ids (read-only memmap)
+    val: np.ndarray  # [N_val]
+    vocab_size: int
+    tokenizer: Tokenizer
+    cache_path: str
+
+
+def prepare_data(cfg) -> PreparedData:
+    """Tokenize the configured corpus once into `<cfg.cache_dir>/<key>/` and open it.
+
+    Safe to call from many processes at once (e.g. every torchrun rank): one builds, the others
+    wait on `<key>.lock` and then load. A directory named `<key>` is only ever complete.
+    """
+    _check_config(cfg)
+    inputs = _cache_inputs(cfg)
+    cache_dir = _abspath(cfg.cache_dir)
+    final = os.path.join(cache_dir, _cache_key(inputs))
+    if not _is_complete(final):
+        os.makedirs(cache_dir, exist_ok=True)
+        with _exclusive_lock(final + ".lock"):
+            if not _is_complete(final):  # another process may have built it while we waited
+                _build(cfg, inputs, final)
+    return _load(final)
+
+
+def _is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "meta.json"))
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: str) -> Iterator[None]:
+    # "a" creates the file without truncating; the lock is released when the file is closed,
+    # so a crashed holder never blocks the others.
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+def _build(cfg, inputs: dict, final: str) -> None:
+    """Prepare into a temporary directory, then rename it to `final` (atomic). Caller holds the lock."""
+    cache_dir, key = os.path.split(final)
+    _remove_leftovers(cache_dir, key)
+    tmp = tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=cache_dir)
+    try:
+        log.info("preparing data into %s", final)
+        _write_prepared(cfg, inputs, tmp)
+        _fsync(tmp)
+        os.rename(tmp, final)
+        _fsync(cache_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_leftovers(cache_dir: str, key: str) -> None:
+    """Temp dirs of crashed builders, and a `<key>` dir without meta.json (never written by us)."""
+    for name in os.listdir(cache_dir):
+        if name.startswith(f"{key}.tmp-"):
+            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+    if os.path.isdir(os.path.join(cache_dir, key)):
+        shutil.rmtree(os.path.join(cache_dir, key))
+
+
+
+def _fsync(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_tokens(path: str, dtype: np.dtype) -> np.ndarray:
+    if os.path.getsize(path) == 0:  # np.memmap refuses empty files
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _load(path: str) -> PreparedData:
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    dtype = np.dtype(meta["dtype"])
+    if meta["inputs"]["tokenizer"]["kind"] == "bytes":
+        tokenizer = Tokenizer()
+    else:
+        tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"), meta["eot_id"])
+    train = _open_tokens(os.path.join(path, "train.bin"), dtype)
+    val = _open_tokens(os.path.join(path, "val.bin"), dtype)
+    assert (len(train), len(val)) == (meta["num_tokens"]["train"], meta["num_tokens"]["val"]), path
+    return PreparedData(train=train, val=val, vocab_size=meta["vocab_size"], tokenizer=tokenizer, cache_path=path)
+
