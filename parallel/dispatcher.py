@@ -10,6 +10,8 @@ P peers in the EP group, N copies this rank sends, M copies it receives.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from models.moe.dispatch import DispatchState, LocalDispatcher, gather_tokens, plan_routing, scatter_combine
@@ -48,22 +50,32 @@ class AllToAllDispatcher:
         send_counts_PL = plan.kept_per_expert_E.view(self.ep, self.num_local_experts)
         recv_counts, counts_work = all_to_all_async(send_counts_PL.flatten(), self.group)
         x_ND = gather_tokens(x_TD, plan, self.top_k)  # sorted by expert = grouped by destination peer
+        started = time.perf_counter()
         counts_work.wait()
         recv_counts_PL = recv_counts.view(self.ep, self.num_local_experts)
 
         input_splits = send_counts_PL.sum(1).tolist()
         output_splits = recv_counts_PL.sum(1).tolist()
         x_MD = all_to_all(x_ND, output_splits, input_splits, self.group)  # (peer, local expert) order
+        comm_seconds = _wall_seconds(started, x_TD)
         regroup_M = peer_major_to_expert_major(recv_counts_PL.cpu()).to(x_MD.device)
 
         remote_rows = sum(input_splits) - input_splits[self.ep_rank]
         bytes_sent = 2 * remote_rows * x_TD.shape[-1] * x_TD.element_size()  # there and back
-        state = DispatchState(plan, x_TD.shape[0], bytes_sent, extra=(input_splits, output_splits, regroup_M))
+        state = DispatchState(plan, x_TD.shape[0], bytes_sent, comm_seconds, extra=(input_splits, output_splits, regroup_M))
         return x_MD[regroup_M], recv_counts_PL.sum(0), state
 
     def combine(self, y_MD: torch.Tensor, weights_TK: torch.Tensor, state: DispatchState) -> torch.Tensor:
         input_splits, output_splits, regroup_M = state.extra
         undo_M = torch.empty_like(regroup_M)
         undo_M[regroup_M] = torch.arange(regroup_M.numel(), device=regroup_M.device)
+        started = time.perf_counter()
         y_ND = all_to_all(y_MD[undo_M], input_splits, output_splits, self.group)  # back in send order
+        state.comm_seconds += _wall_seconds(started, y_MD)
         return scatter_combine(y_ND, weights_TK, state.plan, state.num_tokens)
+
+
+def _wall_seconds(started: float, like: torch.Tensor) -> float:
+    """Time since `started`. gloo exchanges are synchronous, so on CPU this is their cost; on CUDA
+    (asynchronous NCCL) a host clock would only see the launch, so it is not measured there."""
+    return 0.0 if like.is_cuda else time.perf_counter() - started

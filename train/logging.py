@@ -87,16 +87,25 @@ def _wandb_run_id(run_dir: Path, first_step: int) -> str:
 
 
 def _for_wandb(metrics: dict) -> dict:
-    """Lists of per-expert counts become W&B histograms whose bins are expert ids."""
+    """Lists of per-expert counts become W&B histograms whose bins are expert ids, plus one
+    layers × experts heatmap image per logged step (W&B's step slider plays it over time)."""
     import wandb
 
-    out = {}
+    out, loads = {}, []
     for key, value in metrics.items():
         if isinstance(value, list):
             counts = np.asarray(value, dtype=np.float64)
             out[key] = wandb.Histogram(np_histogram=(counts, np.arange(len(counts) + 1)))
+            loads.append(counts)
         else:
             out[key] = value
+    if loads:
+        from train.report import expert_load_figure, plt
+
+        load_LE = np.stack(loads)
+        figure = expert_load_figure(load_LE / np.maximum(load_LE.sum(axis=1, keepdims=True), 1))
+        out["moe/expert_load_heatmap"] = wandb.Image(figure)
+        plt.close(figure)
     return out
 
 

@@ -240,6 +240,14 @@ def finish_skipped_window(run: Run, x_BS: torch.Tensor, bad_micro_step: int) -> 
         run.trainer.step(0.0)
 
 
+def warn_dead_experts(logger: RunLogger, step: int, metrics: dict, window_steps: int) -> None:
+    for key, load in metrics.items():
+        if key.endswith("/tokens_per_expert") and 0 in load:
+            dead = [e for e, n in enumerate(load) if n == 0]
+            layer = key.split("/")[1]
+            logger.info(f"warning: step {step}: {layer}: expert(s) {dead} got no token in the last {window_steps} step(s)")
+
+
 def train_steps(run: Run, logger: RunLogger) -> dict:
     job, dims, t = run.job, run.dims, run.job.train
     sampler = BatchSampler(run.data.train, t.seq_len, t.micro_batch, dims.world_size, dims.rank, t.grad_accum, t.seed)
@@ -275,10 +283,11 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
             elapsed = time.perf_counter() - window_start
             mean_loss = float(all_reduce_sum(torch.tensor([loss_sum / max(window_steps, 1)], dtype=torch.float64), dims)[0]) / dims.world_size
             tokens_per_s = tokens_per_step * window_steps / elapsed
-            metrics = {"train/loss": mean_loss, "train/lr": lr_at(step, job), "perf/tokens_per_s": tokens_per_s, **window.summarize(dims)}
+            metrics = {"train/loss": mean_loss, "train/lr": lr_at(step, job), "perf/tokens_per_s": tokens_per_s, **window.summarize(dims, elapsed)}
             if t.peak_tflops:
                 metrics["perf/mfu"] = tokens_per_s * run.flops_per_token / (t.peak_tflops * 1e12 * dims.world_size)
             logger.log(done, metrics)
+            warn_dead_experts(logger, done, metrics, window_steps)
             logger.progress(done, {"loss": f"{mean_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"})
             summary.update(metrics)
             loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()

@@ -17,23 +17,24 @@ class MoEWindow:
 
     def __init__(self, num_layers: int, num_experts: int):
         self.tokens_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64)
-        # Per layer: aux, z, entropy (summed per micro-step) and dropped copies, bytes sent.
-        self.sums_L5 = torch.zeros(num_layers, 5, dtype=torch.float64)
+        # Per layer, summed over micro-steps: aux, z, entropy, dropped copies, bytes sent, all-to-all seconds.
+        self.sums_L6 = torch.zeros(num_layers, 6, dtype=torch.float64)
         self.num_micro_steps = 0
 
     def add(self, stats: list[MoEStats]) -> None:
         for layer, s in enumerate(stats):
             self.tokens_LE[layer] += s.tokens_per_expert.double().cpu()
-            values = (s.aux_loss.detach(), s.z_loss.detach(), s.router_entropy, s.num_dropped, s.bytes_sent)
-            self.sums_L5[layer] += torch.tensor([float(v) for v in values], dtype=torch.float64)
+            values = (s.aux_loss.detach(), s.z_loss.detach(), s.router_entropy, s.num_dropped, s.bytes_sent, s.all_to_all_seconds)
+            self.sums_L6[layer] += torch.tensor([float(v) for v in values], dtype=torch.float64)
         self.num_micro_steps += 1
 
-    def summarize(self, dims: ParallelDims) -> dict:
+    def summarize(self, dims: ParallelDims, elapsed_seconds: float) -> dict:
         """Global figures (identical on every rank): counts summed over ranks, losses averaged."""
         tokens_LE = all_reduce_sum(self.tokens_LE.clone(), dims)
-        sums_L5 = all_reduce_sum(self.sums_L5.clone(), dims)
-        means_L3 = sums_L5[:, :3] / max(self.num_micro_steps * dims.world_size, 1)
-        out = {}
+        sums_L6 = all_reduce_sum(self.sums_L6.clone(), dims)
+        means_L3 = sums_L6[:, :3] / max(self.num_micro_steps * dims.world_size, 1)
+        # Forward all-to-all wall time per rank, as a share of the window (CPU/gloo only).
+        out = {"perf/all_to_all_time_share": float(sums_L6[:, 5].sum() / dims.world_size / max(elapsed_seconds, 1e-9))}
         for layer in range(tokens_LE.shape[0]):
             load_E = tokens_LE[layer]
             mean = load_E.mean().clamp_min(1e-12)
@@ -45,13 +46,13 @@ class MoEWindow:
             out[f"{prefix}/aux_loss"] = float(means_L3[layer, 0])
             out[f"{prefix}/z_loss"] = float(means_L3[layer, 1])
             out[f"{prefix}/router_entropy"] = float(means_L3[layer, 2])
-            out[f"{prefix}/dropped_tokens"] = int(sums_L5[layer, 3])
-            out[f"{prefix}/all_to_all_bytes"] = int(sums_L5[layer, 4])
+            out[f"{prefix}/dropped_tokens"] = int(sums_L6[layer, 3])
+            out[f"{prefix}/all_to_all_bytes"] = int(sums_L6[layer, 4])
         return out
 
     def reset(self) -> None:
         self.tokens_LE.zero_()
-        self.sums_L5.zero_()
+        self.sums_L6.zero_()
         self.num_micro_steps = 0
 
 

@@ -68,6 +68,7 @@ class DispatchState:
     plan: RoutingPlan
     num_tokens: int
     bytes_sent: int = 0  # bytes this rank sent to other ranks (there and back); 0 on one rank
+    comm_seconds: float = 0.0  # wall time of the forward all-to-alls (dispatch + combine)
     extra: object = None  # dispatcher-specific bookkeeping (all-to-all splits)
 
 

@@ -27,6 +27,7 @@ class MoEStats(NamedTuple):
     router_entropy: torch.Tensor  # scalar, detached
     num_dropped: torch.Tensor  # scalar int64, copies dropped by capacity
     bytes_sent: int  # all-to-all bytes this rank sent to others, both directions
+    all_to_all_seconds: float  # wall time of the forward exchanges (CPU/gloo; 0 where not measured)
 
 
 class MoELayer(nn.Module):
@@ -64,6 +65,7 @@ class MoELayer(nn.Module):
             router_entropy=routing.entropy,
             num_dropped=state.plan.num_dropped,
             bytes_sent=state.bytes_sent,
+            all_to_all_seconds=state.comm_seconds,
         )
         return out_TD.view_as(x_BSD), stats
 

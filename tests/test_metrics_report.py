@@ -1,0 +1,80 @@
+"""Expert-utilisation figures against hand-computed values, the dead-expert warning, and the
+PNG report built from metrics.jsonl."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from models.moe.layer import MoEStats
+from parallel.dims import ParallelDims
+from train.loop import warn_dead_experts
+from train.metrics import MoEWindow
+from train.report import load_shares
+
+ONE_PROCESS = ParallelDims(world_size=1, rank=0, local_rank=0, ep=1)
+
+
+def stats(load, aux=1.0, dropped=0, nbytes=0, seconds=0.0):
+    return MoEStats(torch.tensor(load), torch.tensor(aux), torch.tensor(0.5), torch.tensor(1.0), torch.tensor(dropped), nbytes, seconds)
+
+
+def test_window_figures_by_hand():
+    window = MoEWindow(num_layers=2, num_experts=4)
+    window.add([stats([3, 1, 0, 0], aux=1.2, dropped=1, nbytes=100, seconds=0.25), stats([2, 2, 2, 2])])
+    window.add([stats([1, 3, 0, 0], aux=1.0, dropped=2, nbytes=60, seconds=0.25), stats([2, 2, 2, 2])])
+    out = window.summarize(ONE_PROCESS, elapsed_seconds=2.0)
+    assert out["moe/layer0/tokens_per_expert"] == [4, 4, 0, 0]
+    assert out["moe/layer0/imbalance_max_over_mean"] == pytest.approx(4 / 2)
+    assert out["moe/layer0/load_cv"] == pytest.approx(np.std([4, 4, 0, 0]) / 2)
+    assert out["moe/layer0/dead_experts"] == 2
+    assert out["moe/layer0/aux_loss"] == pytest.approx(1.1)
+    assert out["moe/layer0/dropped_tokens"] == 3
+    assert out["moe/layer0/all_to_all_bytes"] == 160
+    assert out["moe/layer1/imbalance_max_over_mean"] == pytest.approx(1.0)
+    assert out["moe/layer1/dead_experts"] == 0
+    assert out["perf/all_to_all_time_share"] == pytest.approx(0.5 / 2.0)
+
+
+def test_dead_experts_get_a_warning_line():
+    lines = []
+
+    class Recorder:
+        def info(self, message):
+            lines.append(message)
+
+    warn_dead_experts(Recorder(), 40, {"moe/layer0/tokens_per_expert": [5, 0, 7, 0], "moe/layer1/tokens_per_expert": [1, 1]}, 10)
+    assert lines == ["warning: step 40: layer0: expert(s) [1, 3] got no token in the last 10 step(s)"]
+
+
+def write_run(run_dir):
+    records = [
+        {"step": 0, "val/loss": 5.5},
+        {"step": 10, "train/loss": 4.0, "moe/layer0/tokens_per_expert": [6, 2], "moe/layer0/imbalance_max_over_mean": 1.5},
+        {"step": 20, "train/loss": 3.0, "moe/layer0/tokens_per_expert": [4, 4], "moe/layer0/imbalance_max_over_mean": 1.0},
+        {"step": 20, "val/loss": 3.2},
+    ]
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def test_load_shares_by_hand(tmp_path):
+    write_run(tmp_path / "run")
+    steps, share_LES = load_shares([json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()])
+    assert steps == [10, 20]
+    np.testing.assert_allclose(share_LES, [[[0.75, 0.5], [0.25, 0.5]]])
+
+
+def test_report_writes_the_plots(tmp_path):
+    write_run(tmp_path / "run")
+    done = subprocess.run([sys.executable, "-m", "train.report", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for name in ("loss.png", "imbalance.png", "expert_heatmap.png"):
+        png = tmp_path / "run/plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+    missing = subprocess.run([sys.executable, "-m", "train.report", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2
+    assert "RUN_DIR must hold a metrics.jsonl" in missing.stderr
