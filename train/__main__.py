@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from parallel.dims import shutdown
 from train.config import JobConfig, register_configs
 from train.logging import quiet_third_party_logs
-from train.loop import TrainingDiverged, setup, train
+from train.loop import TrainingDiverged, train
+from train.setup import setup
 from train.sweep import in_sweep
 
 register_configs()
