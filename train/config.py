@@ -152,9 +152,10 @@ def _check_megablocks_available() -> None:
 
     if not torch.cuda.is_available() or importlib.util.find_spec("megablocks") is None:
         raise ValueError(
-            "moe.backend=megablocks needs CUDA and the megablocks package (pip install '.[gpu]'); "
+            "moe.backend=megablocks needs CUDA and the megablocks package (make setup-gpu); "
             "this machine lacks one of them: use moe.backend=torch"
         )
+    raise ValueError("moe.backend=megablocks is not implemented in this version yet: use moe.backend=torch")
 
 
 def register_configs() -> None:
