@@ -33,10 +33,6 @@ class ParallelDims:
         return self.rank % self.ep
 
     @property
-    def edp(self) -> int:
-        return self.world_size // self.ep
-
-    @property
     def distributed(self) -> bool:
         return self.world_size > 1
 

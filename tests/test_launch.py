@@ -20,6 +20,13 @@ def single_process_losses(tmp_path, data_cache):
     return train_losses(read_metrics(tmp_path, "single"))
 
 
+def assert_same_curve(got: dict[int, float], expected: dict[int, float]) -> None:
+    """Same steps, same losses up to fp32 reduction order."""
+    assert got.keys() == expected.keys()
+    for step in expected:
+        assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got, expected)
+
+
 def test_two_torchrun_nodes_train_like_one_process(tmp_path, data_cache):
     expected = single_process_losses(tmp_path, data_cache)
     rendezvous = [f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_backend=c10d", "--rdzv_id=two-nodes"]
@@ -28,10 +35,7 @@ def test_two_torchrun_nodes_train_like_one_process(tmp_path, data_cache):
     for node in nodes:
         _, err = node.communicate(timeout=600)
         assert node.returncode == 0, err[-3000:]
-    got = train_losses(read_metrics(tmp_path, "nodes"))
-    assert got.keys() == expected.keys()
-    for step in expected:
-        assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got, expected)
+    assert_same_curve(train_losses(read_metrics(tmp_path, "nodes")), expected)
 
 
 def slurm_env(data_cache, **extra) -> dict:
@@ -49,10 +53,7 @@ def test_slurm_script_under_a_simulated_allocation(tmp_path, data_cache):
     done = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), *STEPS, "run_name=slurm"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    got = train_losses(read_metrics(tmp_path, "slurm"))
-    assert got.keys() == expected.keys()
-    for step in expected:
-        assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got, expected)
+    assert_same_curve(train_losses(read_metrics(tmp_path, "slurm")), expected)
 
 
 def test_slurm_script_names_the_missing_variable(tmp_path, data_cache):

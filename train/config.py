@@ -128,11 +128,9 @@ class JobConfig:
             raise ValueError(f"train.seq_len ({t.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len})")
         require_choice("train.device", t.device, DEVICES)
         require_choice("train.dtype", t.dtype, DTYPES)
-        require_choice("data.corpus", self.data.corpus, CORPORA)
-        require_choice("data.tokenizer.kind", self.data.tokenizer.kind, TOKENIZER_KINDS)
-        require_positive_int("data.num_proc", self.data.num_proc)
-        if not 0 < self.data.val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be in (0, 1); got {self.data.val_fraction!r}")
+        from train.data.prepare import check_data_config  # local: train.data imports this module
+
+        check_data_config(self.data)
         require_choice("logging.wandb.mode", self.logging.wandb.mode, WANDB_MODES)
         if self.moe.backend == "megablocks":
             _check_megablocks_available()

@@ -17,11 +17,12 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from models.config import require_choice, require_positive_int
 from train.config import CORPORA, TOKENIZER_KINDS
 from train.data.classics import _CLASSICS_PINS
 from train.data.sources import _abspath, _checked_paths
@@ -39,20 +40,16 @@ FORMAT_VERSION = 1
 # ---------------------------------------------------------------------------------------------
 
 
-def _one_of(setting: str, value, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{setting} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
-
-
-def _check_config(cfg) -> None:
-    _one_of("data.corpus", cfg.corpus, CORPORA)
-    _one_of("data.tokenizer.kind", cfg.tokenizer.kind, TOKENIZER_KINDS)
+def check_data_config(cfg) -> None:
+    """Every data-setting mistake that can be seen without reading data -> one ValueError. Also
+    run by JobConfig.validate, before any process group exists."""
+    require_choice("data.corpus", cfg.corpus, CORPORA)
+    require_choice("data.tokenizer.kind", cfg.tokenizer.kind, TOKENIZER_KINDS)
     if not 0.0 < float(cfg.val_fraction) < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1); got {cfg.val_fraction!r}")
     if not cfg.cache_dir:
         raise ValueError("data.cache_dir must be set")
-    if int(cfg.num_proc) < 1:
-        raise ValueError(f"data.num_proc must be >= 1; got {cfg.num_proc!r}")
+    require_positive_int("data.num_proc", cfg.num_proc)
     if cfg.corpus == "hub" and not cfg.hub_name:
         raise ValueError("data.hub_name must be set when data.corpus='hub'")
     if cfg.corpus in ("files", "hub") and not cfg.text_field:
@@ -123,7 +120,7 @@ def prepare_data(cfg) -> PreparedData:
     Safe to call from many processes at once (e.g. every torchrun rank): one builds, the others
     wait on `<key>.lock` and then load. A directory named `<key>` is only ever complete.
     """
-    _check_config(cfg)
+    check_data_config(cfg)
     inputs = _cache_inputs(cfg)
     cache_dir = _abspath(cfg.cache_dir)
     final = os.path.join(cache_dir, _cache_key(inputs))
