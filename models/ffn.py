@@ -5,9 +5,16 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from models.moe.experts import activate
+
+def activate(h_NF: torch.Tensor, gate_NF: torch.Tensor | None) -> torch.Tensor:
+    """SwiGLU (silu(gate) ⊙ h) when a gate projection exists, else GELU(h). Shared by the dense
+    feed-forward and the experts."""
+    if gate_NF is None:
+        return F.gelu(h_NF)
+    return F.silu(gate_NF) * h_NF
 
 
 class FeedForward(nn.Module):

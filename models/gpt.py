@@ -71,18 +71,33 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, use_moe=(i + 1) % cfg.moe.every == 0) for i in range(m.n_layers))
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
-        if m.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-        cos, sin = rotary_tables(m.max_seq_len, m.d_model // m.n_heads, m.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self.tie_weights()
+        self.register_buffer("rope_cos", torch.empty(m.max_seq_len, m.d_model // m.n_heads // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty_like(self.rope_cos), persistent=False)
+        if self.embed.weight.device.type != "meta":  # on meta, parallelize() initialises after materialising
+            self.init_weights()
 
-    def reset_parameters(self) -> None:
+    def tie_weights(self) -> None:
+        """The output projection shares the embedding matrix (model.tie_embeddings); `to_empty`
+        unties them, so materialising calls this again."""
+        if self.cfg.model.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Every parameter and buffer from the global RNG: also after building on the meta device
+        and materialising with `to_empty` (see parallel/parallelize.py)."""
         m = self.cfg.model
+        self.tie_weights()
+        cos, sin = rotary_tables(m.max_seq_len, m.d_model // m.n_heads, m.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
         nn.init.normal_(self.embed.weight, std=m.init_std)
         if not m.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=m.init_std)
+        for module in self.modules():
+            if isinstance(module, nn.RMSNorm):
+                module.reset_parameters()  # ones
         for block in self.blocks:
             nn.init.normal_(block.attn.qkv.weight, std=m.init_std)
             nn.init.normal_(block.attn.proj.weight, std=m.init_std / (2 * m.n_layers) ** 0.5)

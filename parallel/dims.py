@@ -1,11 +1,16 @@
-"""World = DP × EP: validated once, process groups built in one place.
+"""World = DP × EP: validated once, process groups built in one place from a DeviceMesh.
 
 Every rank owns a data shard (dense weights are data parallel over the whole world). Within the
 world, consecutive blocks of `ep` ranks split the experts between them (an expert-parallel group,
 kept on one node when GPUs are packed per node); ranks at the same position of different blocks
-hold the same experts and average their gradients (an expert-data-parallel group).
+hold the same experts (an expert-data-parallel group: they average, and under ZeRO partition,
+those experts' gradients and optimizer state).
 
-    world 4, ep 2:   EP groups {0,1} {2,3}     EDP groups {0,2} {1,3}
+    world 4, ep 2:   mesh (edp=2, ep=2)   EP groups {0,1} {2,3}     EDP groups {0,2} {1,3}
+
+On CUDA the default group is `cpu:gloo,cuda:nccl`, so a collective works whether its tensor lives
+on the GPU or (small bookkeeping) on the CPU; the loop still keeps its collectives on the compute
+device (`ParallelDims.device`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_AXES = ("edp", "ep")  # ep innermost: an EP group is `ep` consecutive ranks
 
 
 @dataclass(frozen=True)
@@ -25,12 +33,28 @@ class ParallelDims:
     rank: int
     local_rank: int
     ep: int
-    ep_group: Optional[dist.ProcessGroup] = None  # ranks that split the experts; None on one process
-    edp_group: Optional[dist.ProcessGroup] = None  # ranks that hold the same experts
+    device: torch.device  # where compute runs, and where every collective's tensors live
+    mesh: Optional[DeviceMesh] = None  # axes MESH_AXES; None on one process
+
+    @property
+    def edp(self) -> int:
+        return self.world_size // self.ep
 
     @property
     def ep_rank(self) -> int:
         return self.rank % self.ep
+
+    @property
+    def edp_rank(self) -> int:
+        return self.rank // self.ep
+
+    @property
+    def ep_group(self) -> Optional[dist.ProcessGroup]:
+        return self.mesh["ep"].get_group() if self.mesh is not None else None
+
+    @property
+    def edp_group(self) -> Optional[dist.ProcessGroup]:
+        return self.mesh["edp"].get_group() if self.mesh is not None else None
 
     @property
     def distributed(self) -> bool:
@@ -59,19 +83,27 @@ def read_launch_env() -> tuple[int, int, int]:
     return 1, 0, 0
 
 
+def process_group_backend(device: torch.device) -> str:
+    """NCCL alone rejects CPU tensors; the combined backend takes both, so no collective can fail
+    for living on the wrong device."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_parallel(ep: int, num_experts: int, device: torch.device) -> ParallelDims:
     """Validate degrees (before any collective, so a bad setting cannot hang), then build the groups."""
     world_size, rank, local_rank = read_launch_env()
     validate_degrees(world_size, ep, num_experts)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     # torchrun's variables, also when started by srun or by hand: DeepSpeed reads them.
     for name, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank)):
         os.environ.setdefault(name, str(value))
+    backend = process_group_backend(device)
     if world_size == 1:
         # DeepSpeed wants a process group even for one process; an in-memory store needs no port.
         if not dist.is_initialized():
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        return ParallelDims(1, 0, 0, ep)
+        return ParallelDims(1, 0, 0, ep, device)
 
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=10)
@@ -81,17 +113,8 @@ def init_parallel(ep: int, num_experts: int, device: torch.device) -> ParallelDi
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend, store=dist.PrefixStore(f"switchyard/attempt{attempt}", store),
                                 rank=rank, world_size=world_size, timeout=timeout)
-    ep_group = edp_group = None
-    # Every rank must create every group, in the same order.
-    for first in range(0, world_size, ep):
-        group = dist.new_group(list(range(first, first + ep)))
-        if first <= rank < first + ep:
-            ep_group = group
-    for position in range(ep):
-        group = dist.new_group(list(range(position, world_size, ep)))
-        if rank % ep == position:
-            edp_group = group
-    return ParallelDims(world_size, rank, local_rank, ep, ep_group, edp_group)
+    mesh = init_device_mesh(device.type, (world_size // ep, ep), mesh_dim_names=MESH_AXES)
+    return ParallelDims(world_size, rank, local_rank, ep, device, mesh)
 
 
 def shutdown() -> None:

@@ -1,30 +1,35 @@
-"""DeepSpeed ZeRO (stages 0-3) for the dense weights; the routed experts stay Switchyard's.
+"""ZeRO for the whole model: DeepSpeed for the dense weights, FSDP2 for the routed experts.
 
-Why the experts are kept out of the DeepSpeed engine: DeepSpeed's MoE support keys on its own
-`deepspeed.moe.layer.MoE` modules (expert gradient groups, expert checkpoint files) and refuses
-ZeRO-3 outright ("Native DeepSpeed MoE is not supported with ZeRO Stage 3"). Our experts are a
-different module fed by our dispatcher. So the engine is given the model with its
-`GroupedExperts` unregistered: it sees only dense weights, which are identical on every rank
-(plain data parallelism), and every ZeRO stage applies to them, stage 3 included. The experts,
-different on each EP rank, are kept whole on their rank and optimised here by an AdamW of their
-own, with gradients averaged over their expert-data-parallel group.
+Dense weights are identical on every rank (plain data parallelism over the world) and go to a
+DeepSpeed engine: all four ZeRO stages apply to them. The routed experts differ between the ranks
+of an expert-parallel group and are replicated across their expert-data-parallel (EDP) group,
+so they are kept out of the engine (DeepSpeed's MoE support keys on its own `deepspeed.moe` module
+and refuses ZeRO-3) and sharded over the EDP group with torch's FSDP2 (`fully_shard`), as
+torchtitan does:
 
-Clipping: DeepSpeed clips the dense gradients by their global norm; the experts are clipped by the
-global norm of all experts (summed over the EP group), both at `optim.grad_clip`.
+    deepspeed.zero_stage   dense (DeepSpeed)                  experts (FSDP2 over EDP)
+    0                      replicated                         replicated; grads all-reduced
+    1                      optimizer state partitioned        weights, grads and optimizer state
+    2                      + gradients partitioned              sharded at rest; gathered for
+                                                                forward and backward
+    3                      + weights partitioned              + freed between forward and backward
+
+FSDP2 has no ZeRO-1 mode, so stage 1 also shards the experts' gradients (memory only goes down).
+Experts are sharded along dim 1 (d_model for w1/w3, the expert width for w2), so a rank holding a
+single expert still splits it across its EDP group. With one rank per EDP group nothing is sharded.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from parallel.data_parallel import all_reduce_expert_gradients
+from models.moe.experts import GroupedExperts
 from parallel.dims import ParallelDims
 
 ZERO_STAGES = (0, 1, 2, 3)
+EXPERT_SHARD_DIM = 1  # see the module docstring
 
 
 def validate_zero_stage(stage) -> None:
@@ -32,23 +37,13 @@ def validate_zero_stage(stage) -> None:
         raise ValueError(f"deepspeed.zero_stage must be one of 0, 1, 2, 3; got {stage!r}")
 
 
-def detach_experts(model: nn.Module) -> list[nn.Module]:
-    """Unregister each MoE layer's experts from the module tree (the layer still calls them), so
-    that `model.parameters()`, and with it DeepSpeed, sees only the dense weights."""
-    experts = []
-    for layer in model.moe_layers():
-        module = layer._modules.pop("experts")
-        object.__setattr__(layer, "experts", module)  # a plain attribute: forward is unchanged
-        experts.append(module)
-    return experts
-
-
-def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, grad_clip: float, world_size: int) -> dict:
+def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, world_size: int) -> dict:
     return {
         "train_batch_size": micro_batch * grad_accum * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": grad_clip,
+        # Off: dense and expert gradients are clipped together by one global norm (parallel/grad_norm.py).
+        "gradient_clipping": 0.0,
         "zero_optimization": {"stage": zero_stage},
         # The optimizer is ours (torch AdamW): DeepSpeed's fused CPU/GPU Adam would need JIT-built ops.
         "zero_allow_untested_optimizer": True,
@@ -57,63 +52,56 @@ def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, grad_cl
     }
 
 
-class ZeroTrainer:
-    """The DeepSpeed engine over the dense weights plus Switchyard's expert optimizer."""
-
-    def __init__(self, model: nn.Module, dense_optimizer: torch.optim.Optimizer, experts: list[nn.Module],
-                 expert_optimizer: torch.optim.Optimizer | None, ds_config: dict, dims: ParallelDims, grad_clip: float):
-        import deepspeed  # heavy import, only where the engine is built
-
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=dense_optimizer, config=ds_config, dist_init_required=False)
-        self.experts = experts
-        self.expert_optimizer = expert_optimizer
-        self.dims = dims
-        self.grad_clip = grad_clip
-
-    @property
-    def module(self) -> nn.Module:
-        return self.engine.module
-
-    def forward(self, idx_BS: torch.Tensor):
-        return self.engine(idx_BS)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)  # scales by 1/grad_accum; expert grads get the same scaling
-
-    def step(self, lr: float) -> None:
-        """Call after every micro-batch's backward; updates weights at the accumulation boundary."""
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-        self.engine.step()
-        if boundary and self.expert_optimizer is not None:
-            for group in self.expert_optimizer.param_groups:
-                group["lr"] = lr
-            params = self.expert_parameters()
-            all_reduce_expert_gradients(params, self.dims)
-            if self.grad_clip > 0:
-                clip_expert_gradients(params, self.grad_clip, self.dims)
-            self.expert_optimizer.step()
-            self.expert_optimizer.zero_grad(set_to_none=True)
-
-    def expert_parameters(self) -> list[nn.Parameter]:
-        return [p for module in self.experts for p in module.parameters()]
-
-    def train(self, mode: bool = True) -> None:
-        self.engine.train(mode)
+def detach_experts(model: nn.Module) -> dict[str, GroupedExperts]:
+    """Unregister each MoE layer's experts from the module tree (the layer still calls them), so
+    that `model.parameters()`, and with it DeepSpeed, sees only the dense weights. Returns them by
+    their name in the undetached model (e.g. `blocks.1.ffn.experts`), in depth order."""
+    experts = {}
+    for name, layer in list(model.named_modules()):
+        if isinstance(getattr(layer, "experts", None), GroupedExperts) and "experts" in layer._modules:
+            module = layer._modules.pop("experts")
+            object.__setattr__(layer, "experts", module)  # a plain attribute: forward is unchanged
+            experts[f"{name}.experts"] = module
+    return experts
 
 
-def clip_expert_gradients(params: list[nn.Parameter], max_norm: float, dims: ParallelDims) -> None:
-    """Clip by the norm over all experts: each EP rank holds different experts, so squared norms
-    add up over the EP group (EDP replicas hold identical, already averaged gradients)."""
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is not None:
-            sq += p.grad.detach().double().square().sum().cpu()
-    if dims.ep > 1:
-        dist.all_reduce(sq, group=dims.ep_group)
-    scale = max_norm / (math.sqrt(float(sq)) + 1e-6)
-    if scale < 1:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
+def experts_are_sharded(dims: ParallelDims, zero_stage: int) -> bool:
+    return zero_stage >= 1 and dims.edp > 1
+
+
+def shard_experts(experts: dict[str, GroupedExperts], dims: ParallelDims, zero_stage: int) -> bool:
+    """FSDP2 over each EDP group (see the table above); returns whether anything was sharded."""
+    if not experts_are_sharded(dims, zero_stage):
+        return False
+    from torch.distributed.fsdp import fully_shard
+
+    for module in experts.values():
+        fully_shard(module, mesh=dims.mesh["edp"], reshard_after_forward=zero_stage == 3,
+                    shard_placement_fn=lambda _: Shard(EXPERT_SHARD_DIM))
+        # Sum over the EDP group divided by the world size: see parallel/collectives.py for why.
+        # As a plain SUM with a separate division: gloo has no PREMUL_SUM.
+        module.set_gradient_divide_factor(float(dims.world_size))
+        module.set_force_sum_reduction_for_comms(True)
+    return True
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def expert_global_view(t: torch.Tensor, dims: ParallelDims, sharded: bool) -> torch.Tensor:
+    """This rank's piece of an expert tensor (weights or AdamW state) described as a piece of the
+    global [E, ...] tensor of the single-process model, on the world mesh: dim 0 split over the EP
+    axis, dim 1 over the EDP axis when sharded (else replicated there). Checkpoints are written and
+    resharded through this view (torch.distributed.checkpoint reads any layout into any other)."""
+    if dims.mesh is None:
+        return t
+    local = local_tensor(t)
+    placements = (Shard(EXPERT_SHARD_DIM) if sharded else Replicate(), Shard(0))  # (edp, ep) axes
+    global_shape = list(local.shape)
+    global_shape[0] *= dims.ep
+    if sharded:
+        global_shape[EXPERT_SHARD_DIM] = t.shape[EXPERT_SHARD_DIM]  # the DTensor's global size
+    shape = torch.Size(global_shape)
+    stride = torch.empty(0).new_empty(shape, device="meta").stride()
+    return DTensor.from_local(local, dims.mesh, placements, run_check=False, shape=shape, stride=stride)

@@ -31,6 +31,15 @@ def job_env(cache_dir: Path) -> dict:
     return env
 
 
+FAULTS = Path(__file__).parent / "faults"
+
+
+def fault_env(**faults: str) -> dict:
+    """Environment that makes the job's processes load tests/faults/sitecustomize.py with these
+    faults (see there), e.g. fault_env(SWITCHYARD_TEST_NAN_STEPS="3")."""
+    return {"PYTHONPATH": f"{FAULTS}{os.pathsep}{REPO}", **faults}
+
+
 def job_command(*overrides: str, nproc: int = 1, max_restarts: int = 0) -> list[str]:
     if nproc == 1 and max_restarts == 0:
         return [sys.executable, "-m", "train", *overrides]

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from tests.jobs import TINY, job_command, job_env, read_metrics, run_job, train_losses, val_losses
+from tests.jobs import TINY, fault_env, job_command, job_env, read_metrics, run_job, train_losses, val_losses
 
 EXACT = ["train.eval_interval=100", "moe.jitter=0.1", "moe.bias_update_rate=0.01"]
 
@@ -83,7 +83,7 @@ def test_kill_during_checkpoint_save_never_loads_a_partial_checkpoint(tmp_path, 
     assert reference.returncode == 0, reference.stderr[-3000:]
     # Rank 0 is SIGKILLed after writing its part of step 8, before the checkpoint is published.
     done = run_job(tmp_path, data_cache, *common, "run_name=crash", nproc=2, max_restarts=1,
-                   extra_env={"SWITCHYARD_FAULT_KILL_IN_SAVE": "8"})
+                   extra_env=fault_env(SWITCHYARD_TEST_KILL_IN_SAVE="8"))
     assert done.returncode == 0, done.stderr[-3000:]
     log = (tmp_path / "outputs/crash/metrics.jsonl").read_text()
     # The restart resumed from step 4 (the last complete checkpoint), re-ran 5..12, and matches.
@@ -94,14 +94,14 @@ def test_kill_during_checkpoint_save_never_loads_a_partial_checkpoint(tmp_path, 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, data_cache):
     common = [*TINY, "train.steps=10", "train.eval_interval=100", "train.ckpt_interval=2", "train.max_bad_steps=3"]
-    one_bad = run_job(tmp_path, data_cache, *common, "run_name=one", extra_env={"SWITCHYARD_FAULT_NAN_STEPS": "3"})
+    one_bad = run_job(tmp_path, data_cache, *common, "run_name=one", extra_env=fault_env(SWITCHYARD_TEST_NAN_STEPS="3"))
     assert one_bad.returncode == 0, one_bad.stderr[-3000:]
     records = read_metrics(tmp_path, "one")
     assert 3 not in train_losses(records)
     assert {"step": 3, "train/skipped_steps": 1} in records
     assert max(train_losses(records)) == 10
 
-    diverged = run_job(tmp_path, data_cache, *common, "run_name=bad", extra_env={"SWITCHYARD_FAULT_NAN_STEPS": "5,6,7"})
+    diverged = run_job(tmp_path, data_cache, *common, "run_name=bad", extra_env=fault_env(SWITCHYARD_TEST_NAN_STEPS="5,6,7"))
     assert diverged.returncode == 3
     assert "3 consecutive steps had a non-finite loss (train.max_bad_steps=3)" in diverged.stderr.strip().splitlines()[-1]
     assert (tmp_path / "outputs/bad/checkpoints/latest").read_text() == "step_000004"

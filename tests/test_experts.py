@@ -11,7 +11,7 @@ from models.moe.experts import GroupedExperts, grouped_mm_supported, run_experts
 def test_grouped_equals_loop_values_and_grads(activation, counts):
     torch.manual_seed(0)
     experts = GroupedExperts(4, d_model=16, ffn_hidden=32, activation=activation, backend="torch")
-    experts.reset_parameters(0.1, 2)
+    experts.reset_parameters(0.1, 2, seed=0)
     counts_E = torch.tensor(counts)
     x = torch.randn(int(counts_E.sum()), 16)
     weights = [w for w in (experts.w1_EDF, experts.w2_EFD, experts.w3_EDF)]
@@ -38,7 +38,7 @@ def test_grouped_equals_loop_values_and_grads(activation, counts):
 
 def test_unaligned_shapes_fall_back_to_loop():
     experts = GroupedExperts(2, d_model=6, ffn_hidden=10, activation="swiglu", backend="torch")
-    experts.reset_parameters(0.1, 1)
+    experts.reset_parameters(0.1, 1, seed=0)
     x = torch.randn(5, 6)
     assert not grouped_mm_supported(x, experts.w1_EDF)
     out = experts(x, torch.tensor([2, 3]))
@@ -47,7 +47,7 @@ def test_unaligned_shapes_fall_back_to_loop():
 
 def test_keep_experts_slices_the_shard():
     experts = GroupedExperts(8, d_model=16, ffn_hidden=16, activation="gelu", backend="torch")
-    experts.reset_parameters(0.1, 1)
+    experts.reset_parameters(0.1, 1, seed=0)
     full = experts.w1_EDF.detach().clone()
     experts.keep_experts(4, 2)
     assert experts.num_experts == 2
@@ -57,3 +57,39 @@ def test_keep_experts_slices_the_shard():
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="moe.backend must be one of"):
         GroupedExperts(2, 16, 16, "gelu", backend="cutlass")
+
+
+def test_float64_never_takes_grouped_mm_and_still_matches_the_loop():
+    # grouped_mm crashes on float64 even when every width is 16-byte aligned: the loop must run.
+    experts = GroupedExperts(2, d_model=16, ffn_hidden=16, activation="swiglu", backend="torch").double()
+    experts.reset_parameters(0.1, 1, seed=0)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    assert not grouped_mm_supported(x, experts.w1_EDF, experts.w2_EFD, experts.w3_EDF)
+    out = experts(x, torch.tensor([2, 3]))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, run_experts_loop(x, torch.tensor([2, 3]), experts.w1_EDF, experts.w2_EFD, experts.w3_EDF))
+
+
+def test_expert_gemms_run_in_the_autocast_dtype():
+    experts = GroupedExperts(2, d_model=16, ffn_hidden=16, activation="swiglu", backend="torch")
+    experts.reset_parameters(0.1, 1, seed=0)
+    x = torch.randn(5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = experts(x, torch.tensor([2, 3]))
+    assert out.dtype == torch.bfloat16  # fp32 master weights, bf16 GEMMs
+    want = run_experts_loop(x.bfloat16(), torch.tensor([2, 3]), *(w.bfloat16() for w in (experts.w1_EDF, experts.w2_EFD, experts.w3_EDF)))
+    torch.testing.assert_close(out, want)
+    out.float().sum().backward()
+    assert experts.w1_EDF.grad.dtype == torch.float32 and x.grad is not None
+
+
+def test_a_shard_built_on_meta_initialises_the_same_experts_as_the_whole_layer():
+    whole = GroupedExperts(8, d_model=16, ffn_hidden=16, activation="swiglu", backend="torch")
+    whole.reset_parameters(0.1, 2, seed=123)
+    with torch.device("meta"):
+        shard = GroupedExperts(8, d_model=16, ffn_hidden=16, activation="swiglu", backend="torch")
+    shard.keep_experts(4, 2)  # expert-parallel rank 2 of 4, never allocating the others
+    shard.to_empty(device="cpu")
+    shard.reset_parameters(0.1, 2, seed=123)
+    for name in ("w1_EDF", "w2_EFD", "w3_EDF"):
+        torch.testing.assert_close(getattr(shard, name), getattr(whole, name)[4:6], rtol=0, atol=0)

@@ -6,7 +6,7 @@ import torch
 from models.config import MoEConfig
 from models.ffn import FeedForward
 from models.moe.layer import MoELayer
-from models.moe.experts import activate
+from models.ffn import activate
 
 D = 16
 

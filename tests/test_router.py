@@ -104,3 +104,11 @@ def test_jitter_only_in_training():
     c = router.eval()(X).weights_TK
     assert not torch.equal(a, b)
     assert torch.equal(b, c)
+
+
+def test_a_rank_with_no_token_has_finite_router_losses():
+    router = make_router(WEIGHT, top_k=2)
+    out = router(torch.randn(0, 2, requires_grad=True))
+    for value in (out.aux_loss, out.z_loss, out.entropy):
+        assert torch.isfinite(value) and value.item() == 0.0
+    (out.aux_loss + out.z_loss).backward()  # and it can be backpropagated (an EP rank may get no token)

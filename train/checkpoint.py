@@ -1,20 +1,30 @@
-"""Checkpoints that a crash can never corrupt, and that reshard across expert-parallel layouts.
+"""One checkpoint manager: save, find the latest, load and reshard the whole training state.
 
-Layout under `<run_dir>/checkpoints/step_000200/`:
-    (DeepSpeed's files)    the engine: dense weights and their (ZeRO-partitioned) optimizer state
-    dense.pt               the full dense weights (gathered under ZeRO-3), for resharding
-    experts_ep{i}.pt       expert shard i: its weights per MoE layer and its optimizer state
-    rng_rank{r}.pt         each rank's RNG state
-    meta.json              step, model shape, process layout: written last, by rank 0
-and `<run_dir>/checkpoints/latest` names the newest complete one.
+A checkpoint is a folder `<run_dir>/checkpoints/step_NNNNNN/`, written by every rank at once with
+torch.distributed.checkpoint (DCP). What it contains, the one list:
 
-Every rank writes into `step_N.tmp/`; after a barrier rank 0 writes meta.json, renames the folder
-and only then replaces `latest` (write, fsync, os.replace). Loading goes through `latest` alone,
-so a half-written folder is never read; the next save sweeps it away.
+    model.<name>             every parameter and persistent buffer of the single-process model,
+                             under its name there (`blocks.0.attn.qkv.weight`,
+                             `blocks.1.ffn.experts.w1_EDF`): experts as the global [E, ...]
+                             tensors, dense tensors flattened to 1-D (a ZeRO partition is a range
+                             of the flattened parameter)
+    optim.exp_avg.<name>     AdamW's moments of every parameter, laid out like the parameter
+    optim.exp_avg_sq.<name>
+    optim.step.<group>       AdamW's step count of the dense weights and of the experts
+    rng.<device>.rank<r>     each rank's random state (restored when the layout is unchanged)
+    meta.json                format, step, model signature, layout, and the size and CRC-32 of
+                             every file of the folder; written last, by rank 0
 
-Resuming with the same layout (world size, `parallel.ep`, ZeRO stage) restores everything, and
-the run continues bit for bit. Another layout restores the weights only (dense.pt + the expert
-shards regrouped for the new `ep`); optimizer state then starts afresh.
+Each rank writes only what it holds: its ZeRO range of each dense tensor and its experts (its EP
+shard, and under FSDP its slice of it). Loading asks DCP for exactly the pieces the new layout
+holds, so a run resumes on another world size, `parallel.ep` and `deepspeed.zero_stage` with
+every weight and AdamW moment kept, and no rank ever holds the whole model. On the same layout
+the resumed run continues bit for bit.
+
+Crash safety: every rank writes into `step_N.tmp/`; rank 0 then writes meta.json, renames the
+folder and only then replaces the `latest` marker atomically, so a crash never leaves a folder
+that resume would load. Loading checks every file's size and CRC first and never unpickles code
+(train/safe_dcp.py).
 """
 
 from __future__ import annotations
@@ -22,27 +32,363 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
+import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard as ShardedTensorShard
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from parallel.deepspeed_state import ADAM_STATE_KEYS, Piece
+from parallel.dims import ParallelDims
+from parallel.trainer import Trainer
+from parallel.zero import expert_global_view, local_tensor
+from train.safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, UnsafeCheckpointError
+
+FORMAT_VERSION = 2  # 1 was DeepSpeed's files + dense.pt + experts_ep*.pt
 LATEST = "latest"
 KEEP_LAST = 2
+META = "meta.json"
 SHAPE_KEYS = {
     "model": ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "activation", "tie_embeddings"),
     "moe": ("num_experts", "every", "expert_ffn_hidden", "num_shared_experts"),
 }
 LAYOUT_KEYS = ("world_size", "parallel.ep", "deepspeed.zero_stage")
-# Fault injection for the crash tests: SIGKILL rank 0 after it wrote its files for this step, before
-# the checkpoint is published (first attempt only, so a torchrun restart can then finish the job).
-KILL_IN_SAVE_ENV = "SWITCHYARD_FAULT_KILL_IN_SAVE"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: one line naming the file and what to do."""
 
 
 def model_signature(job) -> dict:
     """The settings that fix parameter shapes; a checkpoint only loads into a model with the same."""
     return {f"{section}.{key}": getattr(getattr(job, section), key) for section, keys in SHAPE_KEYS.items() for key in keys}
+
+
+def layout(job, dims: ParallelDims) -> dict:
+    return {"world_size": dims.world_size, "parallel.ep": dims.ep, "deepspeed.zero_stage": job.deepspeed.zero_stage}
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    folder: Path
+    meta: dict
+
+
+class CheckpointManager:
+    def __init__(self, ckpt_dir: Path, job, dims: ParallelDims):
+        self.dir = Path(ckpt_dir)
+        self.job = job
+        self.dims = dims
+
+    # -- finding ------------------------------------------------------------------------------
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Published folders (a readable meta.json), oldest first."""
+        found = []
+        for path in sorted(self.dir.glob("step_*")):
+            if path.is_dir() and not path.name.endswith(".tmp") and _readable_meta(path) is not None:
+                found.append(path)
+        return found
+
+    def latest(self, announce: bool = False) -> Path | None:
+        """The folder `latest` names; if that is missing or incomplete, the newest complete one."""
+        marker = self.dir / LATEST
+        named = None
+        if marker.is_file():
+            try:
+                named = self.dir / marker.read_text(encoding="ascii").strip()
+            except (UnicodeDecodeError, OSError):
+                named = None
+        if named is not None and named.parent == self.dir and _readable_meta(named) is not None:
+            return named
+        complete = self.complete_checkpoints()
+        if not complete:
+            return None
+        if announce and marker.exists():
+            print(f"switchyard: {marker} names {named.name if named else 'nothing readable'}, which is missing or "
+                  f"incomplete; resuming from {complete[-1].name}, the newest complete checkpoint")
+        return complete[-1]
+
+    def resume_point(self) -> ResumePoint | None:
+        """The checkpoint to continue from: asked for with train.resume, or implied by a restart
+        after a failure (torchrun --max-restarts, SLURM requeue) when one exists. A fresh run
+        never overwrites an earlier run's checkpoints: they are moved aside."""
+        restarted = any(int(os.environ.get(v, "0") or 0) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+        if self.job.train.resume or restarted:
+            folder = self.latest(announce=self.dims.is_main)
+            if folder is not None:
+                return ResumePoint(folder, self.check(folder))
+            if self.job.train.resume:
+                raise CheckpointError(f"train.resume=true but there is no complete checkpoint in {self.dir}")
+            return None
+        if self.dims.is_main and self.latest() is not None:
+            aside = self.dir.with_name(f"checkpoints.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(self.dir, aside)
+            print(f"switchyard: starting fresh; earlier checkpoints moved to {aside} (use train.resume=true to continue)")
+        return None
+
+    def check(self, folder: Path) -> dict:
+        """meta.json of `folder`, after checking that this run can load it."""
+        meta = _readable_meta(folder)
+        if meta is None:
+            raise CheckpointError(f"{folder / META} is missing or damaged: delete {folder} to resume from the checkpoint before it")
+        if meta.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{folder} has checkpoint format {meta.get('format', 1)!r}; this Switchyard reads format "
+                                  f"{FORMAT_VERSION} only: resume it with the version that wrote it")
+        for key, want in model_signature(self.job).items():
+            have = meta["model_signature"].get(key)
+            if have != want:
+                raise CheckpointError(f"train.resume=true: checkpoint {folder} was saved with {key}={have!r}, this run has {key}={want!r}")
+        return meta
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save(self, trainer: Trainer, step: int) -> Path:
+        """Every rank calls this; returns the published folder."""
+        name = f"step_{step:06d}"
+        final, staging = self.dir / name, self.dir / f"{name}.tmp"
+        if self.dims.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+        _barrier(self.dims)
+        dcp.save(training_state(trainer, self.dims), storage_writer=dcp.FileSystemWriter(str(staging)))
+        files = _gather_file_digests(staging, self.dims)
+        if self.dims.is_main:
+            meta = {"format": FORMAT_VERSION, "step": step, "model_signature": model_signature(self.job),
+                    **layout(self.job, self.dims), "files": files}
+            self._publish(staging, final, meta)
+        _barrier(self.dims)
+        return final
+
+    def _publish(self, staging: Path, final: Path, meta: dict) -> None:
+        _write_atomic(staging / META, json.dumps(meta, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        _write_atomic(self.dir / LATEST, final.name)
+        self._prune(keep=final.name)
+
+    def _prune(self, keep: str) -> None:
+        """Drop stale staging folders and all but the newest KEEP_LAST complete checkpoints."""
+        for old in self.complete_checkpoints()[:-KEEP_LAST]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+        for stale in self.dir.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def load(self, trainer: Trainer, point: ResumePoint) -> int:
+        """Put the whole training state of `point` into `trainer` (any saved layout); returns the step."""
+        folder, meta = point.folder, point.meta
+        _verify_files(folder, meta, self.dims)
+        exact = all(meta.get(k) == v for k, v in layout(self.job, self.dims).items())
+        targets, put_back = load_targets(trainer, self.dims, with_rng=exact)
+        try:
+            dcp.load(targets, storage_reader=SafeFileSystemReader(str(folder)), planner=TensorOnlyLoadPlanner())
+        except UnsafeCheckpointError as err:
+            raise CheckpointError(f"{folder}: {err}: refusing to load it") from None
+        except Exception as err:  # DCP wraps each rank's failure; a bad file was caught above
+            raise CheckpointError(f"{folder} could not be read ({_first_line(err)}): delete it to resume from the checkpoint before it") from None
+        put_back()
+        if self.dims.is_main:
+            saved = {k: meta.get(k) for k in LAYOUT_KEYS}
+            how = "exact" if exact else f"resharded from {saved} to {layout(self.job, self.dims)}, optimizer state kept"
+            print(f"switchyard: resumed from step {meta['step']} ({how})")
+        return meta["step"]
+
+
+# -- what a checkpoint holds --------------------------------------------------------------------
+
+
+def training_state(trainer: Trainer, dims: ParallelDims) -> dict[str, torch.Tensor]:
+    """This rank's part of the checkpoint (see the module docstring), as views: nothing is copied."""
+    dense = trainer.dense
+    state = {}
+    for name, p in dense.named_parameters():
+        piece = dense.piece(p)
+        if dense.zero_stage == 3:
+            state[f"model.{name}"] = _range(dense.full_numel(p), piece, dense.master_weights(p), dims)
+        else:
+            state[f"model.{name}"] = p.detach().reshape(-1)  # whole on every rank: DCP writes it once
+        for key in ADAM_STATE_KEYS:
+            values = dense.optimizer_state(p, key)
+            state[f"optim.{key}.{name}"] = _range(dense.full_numel(p), piece, values, dims) if dense.partitioned else values
+    for name, buffer in persistent_buffers(trainer.module):
+        state[f"model.{name}"] = buffer
+    state["optim.step.dense"] = torch.tensor(dense.step_count())
+    with torch.no_grad():
+        for name, p in trainer.named_expert_parameters:
+            state[f"model.{name}"] = expert_global_view(p.detach(), dims, trainer.experts_sharded)
+            for key in ADAM_STATE_KEYS:
+                state[f"optim.{key}.{name}"] = expert_global_view(trainer.expert_optimizer.state[p][key], dims, trainer.experts_sharded)
+    if trainer.expert_optimizer is not None:
+        state["optim.step.experts"] = torch.tensor(_expert_step(trainer))
+    state.update(_rng_state(dims))
+    return state
+
+
+def load_targets(trainer: Trainer, dims: ParallelDims, with_rng: bool):
+    """Receivers for exactly the pieces this rank holds, and a function that puts them in place."""
+    dense = trainer.dense
+    targets: dict[str, torch.Tensor] = {}
+    for name, p in dense.named_parameters():
+        piece = dense.piece(p)
+        numel = dense.full_numel(p)
+        if dense.zero_stage == 3:
+            targets[f"model.{name}"] = _range(numel, piece, _empty(piece, dims.device), dims)
+        else:
+            targets[f"model.{name}"] = torch.empty(numel, device=dims.device)
+        for key in ADAM_STATE_KEYS:
+            targets[f"optim.{key}.{name}"] = _range(numel, piece, _empty(piece, dims.device), dims) if dense.partitioned \
+                else torch.empty(numel, device=dims.device)
+    buffers = persistent_buffers(trainer.module)
+    for name, buffer in buffers:
+        targets[f"model.{name}"] = torch.empty_like(buffer)
+    targets["optim.step.dense"] = torch.zeros(())
+    experts = trainer.named_expert_parameters
+    with torch.no_grad():
+        for name, p in experts:  # DCP fills these views of the live tensors in place
+            targets[f"model.{name}"] = expert_global_view(p.detach(), dims, trainer.experts_sharded)
+            for key in ADAM_STATE_KEYS:
+                targets[f"optim.{key}.{name}"] = expert_global_view(trainer.expert_optimizer.state[p][key], dims, trainer.experts_sharded)
+    if trainer.expert_optimizer is not None:
+        targets["optim.step.experts"] = torch.zeros(())
+    rng = _rng_state(dims) if with_rng else {}
+    targets.update({key: torch.empty_like(value) for key, value in rng.items()})
+
+    def put_back() -> None:
+        for name, p in dense.named_parameters():
+            if dense.piece(p) is not None or dense.zero_stage != 3:
+                dense.load_weights(p, _local(targets[f"model.{name}"]))
+            if dense.piece(p) is not None:
+                for key in ADAM_STATE_KEYS:
+                    dense.load_optimizer_state(p, key, _local(targets[f"optim.{key}.{name}"]))
+        with torch.no_grad():
+            for name, buffer in buffers:
+                buffer.copy_(targets[f"model.{name}"])
+            for name, p in experts:
+                _copy_local(local_tensor(p), targets[f"model.{name}"])
+                for key in ADAM_STATE_KEYS:
+                    _copy_local(local_tensor(trainer.expert_optimizer.state[p][key]), targets[f"optim.{key}.{name}"])
+        dense.set_step_count(float(targets["optim.step.dense"]))
+        if trainer.expert_optimizer is not None:
+            for group in trainer.expert_optimizer.param_groups:
+                for p in group["params"]:
+                    trainer.expert_optimizer.state[p]["step"].fill_(float(targets["optim.step.experts"]))
+        if with_rng:
+            torch.set_rng_state(targets[f"rng.cpu.rank{dims.rank}"])
+            if torch.cuda.is_available() and f"rng.cuda.rank{dims.rank}" in targets:
+                torch.cuda.set_rng_state(targets[f"rng.cuda.rank{dims.rank}"])
+
+    return targets, put_back
+
+
+def persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Buffers that belong in a checkpoint (the router's selection bias), not the recomputable
+    ones (rotary tables)."""
+    out = []
+    for prefix, sub in module.named_modules():
+        for name, buffer in sub.named_buffers(recurse=False):
+            if buffer is not None and name not in sub._non_persistent_buffers_set:
+                out.append((f"{prefix}.{name}" if prefix else name, buffer))
+    return out
+
+
+def _expert_step(trainer: Trainer) -> float:
+    state = trainer.expert_optimizer.state
+    return float(next(s["step"] for s in state.values() if "step" in s))
+
+
+def _rng_state(dims: ParallelDims) -> dict[str, torch.Tensor]:
+    state = {f"rng.cpu.rank{dims.rank}": torch.get_rng_state()}
+    if dims.device.type == "cuda":
+        state[f"rng.cuda.rank{dims.rank}"] = torch.cuda.get_rng_state(dims.device)
+    return state
+
+
+def _range(numel: int, piece: Piece | None, values: torch.Tensor | None, dims: ParallelDims) -> torch.Tensor:
+    """`values` holds elements [piece.start, +piece.numel) of a flat tensor of `numel` elements;
+    the ranks' pieces are disjoint and cover it (a ZeRO partition)."""
+    if not dims.distributed:
+        return values
+    shards = []
+    if piece is not None:
+        placement = f"rank:{dims.rank}/{values.device}"
+        shards.append(ShardedTensorShard(values, ShardMetadata([piece.start], [piece.numel], placement)))
+    return ShardedTensor._init_from_local_shards(shards, numel)
+
+
+def _empty(piece: Piece | None, device: torch.device) -> torch.Tensor | None:
+    return None if piece is None else torch.empty(piece.numel, device=device)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.local_shards()[0].tensor if isinstance(t, ShardedTensor) else t
+
+
+def _copy_local(live: torch.Tensor, loaded: torch.Tensor) -> None:
+    loaded_local = local_tensor(loaded)
+    if loaded_local.data_ptr() != live.data_ptr():
+        live.copy_(loaded_local)
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def _readable_meta(folder: Path) -> dict | None:
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("step"), int) else None
+
+
+def _digest(path: Path) -> list[int]:
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(block, crc)
+    return [path.stat().st_size, crc]
+
+
+def _gather_file_digests(folder: Path, dims: ParallelDims) -> dict[str, list[int]]:
+    """Each rank digests the data files it wrote (DCP names them `__<rank>_<n>.distcp`)."""
+    mine = {p.name: _digest(p) for p in folder.glob(f"__{dims.rank}_*.distcp")}
+    if dims.is_main:
+        mine[".metadata"] = _digest(folder / ".metadata")
+    gathered = [mine]
+    if dims.distributed:
+        gathered = [None] * dims.world_size
+        dist.all_gather_object(gathered, mine)
+    return {name: digest for part in gathered for name, digest in sorted(part.items())}
+
+
+def _verify_files(folder: Path, meta: dict, dims: ParallelDims) -> None:
+    """Every file listed in meta.json exists with its size and CRC; ranks split the reading."""
+    problems = []
+    for i, (name, (size, crc)) in enumerate(sorted(meta.get("files", {}).items())):
+        if i % dims.world_size != dims.rank:
+            continue
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{path} has {path.stat().st_size} bytes, {size} were written (truncated or damaged)")
+        elif _digest(path)[1] != crc:
+            problems.append(f"{path} does not match the CRC written with it (damaged)")
+    if dims.distributed:
+        gathered = [None] * dims.world_size
+        dist.all_gather_object(gathered, problems)
+        problems = [p for part in gathered for p in part]
+    if problems:
+        raise CheckpointError(f"{problems[0]}: delete {folder} to resume from the checkpoint before it")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -54,85 +400,11 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _maybe_inject_kill(step: int, rank: int) -> None:
-    if rank == 0 and os.environ.get(KILL_IN_SAVE_ENV) == str(step) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        os.kill(os.getpid(), signal.SIGKILL)
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, write_files: Callable[[Path], None], meta: dict, rank: int, barrier: Callable[[], None]) -> Path:
-    """`write_files(folder)` is called on every rank to write that rank's part into the staging folder."""
-    name = f"step_{step:06d}"
-    final, staging = ckpt_dir / name, ckpt_dir / f"{name}.tmp"
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-    barrier()
-    write_files(staging)
-    _maybe_inject_kill(step, rank)
-    barrier()
-    if rank == 0:
-        _write_atomic(staging / "meta.json", json.dumps({**meta, "step": step}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        _write_atomic(ckpt_dir / LATEST, name)
-        _prune(ckpt_dir, keep=name)
-    barrier()
-    return final
-
-
-def _prune(ckpt_dir: Path, keep: str) -> None:
-    """Drop stale staging folders and all but the newest KEEP_LAST complete checkpoints."""
-    complete = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in complete[:-KEEP_LAST]:
-        if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_dir.glob("step_*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    marker = ckpt_dir / LATEST
-    if not marker.is_file():
-        return None
-    path = ckpt_dir / marker.read_text().strip()
-    return path if (path / "meta.json").is_file() else None
-
-
-def open_checkpoint(ckpt_dir: Path, signature: dict) -> tuple[Path, dict]:
-    """(folder, meta) of the latest complete checkpoint, after checking it fits this model."""
-    path = latest_checkpoint(ckpt_dir)
-    if path is None:
-        raise ValueError(f"train.resume=true but there is no complete checkpoint in {ckpt_dir}")
-    meta = json.loads((path / "meta.json").read_text())
-    for key, want in signature.items():
-        have = meta["model_signature"].get(key)
-        if have != want:
-            raise ValueError(f"train.resume=true: checkpoint {path} was saved with {key}={have!r}, this run has {key}={want!r}")
-    return path, meta
-
-
-def same_layout(meta: dict, layout: dict) -> bool:
-    return all(meta.get(key) == layout[key] for key in LAYOUT_KEYS)
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def expert_shard_weights(path: Path, meta: dict, num_experts: int, first: int, count: int) -> list[dict[str, torch.Tensor]]:
-    """Per MoE layer, the stacked weights of global experts [first, first + count), gathered from
-    the shards of the saved layout (whatever its `parallel.ep`)."""
-    saved_per_shard = num_experts // meta["parallel.ep"]
-    shards = {}
-    pieces: list[dict[str, list[torch.Tensor]]] = []
-    for e in range(first, first + count):
-        shard = e // saved_per_shard
-        if shard not in shards:
-            shards[shard] = load(path / f"experts_ep{shard}.pt")["weights"]
-        for layer, weights in enumerate(shards[shard]):
-            if layer == len(pieces):
-                pieces.append({name: [] for name in weights})
-            for name, w in weights.items():
-                pieces[layer][name].append(w[e % saved_per_shard : e % saved_per_shard + 1])
-    return [{name: torch.cat(parts) for name, parts in layer.items()} for layer in pieces]
+def _barrier(dims: ParallelDims) -> None:
+    if dims.distributed:
+        dist.barrier()

@@ -12,6 +12,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 
 from models.config import GPTConfig, ModelConfig, MoEConfig, require_choice, require_positive_int
+from parallel.activation_checkpointing import ACTIVATION_CHECKPOINTING
 from parallel.zero import validate_zero_stage
 
 CORPORA = ("classics", "files", "hub")
@@ -80,6 +81,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite-loss steps (each skipped) before the run stops
     stop_at: Optional[int] = None  # end this invocation after this step, with a checkpoint (time-boxed jobs)
     peak_tflops: Optional[float] = None  # for MFU; null = measured table on known GPUs, none on CPU
+    activation_checkpointing: str = "none"  # "none" | "full" (every block) | "moe" (only MoE feed-forwards)
 
 
 @dataclass
@@ -128,6 +130,7 @@ class JobConfig:
             raise ValueError(f"train.seq_len ({t.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len})")
         require_choice("train.device", t.device, DEVICES)
         require_choice("train.dtype", t.dtype, DTYPES)
+        require_choice("train.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
         from train.data.prepare import check_data_config  # local: train.data imports this module
 
         check_data_config(self.data)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
 from pathlib import Path
 
@@ -13,16 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from models.moe.layer import router_losses
-from parallel.data_parallel import all_reduce_sum, any_rank
-from train.checkpoint import save_checkpoint
+from parallel.collectives import all_reduce_sum, any_rank
 from train.config import JobConfig
 from train.data import BatchSampler, val_batches
 from train.logging import RunLogger
 from train.metrics import MoEWindow
-from train.run_state import write_training_state
-from train.setup import Run, barrier, checkpoint_meta
-
-NAN_FAULT_ENV = "SWITCHYARD_FAULT_NAN_STEPS"
+from train.setup import Run
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,41 +58,35 @@ def evaluate(run: Run) -> float:
     return float(total[0] / total[1])
 
 
-def save(run: Run, step: int) -> None:
-    save_checkpoint(
-        run.ckpt_dir, step, lambda folder: write_training_state(folder, run.trainer, run.job, run.dims),
-        checkpoint_meta(run.job, run.dims), run.dims.rank, lambda: barrier(run.dims),
-    )
+@dataclasses.dataclass
+class StepResult:
+    applied: bool  # False: a non-finite loss on some rank, the step was skipped everywhere
+    loss: float = float("nan")  # mean cross-entropy of this rank's micro-batches
+    grad_norm: float = float("nan")  # global norm of all gradients, before clipping
+    load_LE: torch.Tensor | None = None  # [L, E] copies routed to each expert on this rank
 
 
-def nan_fault_steps() -> set[int]:
-    """Fault injection for tests: steps (1-based) whose loss is made NaN."""
-    spec = os.environ.get(NAN_FAULT_ENV, "")
-    return {int(v) for v in spec.split(",") if v.strip()}
-
-
-def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow, poison: bool) -> tuple[bool, float, torch.Tensor]:
-    """One optimizer step over grad_accum micro-batches. Returns (applied, mean cross-entropy,
-    [L, E] tokens per expert). A non-finite loss on any rank skips the step on every rank."""
+def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> StepResult:
+    """One optimizer step over grad_accum micro-batches (`step` counts from 0). A non-finite loss
+    on any rank skips the step on every rank."""
     t, dims = run.job.train, run.dims
     lr = lr_at(step, run.job)
-    ce_sum = 0.0
+    ce_sum, grad_norm = 0.0, float("nan")
     load_LE = torch.zeros(len(run.model.moe_layers()), run.job.moe.num_experts)
     for micro_step in range(t.grad_accum):
         x, y = sampler.get(step, micro_step)
         loss, ce, stats = forward_loss(run, x, y)
-        if poison:
-            loss = loss * float("nan")
         if any_rank(not torch.isfinite(loss).item(), dims):
             finish_skipped_window(run, x, micro_step)
-            return False, float("nan"), load_LE
+            return StepResult(applied=False)
         run.trainer.backward(loss)
-        run.trainer.step(lr)
+        norm = run.trainer.step(lr)
+        grad_norm = norm if norm is not None else grad_norm
         window.add(stats)
         if stats:
             load_LE += torch.stack([s.tokens_per_expert.float().cpu() for s in stats])
         ce_sum += ce.item()
-    return True, ce_sum / t.grad_accum, load_LE
+    return StepResult(True, ce_sum / t.grad_accum, grad_norm, load_LE)
 
 
 def finish_skipped_window(run: Run, x_BS: torch.Tensor, bad_micro_step: int) -> None:
@@ -126,37 +115,41 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
     sampler = BatchSampler(run.data.train, t.seq_len, t.micro_batch, dims.world_size, dims.rank, t.grad_accum, t.seed)
     window = MoEWindow(len(run.model.moe_layers()), job.moe.num_experts)
     tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * dims.world_size
-    poisoned = nan_fault_steps()
     loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()
-    bad_in_a_row, bad_total = 0, 0
+    bad_in_a_row, bad_total, applied_total = 0, 0, 0
     summary: dict = {}
     # Where the validation curve starts: the untrained model, or the model a resume just loaded.
-    logger.log(run.start_step, {"val/loss": evaluate(run)})
+    start_loss = evaluate(run)
+    logger.log(run.start_step, {"val/loss": start_loss})
+    if run.start_step > 0:
+        logger.info(f"step {run.start_step}: val loss {start_loss:.4f} (at the resumed checkpoint)")
     last_step = min(t.steps, t.stop_at or t.steps)
     for step in range(run.start_step, last_step):
         done = step + 1
-        applied, ce, load_LE = run_step(run, sampler, step, window, poison=done in poisoned)
-        if not applied:
+        result = run_step(run, sampler, step, window)
+        if not result.applied:
             bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
             logger.info(f"step {done}: non-finite loss, step skipped ({bad_in_a_row} in a row, {bad_total} in all)")
             logger.log(done, {"train/skipped_steps": bad_total})
             if bad_in_a_row >= t.max_bad_steps:
                 raise TrainingDiverged(
                     f"{bad_in_a_row} consecutive steps had a non-finite loss (train.max_bad_steps={t.max_bad_steps}); "
-                    f"stopping at step {done}, the last good checkpoint is kept in {run.ckpt_dir}"
+                    f"stopping at step {done}, the last good checkpoint is kept in {run.checkpoints.dir}"
                 )
             continue
-        bad_in_a_row = 0
+        bad_in_a_row, applied_total = 0, applied_total + 1
         if job.moe.bias_update_rate > 0:
-            run.model.update_router_biases(list(all_reduce_sum(load_LE, dims)))
-        loss_sum += ce
+            run.model.update_router_biases(list(all_reduce_sum(result.load_LE, dims)))
+        loss_sum += result.loss
         window_steps += 1
+        step_metrics = {"train/grad_norm": result.grad_norm}
 
         if done % t.log_interval == 0 or done == t.steps:
             elapsed = time.perf_counter() - window_start
             mean_loss = float(all_reduce_sum(torch.tensor([loss_sum / max(window_steps, 1)], dtype=torch.float64), dims)[0]) / dims.world_size
             tokens_per_s = tokens_per_step * window_steps / elapsed
-            metrics = {"train/loss": mean_loss, "train/lr": lr_at(step, job), "perf/tokens_per_s": tokens_per_s, **window.summarize(dims, elapsed)}
+            metrics = {"train/loss": mean_loss, "train/lr": lr_at(step, job), "perf/tokens_per_s": tokens_per_s,
+                       **step_metrics, **window.summarize(dims, elapsed)}
             if t.peak_tflops:
                 metrics["perf/mfu"] = tokens_per_s * run.flops_per_token / (t.peak_tflops * 1e12 * dims.world_size)
             logger.log(done, metrics)
@@ -165,13 +158,17 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
             summary.update(metrics)
             loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()
             window.reset()
+        else:
+            logger.log(done, step_metrics)
         if done % t.eval_interval == 0 or done == t.steps:
             val_loss = evaluate(run)
             logger.log(done, {"val/loss": val_loss})
             logger.info(f"step {done}: val loss {val_loss:.4f}")
             summary["val/loss"] = val_loss
         if done % t.ckpt_interval == 0 or done == last_step:
-            save(run, done)
+            run.checkpoints.save(run.trainer, done)
+    if bad_total and not applied_total:
+        raise TrainingDiverged(f"every step of this run ({bad_total}) had a non-finite loss; nothing was trained or saved")
     return summary
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from models.moe.layer import MoEStats
-from parallel.data_parallel import all_reduce_sum
+from parallel.collectives import all_reduce_sum
 from parallel.dims import ParallelDims
 
 

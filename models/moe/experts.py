@@ -16,13 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import EXPERT_BACKENDS
-
-
-def activate(h_NF: torch.Tensor, gate_NF: torch.Tensor | None) -> torch.Tensor:
-    """SwiGLU when a gate projection exists, else GELU."""
-    if gate_NF is None:
-        return F.gelu(h_NF)
-    return F.silu(gate_NF) * h_NF
+from models.ffn import activate
 
 
 def run_experts_loop(x_ND, counts_E, w1_EDF, w2_EFD, w3_EDF=None) -> torch.Tensor:
@@ -43,18 +37,31 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def grouped_mm_supported(x_ND: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """grouped_mm needs every row stride to be a multiple of 16 bytes."""
+    """grouped_mm takes fp32/bf16/fp16 only (float64 crashes), with every row stride a multiple
+    of 16 bytes."""
     if not hasattr(F, "grouped_mm"):
+        return False
+    if any(t.dtype not in GROUPED_MM_DTYPES or t.dtype != x_ND.dtype for t in weights):
         return False
     sizes = [x_ND.shape[-1]] + [w.shape[-1] for w in weights]
     return all(s * x_ND.element_size() % 16 == 0 for s in sizes)
 
 
+def compute_dtype(x_ND: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: autocast's when it is on (grouped_mm is not on autocast's
+    list, so it would otherwise run in the fp32 of the master weights), else the weights'."""
+    if torch.is_autocast_enabled(x_ND.device.type):
+        return torch.get_autocast_dtype(x_ND.device.type)
+    return weight.dtype
+
+
 def run_experts_grouped(x_ND, counts_E, w1_EDF, w2_EFD, w3_EDF=None) -> torch.Tensor:
-    """One grouped GEMM per weight over the variable-size expert groups."""
+    """One grouped GEMM per weight over the variable-size expert groups (inputs share one dtype)."""
     offsets_E = torch.cumsum(counts_E, dim=0).to(device=x_ND.device, dtype=torch.int32)
-    x_ND = x_ND.to(w1_EDF.dtype)
     h_NF = _contiguous_grad(F.grouped_mm(x_ND, w1_EDF, offs=offsets_E))
     gate_NF = _contiguous_grad(F.grouped_mm(x_ND, w3_EDF, offs=offsets_E)) if w3_EDF is not None else None
     return _contiguous_grad(F.grouped_mm(activate(h_NF, gate_NF).contiguous(), w2_EFD, offs=offsets_E))
@@ -68,24 +75,35 @@ class GroupedExperts(nn.Module):
         if backend not in EXPERT_BACKENDS:
             raise ValueError(f"moe.backend must be one of {', '.join(map(repr, EXPERT_BACKENDS))}; got {backend!r}")
         self.num_experts = num_experts
+        self.first_expert = 0  # global index of expert 0 of this module (its expert-parallel shard)
         self.backend = backend
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, ffn_hidden))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, ffn_hidden, d_model))
         self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, ffn_hidden)) if activation == "swiglu" else None
 
-    def reset_parameters(self, init_std: float, num_layers: int) -> None:
-        nn.init.normal_(self.w1_EDF, std=init_std)
-        if self.w3_EDF is not None:
-            nn.init.normal_(self.w3_EDF, std=init_std)
+    @torch.no_grad()
+    def reset_parameters(self, init_std: float, num_layers: int, seed: int) -> None:
+        """Expert e (global index) is drawn from its own generator seeded with `seed + e`, so any
+        expert-parallel shard initialises exactly the experts that one process would, without
+        materialising the others."""
         # Residual-branch output projections shrink with depth (GPT-2).
-        nn.init.normal_(self.w2_EFD, std=init_std / math.sqrt(2 * num_layers))
+        stds = {"w1_EDF": init_std, "w3_EDF": init_std, "w2_EFD": init_std / math.sqrt(2 * num_layers)}
+        for local in range(self.num_experts):
+            generator = torch.Generator().manual_seed(seed + self.first_expert + local)
+            for name, std in stds.items():
+                weight = getattr(self, name)
+                if weight is not None:
+                    values = torch.empty(weight.shape[1:], dtype=weight.dtype, device="cpu").normal_(0.0, std, generator=generator)
+                    weight[local].copy_(values)
 
     def keep_experts(self, first: int, count: int) -> None:
-        """Drop every expert but [first, first + count): the expert-parallel shard of this rank."""
+        """Drop every expert but [first, first + count): the expert-parallel shard of this rank.
+        Works on the meta device too, so a shard never needs the whole layer in memory."""
         for name in ("w1_EDF", "w2_EFD", "w3_EDF"):
             weight = getattr(self, name)
             if weight is not None:
                 setattr(self, name, nn.Parameter(weight.detach()[first : first + count].clone()))
+        self.first_expert += first
         self.num_experts = count
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -95,6 +113,9 @@ class GroupedExperts(nn.Module):
             # The seam for MegaBlocks' grouped kernels (CUDA only, imported lazily when it lands);
             # the job refuses this backend at start-up until then (train/config.py).
             raise NotImplementedError("moe.backend=megablocks is not implemented yet")
+        dtype = compute_dtype(x_ND, self.w1_EDF)
+        x_ND = x_ND.to(dtype)
+        weights = tuple(w.to(dtype) if w is not None else None for w in weights)  # differentiable casts
         if grouped_mm_supported(x_ND, *(w for w in weights if w is not None)):
             return run_experts_grouped(x_ND, counts_E, *weights)
         return run_experts_loop(x_ND, counts_E, *weights)

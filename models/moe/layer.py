@@ -46,7 +46,10 @@ class MoELayer(nn.Module):
 
     def reset_parameters(self, init_std: float, num_layers: int) -> None:
         nn.init.normal_(self.router.gate_ED, std=init_std)
-        self.experts.reset_parameters(init_std, num_layers)
+        self.router.expert_bias.zero_()
+        # One draw from the global stream seeds this layer's experts, whatever shard is local.
+        expert_seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        self.experts.reset_parameters(init_std, num_layers, expert_seed)
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters(init_std, num_layers)
 

@@ -35,7 +35,7 @@ class TopKRouter(nn.Module):
         self.bias_update_rate = cfg.bias_update_rate
         # A bare parameter rather than nn.Linear: the logits are computed in fp32 from it directly,
         # and ZeRO-3 gathers a module's own parameters when that module's forward runs.
-        self.gate_ED = nn.Parameter(torch.randn(cfg.num_experts, d_model) * 0.02)
+        self.gate_ED = nn.Parameter(torch.empty(cfg.num_experts, d_model))  # set by MoELayer.reset_parameters
         # Aux-loss-free balancing (DeepSeek-V3): this bias shifts which experts are *selected*,
         # never the combine weights, and is trained by `update_bias`, not by gradients.
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=True)
@@ -61,9 +61,11 @@ class TopKRouter(nn.Module):
         # normalised for it, as in DeepSeek-V3's sequence-wise balance loss).
         probs_TE = scores_TE if self.score == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
         aux_loss = self._load_balancing_loss(probs_TE, expert_ids_TK)
-        z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
+        # Means over tokens that stay finite (0) for a rank that received no token.
+        num_tokens = max(x_TD.shape[0], 1)
+        z_loss = torch.logsumexp(logits_TE, dim=-1).square().sum() / num_tokens
         with torch.no_grad():
-            entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
+            entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum() / num_tokens
         return RouterOutput(expert_ids_TK, weights_TK, aux_loss, z_loss, entropy)
 
     def _load_balancing_loss(self, probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:

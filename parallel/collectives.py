@@ -1,0 +1,52 @@
+"""The few collectives the training loop issues outside DeepSpeed and FSDP.
+
+Every tensor crosses ranks on `dims.device`, the compute device: an NCCL group rejects CPU
+tensors, so these helpers move their argument there and back rather than trusting each caller.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from parallel.dims import ParallelDims
+
+
+def all_reduce_sum(t: torch.Tensor, dims: ParallelDims, group=None) -> torch.Tensor:
+    """Sum `t` over the world (or `group`) and return it on its own device (a no-op on one process)."""
+    if not dims.distributed:
+        return t
+    on_device = t.to(dims.device)
+    dist.all_reduce(on_device, group=group)
+    return on_device.to(t.device)
+
+
+def any_rank(flag: bool, dims: ParallelDims) -> bool:
+    """True when `flag` is true on at least one rank: every rank takes the same branch."""
+    if not dims.distributed:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=dims.device), dims).item() > 0)
+
+
+def average_replicated_expert_gradients(params: list[torch.nn.Parameter], dims: ParallelDims) -> None:
+    """Experts kept whole on each rank of their expert-data-parallel (EDP) group: sum their
+    gradients over that group, divided by the world size.
+
+    Why the world size, not the group size: the single-process gradient of a global-batch mean is
+    (1/W)·Σ_ranks ∂L_r/∂θ. A rank holding expert e already receives, through the all-to-all
+    backward, the contributions of every rank in its EP group; summing over the EDP group adds the
+    other EP groups, giving Σ over all W ranks. (Sharded experts get the same divisor from FSDP.)
+    """
+    if not dims.distributed or not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # experts that saw no token still join the collective
+    flat = torch.cat([p.grad.reshape(-1) for p in params])  # one collective instead of one per tensor
+    if dims.edp > 1:
+        dist.all_reduce(flat, group=dims.edp_group)
+    flat /= dims.world_size
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()

@@ -1,0 +1,195 @@
+"""Where DeepSpeed keeps this rank's share of the dense weights, gradients and AdamW state.
+
+ZeRO-1/2 partition the flattened parameters of each param group into contiguous ranges, one per
+rank (DeepSpeed's `_hp_mapping` fragments, the mechanism behind its `safe_get_full_*` API); ZeRO-3
+partitions each flattened parameter into equal ranges (`ds_tensor`, read through DeepSpeed's
+`safe_*_local_*` API); ZeRO-0 keeps everything whole on every rank. `DenseShards` hides the three
+behind one view: for each dense parameter, the range of its flattened elements held here, and the
+tensors for that range. Gradient clipping (parallel/grad_norm.py) and checkpoints
+(train/checkpoint.py) touch DeepSpeed's internals through this module only; the tests pin its
+behaviour (one gradient norm and resharded optimizer state equal the single-process ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements [start, start + numel) of a flattened parameter."""
+
+    start: int
+    numel: int
+
+
+def ensure_adamw_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor] | None = None) -> None:
+    """Create AdamW's state (step 0, zero moments) for `params` (default: the optimizer's) where it
+    does not exist yet, as AdamW's first step would, so that a checkpoint can be loaded into it
+    before any step ran."""
+    if params is None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        state = optimizer.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for key in ADAM_STATE_KEYS:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+class DenseShards:
+    """This rank's share of every dense parameter of a DeepSpeed engine (fp32 master weights)."""
+
+    def __init__(self, engine, client_optimizer: torch.optim.Optimizer, zero_stage: int):
+        self.engine = engine
+        self.client_optimizer = client_optimizer  # the AdamW handed to deepspeed.initialize
+        self.zero_stage = zero_stage
+        ensure_adamw_state(client_optimizer, self._optimized_tensors())
+
+    def _optimized_tensors(self) -> list[torch.Tensor]:
+        """What AdamW steps: the parameters (ZeRO-0) or the flat fp32 partitions DeepSpeed made."""
+        if self.zero_stage == 0:
+            return [p for group in self.client_optimizer.param_groups for p in group["params"]]
+        if self.zero_stage == 3:
+            return list(self.engine.optimizer.fp32_partitioned_groups_flat)
+        return list(self.engine.optimizer.single_partition_of_fp32_groups)
+
+    @property
+    def partitioned(self) -> bool:
+        """True when every element lives on exactly one rank (ZeRO >= 1 optimizer state)."""
+        return self.zero_stage >= 1
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.engine.module.named_parameters())
+
+    # -- where ---------------------------------------------------------------------------------
+
+    def piece(self, p: nn.Parameter) -> Piece | None:
+        """The range of `p` (flattened) whose optimizer state and gradient live here; None if none."""
+        numel = self.full_numel(p)
+        if self.zero_stage == 0:
+            return Piece(0, numel)
+        if self.zero_stage == 3:
+            part = p.ds_tensor.numel()
+            start = p._z3_optimizer._get_param_partition_rank(p) * part
+            held = max(0, min(part, numel - start))
+            return Piece(start, held) if held else None
+        mapping = p._hp_mapping
+        if mapping is None:
+            return None
+        return Piece(mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel)
+
+    def full_numel(self, p: nn.Parameter) -> int:
+        return p.ds_numel if self.zero_stage == 3 else p.numel()
+
+    def full_shape(self, p: nn.Parameter) -> torch.Size:
+        return p.ds_shape if self.zero_stage == 3 else p.shape
+
+    # -- gradients (valid after the boundary backward, before engine.step) -------------------
+
+    def grad(self, p: nn.Parameter) -> torch.Tensor | None:
+        """This rank's piece of p's averaged gradient, flattened."""
+        piece = self.piece(p)
+        if piece is None:
+            return None
+        if self.zero_stage == 0:
+            return None if p.grad is None else p.grad.reshape(-1)
+        if self.zero_stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            return safe_get_local_grad(p)[: piece.numel]
+        grad = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+        if grad.numel() == p.numel() and piece.numel < p.numel():  # a full-size buffer: take our range
+            grad = grad.narrow(0, piece.start, piece.numel)
+        return grad
+
+    @torch.no_grad()
+    def scale_grads(self, factor: float) -> None:
+        for _, p in self.named_parameters():
+            grad = self.grad(p)
+            if grad is None:
+                continue
+            if self.zero_stage == 3:
+                from deepspeed.utils import safe_set_local_grad
+
+                padded = torch.zeros_like(p.ds_tensor, dtype=grad.dtype)
+                padded[: grad.numel()] = grad * factor
+                safe_set_local_grad(p, padded)
+            else:
+                grad.mul_(factor)
+
+    # -- weights and optimizer state ----------------------------------------------------------
+
+    def master_weights(self, p: nn.Parameter) -> torch.Tensor | None:
+        """The fp32 master copy of this rank's piece of p, flattened (ZeRO-3); the whole
+        parameter for ZeRO 0-2, whose weights every rank holds."""
+        if self.zero_stage != 3:
+            return p.detach().reshape(-1)
+        piece = self.piece(p)
+        if piece is None:
+            return None
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(p)[: piece.numel]
+
+    def optimizer_state(self, p: nn.Parameter, key: str) -> torch.Tensor | None:
+        """A view of AdamW's `key` state for this rank's piece of p, flattened."""
+        piece = self.piece(p)
+        if piece is None:
+            return None
+        if self.zero_stage == 0:
+            return self.client_optimizer.state[p][key].reshape(-1)
+        if self.zero_stage == 3:
+            from deepspeed.utils import safe_get_local_optimizer_state
+
+            return safe_get_local_optimizer_state(p, key)[: piece.numel]
+        mapping = p._hp_mapping
+        flat_partition = self._optimized_tensors()[mapping.param_group_index]
+        address = mapping.hp_fragment_address
+        return self.client_optimizer.state[flat_partition][key].narrow(0, address.start, address.numel)
+
+    @torch.no_grad()
+    def load_weights(self, p: nn.Parameter, values: torch.Tensor) -> None:
+        """Set p from `values`: the whole flattened parameter (ZeRO 0-2) or this rank's piece (ZeRO-3).
+        Both DeepSpeed's working copy and its fp32 master copy are set."""
+        if self.zero_stage != 3:
+            p.copy_(values.view_as(p))
+            if self.zero_stage > 0 and p._hp_mapping is not None:
+                address = p._hp_mapping.lp_fragment_address
+                p._hp_mapping.hp_fragment.copy_(values.reshape(-1).narrow(0, address.start, address.numel))
+            return
+        from deepspeed.utils import safe_set_local_fp32_param
+
+        padded = torch.zeros_like(p.ds_tensor)
+        padded[: values.numel()] = values
+        p.ds_tensor.copy_(padded)
+        safe_set_local_fp32_param(p, padded)
+
+    @torch.no_grad()
+    def load_optimizer_state(self, p: nn.Parameter, key: str, values: torch.Tensor) -> None:
+        if self.zero_stage == 3:
+            from deepspeed.utils import safe_set_local_optimizer_state
+
+            padded = torch.zeros_like(p.ds_tensor, dtype=torch.float32)
+            padded[: values.numel()] = values
+            safe_set_local_optimizer_state(p, padded, key)
+            return
+        self.optimizer_state(p, key).copy_(values)
+
+    def step_count(self) -> float:
+        return float(next(iter(self._step_states()))["step"])
+
+    def set_step_count(self, step: float) -> None:
+        for state in self._step_states():
+            state["step"].fill_(step)
+
+    def _step_states(self):
+        # Through `state`, not `param_groups`: ZeRO-3 empties the groups between its sub-group steps.
+        for state in self.client_optimizer.state.values():
+            if "step" in state:
+                yield state
