@@ -6,7 +6,7 @@ What one run does:
 
 1. Spawns 2 processes (gloo, 1 torch thread each). In each, for every (E, k):
    * builds a Switchyard `MoELayer` (GELU experts, dropless) and shards it with
-     `apply_expert_parallel` (ep=2), and a `deepspeed.moe.layer.MoE` (ep_size=2, capacity mode,
+     `shard_moe_layer` (ep=2), and a `deepspeed.moe.layer.MoE` (ep_size=2, capacity mode,
      drop_tokens=True, use_rts=False) whose expert is Linear(D,F,no bias) -> GELU -> Linear(F,D,no bias),
      with the router and expert weights copied from the Switchyard layer: both route the same
      tokens to the same experts and do the same math per expert;
@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -51,13 +50,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models.config import MoEConfig  # noqa: E402
 from models.moe.dispatch import plan_routing  # noqa: E402
 from models.moe.experts import grouped_mm_supported, run_experts_grouped  # noqa: E402
 from models.moe.layer import MoELayer  # noqa: E402
+from parallel.expert_parallel import shard_moe_layer  # noqa: E402
+from parallel.local_launch import run_local_ranks  # noqa: E402
 
 WORLD = 2
 AUX_COEF, Z_COEF = 0.01, 0.001  # Switchyard's defaults (MoEConfig); DeepSpeed gets AUX_COEF on its l_aux
@@ -95,17 +95,6 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 
 
-class OneLayerModel(nn.Module):
-    """What apply_expert_parallel accepts: a module with moe_layers()."""
-
-    def __init__(self, layer: MoELayer):
-        super().__init__()
-        self.layer = layer
-
-    def moe_layers(self):
-        return [self.layer]
-
-
 def build_switchyard(args, E: int, k: int) -> MoELayer:
     """The full (unsharded) layer. normalize_topk only for k=2, as DeepSpeed's gates do (top-1:
     weight = softmax probability; top-2: the two probabilities renormalised to sum to 1)."""
@@ -119,13 +108,11 @@ def build_switchyard(args, E: int, k: int) -> MoELayer:
 
 
 def shard(full: MoELayer, dims) -> MoELayer:
-    """A copy of the full layer, sharded by Switchyard's own apply_expert_parallel (ep=2)."""
-    from parallel.expert_parallel import apply_expert_parallel
-
-    model = OneLayerModel(copy.deepcopy(full))
-    apply_expert_parallel(model, dims)
-    assert model.layer.experts.num_experts == full.experts.num_experts // WORLD
-    return model.layer
+    """A copy of the full layer, sharded by Switchyard's own shard_moe_layer (ep=2)."""
+    layer = copy.deepcopy(full)
+    shard_moe_layer(layer, dims)
+    assert layer.experts.num_experts == full.experts.num_experts // WORLD
+    return layer
 
 
 def build_deepspeed(args, full: MoELayer, E: int, k: int, capacity_factor: float, rank: int):
@@ -336,11 +323,7 @@ def run_case(args, E: int, k: int, rank: int, dims) -> dict:
     return result
 
 
-def worker(rank: int, args, port: int, out_file: str) -> None:
-    os.environ.update(
-        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD), "RANK": str(rank), "LOCAL_RANK": str(rank)}
-    )
-    torch.set_num_threads(1)
+def worker(rank: int, world_size: int, args, out_file: str) -> None:
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
@@ -350,24 +333,21 @@ def worker(rank: int, args, port: int, out_file: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo")  # torch.distributed's default group, gloo
     dims = init_parallel(WORLD, num_experts=max(args.experts), device=torch.device("cpu"))  # reuses it; EP groups
     assert dims.world_size == WORLD and dims.ep == WORLD
-    try:
-        results = []
-        for E in args.experts:
-            for k in args.top_k:
-                r = run_case(args, E, k, rank, dims)
-                results.append(r)
-                if rank == 0:
-                    print(
-                        f"  E={E:3d} k={k}: switchyard {r['switchyard']['tokens_per_s']:9.0f} tok/s, "
-                        f"deepspeed {r['deepspeed']['tokens_per_s']:9.0f} tok/s, "
-                        f"ratio {r['ratio_switchyard_over_deepspeed']:.2f}, "
-                        f"DS dropped {100 * r['deepspeed']['dropped_fraction']:.1f}% (checks passed)",
-                        flush=True,
-                    )
-        if rank == 0:
-            Path(out_file).write_text(json.dumps(results))
-    finally:
-        dist.destroy_process_group()
+    results = []
+    for E in args.experts:
+        for k in args.top_k:
+            r = run_case(args, E, k, rank, dims)
+            results.append(r)
+            if rank == 0:
+                print(
+                    f"  E={E:3d} k={k}: switchyard {r['switchyard']['tokens_per_s']:9.0f} tok/s, "
+                    f"deepspeed {r['deepspeed']['tokens_per_s']:9.0f} tok/s, "
+                    f"ratio {r['ratio_switchyard_over_deepspeed']:.2f}, "
+                    f"DS dropped {100 * r['deepspeed']['dropped_fraction']:.1f}% (checks passed)",
+                    flush=True,
+                )
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(results))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,12 +431,6 @@ def machine_info() -> dict:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def print_tables(ep_results: list[dict], floor: list[dict], args) -> None:
     T = args.tokens_per_rank
     print()
@@ -496,7 +470,7 @@ def main(argv=None) -> None:
     print(f"{command}\nexpert-parallel runs ({WORLD} ranks):", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "ep.json")
-        mp.start_processes(worker, args=(args, free_port(), out_file), nprocs=WORLD, join=True, start_method="spawn")
+        run_local_ranks(WORLD, worker, args, out_file)
         ep_results = json.loads(Path(out_file).read_text())
     print("floor (1 process):", flush=True)
     floor = [floor_case(args, E, k) for E in args.experts for k in args.top_k]
@@ -509,29 +483,19 @@ def main(argv=None) -> None:
         "wall_s": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1),
         "machine": machine_info(),
         "settings": {
-            "tokens_per_rank": args.tokens_per_rank,
+            **{name: value for name, value in vars(args).items() if name != "out"},  # every option, as parsed
             "global_tokens": WORLD * args.tokens_per_rank,
-            "d_model": args.d_model,
-            "ffn_hidden": args.ffn_hidden,
-            "experts": args.experts,
-            "top_k": args.top_k,
             "activation": "gelu (exact, erf) in both; experts Linear(D,F) -> GELU -> Linear(F,D), no biases in either",
             "dtype": "float32",
-            "switchyard": "MoELayer, dropless (capacity_factor=None), ep=2 via apply_expert_parallel, softmax router, normalize_topk = (k == 2)",
+            "switchyard": "MoELayer, dropless (capacity_factor=None), ep=2 via shard_moe_layer, softmax router, normalize_topk = (k == 2)",
             "deepspeed": {
                 "class": "deepspeed.moe.layer.MoE",
                 "ep_size": WORLD,
-                "capacity_factor": args.capacity_factor,
-                "min_capacity": args.min_capacity,
                 "drop_tokens": True,
                 "use_rts": False,
                 "top2_2nd_expert_sampling": False,
             },
             "loss": "sum(out * g) + 0.01 * aux (+ 0.001 * z for Switchyard, its default)",
-            "warmup": args.warmup,
-            "iters": args.iters,
-            "floor_iters": args.floor_iters,
-            "seed": args.seed,
         },
         "expert_parallel": ep_results,
         "floor": floor,

@@ -1,8 +1,6 @@
 """Token dispatchers: `LocalDispatcher` (all experts on this rank) and `AllToAllDispatcher`
-(experts split over the ranks of an expert-parallel group). Same interface:
-
-    dispatch(x_TD, expert_ids_TK) -> (x_ND grouped by local expert, counts per local expert, state)
-    combine(y_ND, weights_TK, state) -> out_TD
+(experts split over the ranks of an expert-parallel group). Both follow the `Dispatcher` protocol
+(models/moe/dispatch.py).
 
 Shape legend: T tokens, D hidden, K experts per token, E experts, L = E / ep local experts,
 P peers in the EP group, N copies this rank sends, M copies it receives.
@@ -11,13 +9,23 @@ P peers in the EP group, N copies this rank sends, M copies it receives.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
-from models.moe.dispatch import DispatchState, LocalDispatcher, gather_tokens, plan_routing, scatter_combine
+from models.moe.dispatch import DispatchState, Dispatcher, LocalDispatcher, gather_tokens, plan_routing, scatter_combine
 from parallel.all_to_all import all_to_all, all_to_all_async
 
-__all__ = ["AllToAllDispatcher", "LocalDispatcher"]
+__all__ = ["AllToAllDispatcher", "AllToAllState", "Dispatcher", "LocalDispatcher"]
+
+
+@dataclass
+class AllToAllState(DispatchState):
+    """What combine needs to send the results back the way the tokens came."""
+
+    send_splits_P: list[int] | None = None  # copies this rank sent to each peer in dispatch
+    recv_splits_P: list[int] | None = None  # copies it received from each peer (returned in combine)
+    regroup_M: torch.Tensor | None = None  # [M] received rows, (peer, local expert) order -> local-expert order
 
 
 def peer_major_to_expert_major(counts_PL: torch.Tensor) -> torch.Tensor:
@@ -33,6 +41,10 @@ def peer_major_to_expert_major(counts_PL: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(wanted_starts - new_starts, wanted_sizes, output_size=total) + torch.arange(total)
 
 
+def remote_rows(splits_P: list[int], own_rank: int) -> int:
+    return sum(splits_P) - splits_P[own_rank]
+
+
 class AllToAllDispatcher:
     def __init__(self, num_experts: int, top_k: int, capacity_factor: float | None, group, ep: int, ep_rank: int):
         assert num_experts % ep == 0, (num_experts, ep)
@@ -44,7 +56,7 @@ class AllToAllDispatcher:
         self.ep = ep
         self.ep_rank = ep_rank
 
-    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor):
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
         plan = plan_routing(expert_ids_TK, self.num_experts, self.capacity_factor)
         # Experts are laid out peer by peer: peer p holds experts [p·L, (p+1)·L).
         send_counts_PL = plan.kept_per_expert_E.view(self.ep, self.num_local_experts)
@@ -54,24 +66,26 @@ class AllToAllDispatcher:
         counts_work.wait()
         recv_counts_PL = recv_counts.view(self.ep, self.num_local_experts)
 
-        input_splits = send_counts_PL.sum(1).tolist()
-        output_splits = recv_counts_PL.sum(1).tolist()
-        x_MD = all_to_all(x_ND, output_splits, input_splits, self.group)  # (peer, local expert) order
-        comm_seconds = _wall_seconds(started, x_TD)
+        send_splits = send_counts_PL.sum(1).tolist()
+        recv_splits = recv_counts_PL.sum(1).tolist()
+        x_MD = all_to_all(x_ND, recv_splits, send_splits, self.group)  # (peer, local expert) order
         regroup_M = peer_major_to_expert_major(recv_counts_PL.cpu()).to(x_MD.device)
-
-        remote_rows = sum(input_splits) - input_splits[self.ep_rank]
-        bytes_sent = 2 * remote_rows * x_TD.shape[-1] * x_TD.element_size()  # there and back
-        state = DispatchState(plan, x_TD.shape[0], bytes_sent, comm_seconds, extra=(input_splits, output_splits, regroup_M))
+        state = AllToAllState(
+            plan, x_TD.shape[0],
+            bytes_sent=remote_rows(send_splits, self.ep_rank) * x_TD.shape[-1] * x_TD.element_size(),
+            comm_seconds=_wall_seconds(started, x_TD),
+            send_splits_P=send_splits, recv_splits_P=recv_splits, regroup_M=regroup_M,
+        )
         return x_MD[regroup_M], recv_counts_PL.sum(0), state
 
-    def combine(self, y_MD: torch.Tensor, weights_TK: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        input_splits, output_splits, regroup_M = state.extra
-        undo_M = torch.empty_like(regroup_M)
-        undo_M[regroup_M] = torch.arange(regroup_M.numel(), device=regroup_M.device)
+    def combine(self, y_MD: torch.Tensor, weights_TK: torch.Tensor, state: AllToAllState) -> torch.Tensor:
+        undo_M = torch.empty_like(state.regroup_M)
+        undo_M[state.regroup_M] = torch.arange(state.regroup_M.numel(), device=state.regroup_M.device)
         started = time.perf_counter()
-        y_ND = all_to_all(y_MD[undo_M], input_splits, output_splits, self.group)  # back in send order
+        # Back in send order: what came from peer p returns to p.
+        y_ND = all_to_all(y_MD[undo_M], state.send_splits_P, state.recv_splits_P, self.group)
         state.comm_seconds += _wall_seconds(started, y_MD)
+        state.bytes_sent += remote_rows(state.recv_splits_P, self.ep_rank) * y_MD.shape[-1] * y_MD.element_size()
         return scatter_combine(y_ND, weights_TK, state.plan, state.num_tokens)
 
 

@@ -7,6 +7,8 @@ routing, all tokens on one expert, and experts that get no tokens; shared expert
 
 import copy
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,24 +18,13 @@ from models.config import MoEConfig
 from models.moe.layer import MoELayer
 from parallel.dims import init_parallel
 from parallel.dispatcher import peer_major_to_expert_major
-from parallel.expert_parallel import apply_expert_parallel
+from parallel.expert_parallel import shard_moe_layer
 from tests.ranks import run_ranks
 
 WORLD = 4
 D = 16
 TOKENS_PER_RANK = 24
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-class OneLayerModel(torch.nn.Module):
-    """The smallest thing apply_expert_parallel accepts: a module with moe_layers()."""
-
-    def __init__(self, layer: MoELayer):
-        super().__init__()
-        self.layer = layer
-
-    def moe_layers(self):
-        return [self.layer]
 
 
 def set_routing(layer: MoELayer, mode: str) -> None:
@@ -46,14 +37,42 @@ def set_routing(layer: MoELayer, mode: str) -> None:
     layer.router.expert_bias.copy_(bias)
 
 
-def expected_bytes(expert_ids_TK: torch.Tensor, num_experts: int, ep: int, ep_rank: int) -> int:
-    """Dropless minimum, computed independently: copies bound for experts on other EP ranks."""
-    owner = expert_ids_TK.flatten() // (num_experts // ep)
-    return 2 * int((owner != ep_rank).sum()) * D * 4
+def expected_bytes_sent(router, x_global: torch.Tensor, dims, num_experts: int) -> int:
+    """Computed independently from the routing of every rank's tokens: this rank sends its copies
+    bound for experts on other EP ranks (dispatch), and returns the results of other ranks' copies
+    that its own experts computed (combine). Dropless: nothing more, nothing less."""
+    owner_of = lambda peer: router(x_global[peer * TOKENS_PER_RANK : (peer + 1) * TOKENS_PER_RANK]).expert_ids_TK.flatten() // (num_experts // dims.ep)
+    group_start = dims.rank - dims.ep_rank
+    sent = int((owner_of(dims.rank) != dims.ep_rank).sum())
+    returned = sum(int((owner_of(group_start + p) == dims.ep_rank).sum()) for p in range(dims.ep) if p != dims.ep_rank)
+    return (sent + returned) * D * 4
+
+
+class Checks:
+    """Collects failures instead of raising at the first one: a rank that stopped early would
+    leave the others waiting in the case's remaining collectives."""
+
+    def __init__(self, case: str):
+        self.case, self.failures = case, []
+
+    def close(self, got, want, what: str) -> None:
+        try:
+            torch.testing.assert_close(got, want, **TOL)
+        except AssertionError as err:
+            self.failures.append(f"{what}: {err}")
+
+    def true(self, condition: bool, what: str) -> None:
+        if not condition:
+            self.failures.append(what)
+
+    def raise_if_failed(self) -> None:
+        if self.failures:
+            raise AssertionError(f"{self.case}: " + "; ".join(self.failures))
 
 
 def _check_case(dims, ep, E, k, mode, shared, capacity_factor):
     rank = dims.rank
+    checks = Checks(f"ep={ep} E={E} k={k} {mode} shared={shared} cf={capacity_factor}")
     torch.manual_seed(1000 * E + 10 * k + len(mode))  # identical weights and data on every rank
     cfg = MoEConfig(num_experts=E, top_k=k, expert_ffn_hidden=32, num_shared_experts=shared, capacity_factor=capacity_factor)
     layer = MoELayer(D, "swiglu", cfg)
@@ -74,46 +93,42 @@ def _check_case(dims, ep, E, k, mode, shared, capacity_factor):
     (out_ref * g_global).sum().backward()
 
     # Expert parallel: this rank's tokens, its expert shard.
-    model = OneLayerModel(copy.deepcopy(layer))
-    apply_expert_parallel(model, dims)
-    ep_layer = model.layer
-    assert ep_layer.experts.num_experts == E // ep
+    ep_layer = copy.deepcopy(layer)
+    shard_moe_layer(ep_layer, dims)
+    checks.true(ep_layer.experts.num_experts == E // ep, "local expert count")
     x_mine = x_global[mine].clone().requires_grad_()
     out, stats = ep_layer(x_mine.unsqueeze(0))
     out = out.squeeze(0)
     (out * g_global[mine]).sum().backward()
 
-    case = f"ep={ep} E={E} k={k} {mode} shared={shared} cf={capacity_factor}"
-    torch.testing.assert_close(out, out_ref[mine], **TOL, msg=lambda m: f"{case}: output\n{m}")
-    torch.testing.assert_close(x_mine.grad, x_ref.grad[mine], **TOL, msg=lambda m: f"{case}: input grad\n{m}")
+    checks.close(out, out_ref[mine], "output")
+    checks.close(x_mine.grad, x_ref.grad[mine], "input grad")
 
     first = dims.ep_rank * (E // ep)
     for name in ("w1_EDF", "w2_EFD", "w3_EDF"):
         grad = getattr(ep_layer.experts, name).grad.clone()
         dist.all_reduce(grad, group=dims.edp_group)  # the other EP groups' tokens
         want = getattr(ref.experts, name).grad[first : first + E // ep]
-        torch.testing.assert_close(grad, want, **TOL, msg=lambda m: f"{case}: {name} grad\n{m}")
+        checks.close(grad, want, f"{name} grad")
     dense = [ep_layer.router.gate_ED] + (list(ep_layer.shared_experts.parameters()) if shared else [])
     dense_ref = [ref.router.gate_ED] + (list(ref.shared_experts.parameters()) if shared else [])
     for p, p_ref in zip(dense, dense_ref):
         grad = p.grad.clone()
         dist.all_reduce(grad)
-        torch.testing.assert_close(grad, p_ref.grad, **TOL, msg=lambda m: f"{case}: dense grad\n{m}")
+        checks.close(grad, p_ref.grad, "dense grad")
 
-    routing = ref.router(x_global[mine])
     if capacity_factor is None:
-        assert stats.bytes_sent == expected_bytes(routing.expert_ids_TK, E, ep, dims.ep_rank), case
-        assert stats.num_dropped.item() == 0
+        checks.true(stats.bytes_sent == expected_bytes_sent(ref.router, x_global, dims, E), f"bytes sent {stats.bytes_sent}")
+        checks.true(stats.num_dropped.item() == 0, "dropped a copy")
+        traffic = torch.tensor([stats.bytes_sent])
+        dist.all_reduce(traffic)  # the world's total is every remote copy, there and back
+        owners = ref.router(x_global).expert_ids_TK.view(WORLD, -1) // (E // ep)
+        remote = sum(int((owners[r] != r % ep).sum()) for r in range(WORLD))
+        checks.true(traffic.item() == 2 * remote * D * 4, f"world traffic {traffic.item()}")
     load = stats.tokens_per_expert.clone()
     dist.all_reduce(load)
-    assert load.sum().item() == WORLD * TOKENS_PER_RANK * k, case
-
-
-def _ep_worker(rank, world_size, ep, cases):
-    dims = init_parallel(ep, num_experts=64, device=torch.device("cpu"))
-    assert dims.world_size == WORLD and dims.ep == ep
-    for case in cases:
-        _check_case(dims, ep, *case)
+    checks.true(load.sum().item() == WORLD * TOKENS_PER_RANK * k, "routed copies")
+    checks.raise_if_failed()
 
 
 DROPLESS_CASES = [
@@ -123,11 +138,37 @@ DROPLESS_CASES = [
     )
 ]
 CAPACITY_CASES = [(8, 2, "random", 0, 1.0), (8, 1, "one_expert", 1, 1.25)]
+CASES = {f"E{E}-k{k}-{mode}-shared{shared}-cf{cf}": (E, k, mode, shared, cf) for E, k, mode, shared, cf in DROPLESS_CASES + CAPACITY_CASES}
 
 
-@pytest.mark.parametrize("ep", [1, 2, 4])
-def test_expert_parallel_layer_equals_single_process(ep):
-    run_ranks(WORLD, _ep_worker, ep, DROPLESS_CASES + CAPACITY_CASES)
+def _ep_worker(rank, world_size, ep, out_dir):
+    dims = init_parallel(ep, num_experts=64, device=torch.device("cpu"))
+    assert dims.world_size == WORLD and dims.ep == ep
+    failures = {}
+    for name, case in CASES.items():
+        try:
+            _check_case(dims, ep, *case)
+        except AssertionError as err:  # recorded per case; every rank still runs every case's collectives in step
+            failures[name] = f"rank {rank}: {err}"
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(failures))
+
+
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda ep: f"ep{ep}")
+def failures_by_case(request, tmp_path_factory):
+    """All cases of one `ep` in one set of 4 processes (spawning per case would take minutes);
+    each case is then reported by its own test below."""
+    out_dir = tmp_path_factory.mktemp(f"ep{request.param}")
+    run_ranks(WORLD, _ep_worker, request.param, str(out_dir))
+    failures = {}
+    for path in out_dir.glob("rank*.json"):
+        for name, message in json.loads(path.read_text()).items():
+            failures.setdefault(name, message)
+    return failures
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_expert_parallel_layer_equals_single_process(failures_by_case, case):
+    assert case not in failures_by_case, failures_by_case.get(case)
 
 
 def test_regroup_permutation_by_hand():

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard as ShardedTensorShard
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -111,8 +112,13 @@ class CheckpointManager:
         if not complete:
             return None
         if announce and marker.exists():
-            print(f"switchyard: {marker} names {named.name if named else 'nothing readable'}, which is missing or "
-                  f"incomplete; resuming from {complete[-1].name}, the newest complete checkpoint")
+            if named is None or named.parent != self.dir:
+                problem = f"{marker} is damaged"
+            elif not named.is_dir():
+                problem = f"{marker} names {named.name}, which does not exist"
+            else:
+                problem = f"{named / META} is missing or damaged"
+            print(f"switchyard: {problem}; resuming from {complete[-1].name}, the newest complete checkpoint")
         return complete[-1]
 
     def resume_point(self) -> ResumePoint | None:
@@ -123,7 +129,10 @@ class CheckpointManager:
         if self.job.train.resume or restarted:
             folder = self.latest(announce=self.dims.is_main)
             if folder is not None:
-                return ResumePoint(folder, self.check(folder))
+                meta = self.check(folder)
+                _verify_files(folder, meta, self.dims)  # before any heavy work
+                _read_metadata(folder)
+                return ResumePoint(folder, meta)
             if self.job.train.resume:
                 raise CheckpointError(f"train.resume=true but there is no complete checkpoint in {self.dir}")
             return None
@@ -138,6 +147,8 @@ class CheckpointManager:
         meta = _readable_meta(folder)
         if meta is None:
             raise CheckpointError(f"{folder / META} is missing or damaged: delete {folder} to resume from the checkpoint before it")
+        if not isinstance(meta.get("files"), dict) or ".metadata" not in meta["files"]:
+            raise CheckpointError(f"{folder / META} lists no files (damaged): delete {folder} to resume from the checkpoint before it")
         if meta.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{folder} has checkpoint format {meta.get('format', 1)!r}; this Switchyard reads format "
                                   f"{FORMAT_VERSION} only: resume it with the version that wrote it")
@@ -187,21 +198,70 @@ class CheckpointManager:
     def load(self, trainer: Trainer, point: ResumePoint) -> int:
         """Put the whole training state of `point` into `trainer` (any saved layout); returns the step."""
         folder, meta = point.folder, point.meta
-        _verify_files(folder, meta, self.dims)
         exact = all(meta.get(k) == v for k, v in layout(self.job, self.dims).items())
         targets, put_back = load_targets(trainer, self.dims, with_rng=exact)
-        try:
-            dcp.load(targets, storage_reader=SafeFileSystemReader(str(folder)), planner=TensorOnlyLoadPlanner())
-        except UnsafeCheckpointError as err:
-            raise CheckpointError(f"{folder}: {err}: refusing to load it") from None
-        except Exception as err:  # DCP wraps each rank's failure; a bad file was caught above
-            raise CheckpointError(f"{folder} could not be read ({_first_line(err)}): delete it to resume from the checkpoint before it") from None
+        _read_into(targets, folder)
         put_back()
         if self.dims.is_main:
             saved = {k: meta.get(k) for k in LAYOUT_KEYS}
             how = "exact" if exact else f"resharded from {saved} to {layout(self.job, self.dims)}, optimizer state kept"
             print(f"switchyard: resumed from step {meta['step']} ({how})")
         return meta["step"]
+
+
+# -- reading a checkpoint on one process (export, tests) -----------------------------------------
+
+
+def read_tensors(folder: Path, prefixes: tuple[str, ...] = ("model.",)) -> dict[str, torch.Tensor]:
+    """Every entry whose name starts with one of `prefixes`, whole, read by this process alone
+    (whatever layout saved it): e.g. `model.blocks.1.ffn.experts.w1_EDF` as [E, D, F]."""
+    folder = Path(folder)
+    meta = _readable_meta(folder)
+    if meta is None:
+        raise CheckpointError(f"{folder / META} is missing or damaged: not a complete checkpoint")
+    _verify_files(folder, meta, None)
+    entries = _read_metadata(folder).state_dict_metadata
+    state = {name: torch.empty(md.size, dtype=md.properties.dtype) for name, md in entries.items()
+             if name.startswith(prefixes) and hasattr(md, "size")}
+    _read_into(state, folder, no_dist=True)
+    return state
+
+
+def _read_metadata(folder: Path):
+    """DCP's index of the folder, unpickled with the allow-list of train/safe_dcp.py."""
+    try:
+        return SafeFileSystemReader(str(folder)).read_metadata()
+    except UnsafeCheckpointError as err:
+        raise CheckpointError(f"{folder / '.metadata'} {err}: refusing to load it") from None
+    except Exception as err:  # not a pickle at all
+        raise CheckpointError(f"{folder / '.metadata'} is damaged ({type(err).__name__}): delete {folder} "
+                              f"to resume from the checkpoint before it") from None
+
+
+def _read_into(state: dict, folder: Path, no_dist: bool = False) -> None:
+    """DCP load with the safe reader; any failure becomes one line naming the folder."""
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)), planner=TensorOnlyLoadPlanner(), no_dist=no_dist)
+    except UnsafeCheckpointError as err:
+        raise CheckpointError(f"{folder / '.metadata'} {err}: refusing to load it") from None
+    except (Exception, CheckpointException) as err:  # DCP wraps each rank's failure (a BaseException)
+        raise CheckpointError(f"{folder} could not be read ({_last_line(err)}): refusing to load it; "
+                              f"delete it to resume from the checkpoint before it") from None
+
+
+def read_model_weights(folder: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as `model.state_dict()` of the single-process model (build it on
+    the meta device: only its names and shapes are used)."""
+    saved = read_tensors(folder)
+    weights = {}
+    for name, like in model.state_dict(keep_vars=True).items():
+        key = f"model.{name}"
+        if key not in saved and getattr(model.cfg.model, "tie_embeddings", False) and name == "lm_head.weight":
+            key = "model.embed.weight"
+        if key not in saved:
+            raise CheckpointError(f"{folder} holds no {name}: it was saved from another model")
+        weights[name] = saved[key].view(like.shape)
+    return weights
 
 
 # -- what a checkpoint holds --------------------------------------------------------------------
@@ -370,11 +430,13 @@ def _gather_file_digests(folder: Path, dims: ParallelDims) -> dict[str, list[int
     return {name: digest for part in gathered for name, digest in sorted(part.items())}
 
 
-def _verify_files(folder: Path, meta: dict, dims: ParallelDims) -> None:
-    """Every file listed in meta.json exists with its size and CRC; ranks split the reading."""
+def _verify_files(folder: Path, meta: dict, dims: ParallelDims | None) -> None:
+    """Every file listed in meta.json exists with its size and CRC; ranks split the reading
+    (`dims` None: this process reads them all)."""
     problems = []
+    rank, world = (dims.rank, dims.world_size) if dims is not None else (0, 1)
     for i, (name, (size, crc)) in enumerate(sorted(meta.get("files", {}).items())):
-        if i % dims.world_size != dims.rank:
+        if i % world != rank:
             continue
         path = folder / name
         if not path.is_file():
@@ -383,7 +445,7 @@ def _verify_files(folder: Path, meta: dict, dims: ParallelDims) -> None:
             problems.append(f"{path} has {path.stat().st_size} bytes, {size} were written (truncated or damaged)")
         elif _digest(path)[1] != crc:
             problems.append(f"{path} does not match the CRC written with it (damaged)")
-    if dims.distributed:
+    if dims is not None and dims.distributed:
         gathered = [None] * dims.world_size
         dist.all_gather_object(gathered, problems)
         problems = [p for part in gathered for p in part]
@@ -400,9 +462,10 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _first_line(err: BaseException) -> str:
+def _last_line(err: BaseException) -> str:
+    """DCP's CheckpointException carries each rank's traceback; its last line is the cause."""
     text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    return text[-1] if text else type(err).__name__
 
 
 def _barrier(dims: ParallelDims) -> None:

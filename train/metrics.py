@@ -16,16 +16,17 @@ class MoEWindow:
     """Sums each MoE layer's stats over the micro-steps of one log window."""
 
     def __init__(self, num_layers: int, num_experts: int):
-        self.tokens_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        # Host-side sums; `summarize` reduces them over ranks on the compute device.
+        self.tokens_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64, device="cpu")
         # Per layer, summed over micro-steps: aux, z, entropy, dropped copies, bytes sent, all-to-all seconds.
-        self.sums_L6 = torch.zeros(num_layers, 6, dtype=torch.float64)
+        self.sums_L6 = torch.zeros(num_layers, 6, dtype=torch.float64, device="cpu")
         self.num_micro_steps = 0
 
     def add(self, stats: list[MoEStats]) -> None:
         for layer, s in enumerate(stats):
             self.tokens_LE[layer] += s.tokens_per_expert.double().cpu()
             values = (s.aux_loss.detach(), s.z_loss.detach(), s.router_entropy, s.num_dropped, s.bytes_sent, s.all_to_all_seconds)
-            self.sums_L6[layer] += torch.tensor([float(v) for v in values], dtype=torch.float64)
+            self.sums_L6[layer] += torch.tensor([float(v) for v in values], dtype=torch.float64, device="cpu")
         self.num_micro_steps += 1
 
     def summarize(self, dims: ParallelDims, elapsed_seconds: float) -> dict:

@@ -40,13 +40,13 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise UnsafeCheckpointError(f"refuses to unpickle {module}.{name}")
+        raise UnsafeCheckpointError(f"asks to unpickle {module}.{name}, which a checkpoint never needs")
 
 
 def read_dcp_metadata(data: bytes) -> Metadata:
     metadata = _MetadataUnpickler(io.BytesIO(data)).load()
     if not isinstance(metadata, Metadata):
-        raise UnsafeCheckpointError(f"holds a {type(metadata).__name__}, not DCP metadata")
+        raise UnsafeCheckpointError(f"holds a {type(metadata).__name__}, not checkpoint metadata")
     return metadata
 
 
@@ -63,4 +63,4 @@ class SafeFileSystemReader(FileSystemReader):
 
 class TensorOnlyLoadPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item, value) -> None:
-        raise UnsafeCheckpointError(f"entry {read_item.dest_index.fqn} is a pickled object, not a tensor")
+        raise UnsafeCheckpointError(f"has entry {read_item.dest_index.fqn} as a pickled object, not a tensor")

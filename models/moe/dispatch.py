@@ -3,15 +3,16 @@
 Shape legend: T tokens, K experts per token, D hidden, E experts, N kept token copies (= T·K
 when dropless).
 
-`LocalDispatcher` is the one-rank implementation of the dispatcher interface; the expert-parallel
-`AllToAllDispatcher` in `parallel/dispatcher.py` shares the interface and the routing plan below.
-It lives here, in plain torch, because `models/` must not import `parallel/`.
+`Dispatcher` is the contract; `LocalDispatcher` its one-rank implementation, and the
+expert-parallel `AllToAllDispatcher` in `parallel/dispatcher.py` shares it and the routing plan
+below. Both live here, in plain torch, because `models/` must not import `parallel/`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -67,9 +68,26 @@ class DispatchState:
 
     plan: RoutingPlan
     num_tokens: int
-    bytes_sent: int = 0  # bytes this rank sent to other ranks (there and back); 0 on one rank
+    bytes_sent: int = 0  # bytes this rank sent to other ranks: tokens in dispatch, results in combine
     comm_seconds: float = 0.0  # wall time of the forward all-to-alls (dispatch + combine)
-    extra: object = None  # dispatcher-specific bookkeeping (all-to-all splits)
+
+
+class Dispatcher(Protocol):
+    """Moves token copies to the experts that compute them and the results back.
+
+    dispatch: x_TD [T, D] and the router's expert_ids_TK [T, K] -> (x_ND [N, D] copies grouped by
+        local expert, counts [E_local] rows per local expert, a state for combine)
+    combine: y_ND [N, D] expert outputs (same rows), weights_TK [T, K], that state -> out_TD [T, D],
+        each token's weighted sum over its kept copies
+    """
+
+    num_experts: int
+    top_k: int
+    capacity_factor: float | None
+
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DispatchState]: ...
+
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, state: DispatchState) -> torch.Tensor: ...
 
 
 class LocalDispatcher:
@@ -80,8 +98,7 @@ class LocalDispatcher:
         self.top_k = top_k
         self.capacity_factor = capacity_factor
 
-    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor):
-        """Returns ([N, D] copies grouped by local expert, [E_local] counts, state)."""
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         plan = plan_routing(expert_ids_TK, self.num_experts, self.capacity_factor)
         return gather_tokens(x_TD, plan, self.top_k), plan.kept_per_expert_E, DispatchState(plan, x_TD.shape[0])
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from models.config import MoEConfig
 from models.ffn import FeedForward
-from models.moe.dispatch import LocalDispatcher
+from models.moe.dispatch import Dispatcher, LocalDispatcher
 from models.moe.experts import GroupedExperts
 from models.moe.router import TopKRouter
 
@@ -26,7 +26,7 @@ class MoEStats(NamedTuple):
     z_loss: torch.Tensor  # scalar, differentiable
     router_entropy: torch.Tensor  # scalar, detached
     num_dropped: torch.Tensor  # scalar int64, copies dropped by capacity
-    bytes_sent: int  # all-to-all bytes this rank sent to others, both directions
+    bytes_sent: int  # all-to-all bytes this rank sent to other ranks: its tokens, then others' results
     all_to_all_seconds: float  # wall time of the forward exchanges (CPU/gloo; 0 where not measured)
 
 
@@ -42,7 +42,7 @@ class MoELayer(nn.Module):
             else None
         )
         # Not a submodule: expert parallelism swaps in an all-to-all dispatcher (parallel/).
-        self.dispatcher = LocalDispatcher(cfg.num_experts, cfg.top_k, cfg.capacity_factor)
+        self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts, cfg.top_k, cfg.capacity_factor)
 
     def reset_parameters(self, init_std: float, num_layers: int) -> None:
         nn.init.normal_(self.router.gate_ED, std=init_std)
