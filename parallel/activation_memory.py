@@ -53,6 +53,7 @@ class ActivationPeak:
     saved: int  # bytes saved for backward at the end of the forward pass
     peak: int  # bytes at the busiest moment of forward + backward, above the model states
     phase: str  # which backward phase reaches the peak
+    saved_by_experts: int = 0  # of `saved`: the routed experts' part (token copies, their intermediates, combine)
 
 
 def _gated(activation: str) -> int:
@@ -83,6 +84,8 @@ def block_parts(cfg: GPTConfig, tokens: int, heads_tokens: int, ep: int, r: int,
                 + router + indices + mats * D * (local_experts * moe.expert_ffn_hidden + Fs) * copies),
         "dense_ffn": norm + g * T * m.ffn_hidden * a + mats * D * m.ffn_hidden * copies,
         "attention_backward": 4 * T * D * a,
+        "experts": (3 * k * T * D * a + g * k * T * moe.expert_ffn_hidden * a + indices
+                    + mats * D * local_experts * moe.expert_ffn_hidden * copies),
         "moe_backward": max(3 * k * T * D, g // 2 * k * T * moe.expert_ffn_hidden - 2 * k * T * D) * a,
         "dense_ffn_backward": g // 2 * T * m.ffn_hidden * a,
     }
@@ -124,4 +127,5 @@ def activation_peak(cfg: GPTConfig, micro_batch: int, seq_len: int, ep: int, mod
     else:
         raise ValueError(f"train.activation_checkpointing must be one of 'none', 'full', 'moe'; got {mode!r}")
     phase = max(phases, key=phases.get)
-    return ActivationPeak(saved, phases[phase], phase)
+    by_experts = parts["experts"] * sum(moe_blocks) if mode == "none" else 0  # checkpointed: recomputed
+    return ActivationPeak(saved, phases[phase], phase, by_experts)

@@ -15,7 +15,7 @@ from models.gpt import GPT
 from models.moe.layer import router_losses
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.activation_memory import activation_peak
-from tests.jobs import REPO, job_env
+from tests.jobs import job_env
 from train import plan as planner
 from train.plan_report import build_report
 
@@ -53,6 +53,10 @@ def test_default_config_by_hand():
     T = 8 * 256
     assert r.activations["none"].phase == "cross-entropy"
     assert r.activations["none"].peak - r.activations["none"].saved == 2 * T * V * 4
+    # Saved by the experts per MoE layer: 2 token copies, their outputs and weighted outputs (3k·T·D),
+    # 4 SwiGLU tensors per copy (4k·T·F), 4 int64 index vectors of the k·T copies.
+    assert r.activations["none"].saved_by_experts == L * (4 * (3 * 2 * T * D + 4 * 2 * T * F_) + 8 * 4 * 2 * T)
+    assert r.activations["full"].saved_by_experts == 0
     assert r.peaks["full"] < r.peaks["moe"] < r.peaks["none"] < 2**30
     assert r.fits("none")
 
@@ -75,8 +79,8 @@ def test_mixtral_shaped_on_64_ranks_by_hand():
     assert r.all_to_all["none"]["forward"] == 2 * L * round(4096 * 2 * 7 / 8) * D * 4
 
 
-def test_mixtral_command_prints_the_table_and_a_verdict():
-    done = subprocess.run([sys.executable, "-m", "train.plan", *MIXTRAL], cwd=REPO, env=job_env(REPO),
+def test_mixtral_command_prints_the_table_and_a_verdict(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "train.plan", *MIXTRAL], cwd=tmp_path, env=job_env(tmp_path),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout

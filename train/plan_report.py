@@ -140,6 +140,10 @@ def render(r: Report) -> str:
     lines += ["", "activations of one micro-batch per rank (estimate; train.activation_checkpointing, * = the job's)",
               _row("", *[m + ("*" if m == chosen else "") for m in modes])]
     lines.append(_row("saved by the forward pass", *[human(r.activations[m].saved) for m in modes]))
+    lines.append(_row("  dense part (attention, norms, router, dense FFNs, logits)",
+                      *[human(r.activations[m].saved - r.activations[m].saved_by_experts) for m in modes]))
+    lines.append(_row("  experts (token copies, expert intermediates, combine)",
+                      *[human(r.activations[m].saved_by_experts) for m in modes]))
     lines.append(_row("peak of forward + backward", *[human(r.activations[m].peak) for m in modes]))
     lines.append(_row("  reached in the backward of", *[r.activations[m].phase for m in modes]))
     if layout.ep > 1 and r.all_to_all["none"]["total"]:
