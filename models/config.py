@@ -13,6 +13,7 @@ from typing import Optional
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu")
 EXPERT_BACKENDS = ("torch", "megablocks")
+AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global_batch")  # see models/moe/balance.py
 
 
 def require_non_negative_number(name: str, value) -> None:
@@ -41,6 +42,7 @@ class MoEConfig:
     score: str = "softmax"  # "softmax" | "sigmoid"
     normalize_topk: bool = True  # renormalise the k selected weights to sum to 1
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
+    aux_loss_scope: str = "global_batch"  # over "micro_batch" | "sequence" | "global_batch" (models/moe/balance.py)
     z_loss_coef: float = 0.001  # router z-loss
     jitter: float = 0.0  # multiplicative input noise U(1-j, 1+j) on the router input, training only
     bias_update_rate: float = 0.0  # aux-loss-free balancing step (DeepSeek-V3); 0 = off
@@ -58,6 +60,7 @@ class MoEConfig:
         if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
             raise ValueError(f"moe.num_shared_experts must be an integer >= 0; got {self.num_shared_experts!r}")
         require_choice("moe.score", self.score, SCORE_FUNCTIONS)
+        require_choice("moe.aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
         require_choice("moe.backend", self.backend, EXPERT_BACKENDS)
         for name in ("aux_loss_coef", "z_loss_coef", "jitter", "bias_update_rate"):
             require_non_negative_number(f"moe.{name}", getattr(self, name))
