@@ -269,11 +269,16 @@ def test_bad_input_ends_the_job_with_one_line_and_exit_code_2(tmp_path, data_cac
     assert done.stderr.rstrip().splitlines()[-1].startswith("switchyard: error:")  # the last word
 
 
-def test_torchrun_launcher_checks_the_settings_before_starting_workers(tmp_path, data_cache):
+def test_launchers_check_the_settings_before_starting_workers(tmp_path, data_cache):
     env = job_env(data_cache)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env["PATH"]])
     done = subprocess.run(["bash", str(REPO / "launch/torchrun.sh"), "4", *TINY, "parallel.ep=3"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert_one_error_line(done, "parallel.ep (3) must divide the number of processes (4)")
     assert done.stderr.strip() == "switchyard: error: parallel.ep (3) must divide the number of processes (4); allowed: divisors of 4"
+    # SLURM: 2 nodes x 2 processes; no scontrol or srun on PATH: the check comes before either.
+    slurm = {**env, "SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]", "SWITCHYARD_PROCS_PER_NODE": "2"}
+    done = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), *TINY, "parallel.ep=3"], cwd=tmp_path, env=slurm,
+                          capture_output=True, text=True, timeout=120)
+    assert_one_error_line(done, "parallel.ep (3) must divide the number of processes (4)")
     assert not (tmp_path / "outputs").exists()  # no worker ever started

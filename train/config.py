@@ -229,7 +229,7 @@ def _check_megablocks_available() -> None:
     raise ValueError("moe.backend=megablocks is not implemented in this version yet: use moe.backend=torch")
 
 
-def refuse_unknown_keys(cfg, schema: type = None, prefix: str = "") -> None:
+def refuse_unknown_keys(cfg, schema: type | None = None, prefix: str = "") -> None:
     """Hydra's `+key=value` adds a key even to a typed node (it opens the node for the addition), and
     OmegaConf then carries it along silently: a typo like `+train.stepz=50` would change nothing and
     say nothing. Every key of the composed config must be a field of its dataclass."""
