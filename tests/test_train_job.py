@@ -108,3 +108,13 @@ def test_wandb_offline_run_holds_what_the_jsonl_holds(tmp_path, data_cache):
                 assert row[f"{key}/values"] == value and row[f"{key}/bins"] == list(range(len(value) + 1)), key
             else:
                 assert row[key] == pytest.approx(value), key
+
+
+def test_cpu_run_compiles_no_deepspeed_op(tmp_path, data_cache):
+    """DeepSpeed's shared-memory op (inference all-reduce only) is not built: no gcc, no wait."""
+    extensions = tmp_path / "torch_extensions"  # where torch would JIT-build it, empty like a fresh machine
+    done = run_job(tmp_path, data_cache, *TINY, "run_name=noop", "train.steps=1", "train.eval_interval=1",
+                   extra_env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (extensions / "deepspeed_shm_comm").exists()
+    assert "deepspeed_shm_comm" not in done.stdout + done.stderr

@@ -10,11 +10,11 @@ Nothing a run wrote is lost when the run directory is used again:
   `metrics.jsonl` holds each step once. The resumed run's first record (the validation loss at R)
   replaces an earlier record of step R with the same keys. The file is rewritten (atomically) at
   the resumed run's first record, so an attempt that dies before logging changes nothing.
-- W&B offline cannot rewind a run (wandb refuses `resume_from` offline, and `wandb sync`
-  replaces a run's history with that of the offline run it uploads): a resumed run keeps the
-  run id, and its offline run starts with a replay of the kept history (without the per-step
-  heatmap images, which stay in the earlier offline run), so the newest offline run holds the
-  whole history, each step once. Online, W&B resumes the run by id (`resume="allow"`).
+- W&B cannot rewind an offline run (rewinding, `resume_from`, is a server-side preview feature):
+  a resumed run keeps the run id, and its offline run starts with a replay of the kept history
+  (without the per-step heatmap images, which stay in the earlier offline run), so the newest
+  offline run holds the whole history, each step once. Online, W&B resumes the run by id
+  (`resume="allow"`).
 """
 
 from __future__ import annotations
