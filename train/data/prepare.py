@@ -49,8 +49,6 @@ def check_data_config(cfg) -> None:
     if not cfg.cache_dir:
         raise ValueError("data.cache_dir must be set")
     require_positive_int("data.num_proc", cfg.num_proc)  # no upper bound: datasets uses at most one per row
-    if cfg.corpus == "files":
-        _checked_paths(cfg)  # each file exists and is readable, with a known extension
     if cfg.corpus == "hub" and not cfg.hub_name:
         raise ValueError("data.hub_name must be set when data.corpus='hub'")
     if cfg.corpus in ("files", "hub") and not cfg.text_field:
@@ -67,6 +65,8 @@ def check_data_config(cfg) -> None:
             raise ValueError(f"data.tokenizer.path: file not found: {_abspath(tok.path)}")
     if tok.kind == "hub" and not tok.name:
         raise ValueError("data.tokenizer.name must be set when data.tokenizer.kind='hub'")
+    if cfg.corpus == "files":
+        _checked_paths(cfg)  # each file exists and is readable, with a known extension
 
 
 def _file_sha256(path: str) -> str:
