@@ -2,13 +2,14 @@
 
 A mistake in the settings, found by Hydra while composing the config or by Switchyard while
 checking it, ends the job with one line `switchyard: error: ...` on stderr (printed by rank 0
-only, when there are several processes) and exit code 2; a diverged run exits with 3.
+only, when there are several processes: see `fail`) and exit code 2; a diverged run exits with 3.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -27,6 +28,7 @@ from train.sweep import in_sweep, is_first_process
 
 register_configs()
 _job_started = False  # an OSError before the job started comes from Hydra creating the run directory
+OTHER_RANKS_WAIT_S = 30.0
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
@@ -65,7 +67,17 @@ def exit_code(err: Exception) -> int:
 
 
 def fail(message: str, code: int) -> None:
-    report(message)
+    """Print the line once and exit. Every rank reaches the same verdict on the same settings, so
+    the other ranks leave the printing to rank 0 and wait for the launcher to stop them when rank 0
+    exits (torchrun and `srun --kill-on-bad-exit` do): were one of them first to exit, torchrun
+    could stop rank 0 before it printed. A rank still running after OTHER_RANKS_WAIT_S failed
+    alone (e.g. a file missing on its node) and says so itself."""
+    if is_first_process():
+        report(message)
+    else:
+        time.sleep(OTHER_RANKS_WAIT_S)
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+        print(f"switchyard: error: (rank {rank}) {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
