@@ -42,7 +42,7 @@ class RunLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.run_dir, self.first_step, self.offline = run_dir, first_step, wandb_cfg.mode == "offline"
+        self.run_dir, self.offline = run_dir, wandb_cfg.mode == "offline"
         stamp = time.strftime("%Y%m%d-%H%M%S")
         if first_step == 0:
             for name in (METRICS, WANDB_ID):
