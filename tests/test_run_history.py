@@ -5,10 +5,12 @@ what the crashed attempt logged after it, in metrics.jsonl and in the offline W&
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from google.protobuf.message import DecodeError
 
 from tests.wandb_reader import history, records
 from train.logging import RunLogger
@@ -35,8 +37,21 @@ def train(step: int, loss: float) -> tuple[int, dict]:
 
 
 def offline_runs(run_dir: Path) -> list[Path]:
-    """The offline runs' transaction logs, oldest first."""
-    return sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime_ns)
+    """The offline runs' transaction logs, oldest first (their folders are named by start time),
+    each once wandb's service has written all of it: `finish()` may return before."""
+    return [finished(path) for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)]
+
+
+def finished(path: Path, timeout_s: float = 60) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if any(r.WhichOneof("record_type") == "exit" for r in records(path)):
+                return path
+        except DecodeError:  # a record still being written
+            pass
+        assert time.monotonic() < deadline, f"{path}: wandb did not finish writing it"
+        time.sleep(0.1)
 
 
 def wandb_rows(path: Path) -> dict[int, dict]:
