@@ -20,8 +20,10 @@ from parallel.zero import ZeroTrainer, deepspeed_config, detach_experts
 from train.checkpoint import latest_checkpoint, model_signature, open_checkpoint
 from train.config import JobConfig
 from train.data import PreparedData, prepare_data
+from train.init_from import load_initial_weights
 from train.metrics import flops_per_token
 from train.run_state import restore_training_state, restore_weights
+from train.run_weights import save_run_tokenizer
 
 
 @dataclass
@@ -86,9 +88,11 @@ def setup(job: JobConfig) -> Run:
     job.data.cache_dir = os.path.abspath(os.path.expanduser(job.data.cache_dir))
     job.data.paths = [os.path.abspath(os.path.expanduser(p)) for p in job.data.paths]
     data = prepare_data(job.data)
+    save_run_tokenizer(job.run_dir, data.tokenizer, dims.is_main)  # for export_hf / generate
     job.model.vocab_size = data.vocab_size
     torch.manual_seed(job.train.seed)  # same initial weights on every rank
     model = GPT(job.gpt_config())
+    load_initial_weights(model, job, data.tokenizer)  # model.init_from (hf: / upcycle:); before EP shards the experts
     total_params, active_params = count_parameters(model)
     embedding_params = 0 if job.model.tie_embeddings else model.embed.weight.numel()
     apply_expert_parallel(model, dims)
