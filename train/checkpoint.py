@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,7 +231,9 @@ def read_tensors(folder: Path, prefixes: tuple[str, ...] = ("model.",)) -> dict[
     entries = _read_metadata(folder).state_dict_metadata
     state = {name: torch.empty(md.size, dtype=md.properties.dtype) for name, md in entries.items()
              if name.startswith(prefixes) and hasattr(md, "size")}
-    _read_into(state, folder, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        _read_into(state, folder, no_dist=True)
     return state
 
 

@@ -146,6 +146,13 @@ class WandbConfig:
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress_bar: bool = True
+    sample_tokens: int = 48  # at each evaluation, log a sampled continuation of sample_prompt this long; 0 = off
+    sample_prompt: str = "ROMEO:"
+
+    def validate(self) -> None:
+        require_int_in("logging.sample_tokens", self.sample_tokens, 0, MAX_SEQ_LEN)
+        if self.sample_tokens and not self.sample_prompt:
+            raise ValueError("logging.sample_prompt must be non-empty text when logging.sample_tokens > 0")
 
 
 @dataclass
@@ -179,6 +186,7 @@ class JobConfig:
 
         check_init_from(self)
         require_choice("logging.wandb.mode", self.logging.wandb.mode, WANDB_MODES)
+        self.logging.validate()
         if self.moe.backend == "megablocks":
             _check_megablocks_available()
         self.check_writable_places()

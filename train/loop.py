@@ -15,6 +15,7 @@ from models.moe.balance import router_losses
 from parallel.collectives import all_reduce_sum, any_rank
 from train.config import JobConfig
 from train.data import BatchSampler, val_batches
+from train.generate import generate
 from train.logging import RunLogger
 from train.metrics import MoEWindow
 from train.setup import Run
@@ -95,6 +96,14 @@ def evaluate(run: Run) -> float:
     run.trainer.train(True)
     total = all_reduce_sum(total, run.dims)
     return float(total[0] / total[1])
+
+
+def sample(run: Run, seed: int) -> str:
+    """The prompt and a sampled continuation, so a person can read what the model learned. Every
+    rank generates (the forward is collective under expert parallelism and ZeRO-3) the same text."""
+    prompt = run.job.logging.sample_prompt
+    return prompt + generate(run.trainer.engine, run.data.tokenizer, prompt, run.job.logging.sample_tokens,
+                             temperature=0.8, top_k=50, seed=seed)
 
 
 @dataclasses.dataclass
@@ -204,7 +213,11 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
             logger.log(done, step_metrics)
         if done % t.eval_interval == 0 or done == t.steps:
             val_loss = evaluate(run)
-            logger.log(done, {"val/loss": val_loss})
+            record = {"val/loss": val_loss}
+            if job.logging.sample_tokens:
+                record["samples/text"] = sample(run, seed=t.seed + done)
+                logger.info(f"step {done}: sample: {record['samples/text']!r}")
+            logger.log(done, record)
             logger.info(f"step {done}: val loss {val_loss:.4f}")
             summary["val/loss"] = val_loss
         if done % t.ckpt_interval == 0 or done == last_step:
