@@ -11,7 +11,7 @@ from tests import hf_runs
 from tests.hf_runs import one_thread  # noqa: F401  (autouse)
 from train.config import JobConfig
 from train.hf_io import byte_tokenizer_backend
-from train.init_from import _source_weights, upcycle_state_dict
+from train.init_from import source_weights, upcycle_state_dict
 
 
 def moe_like(dense: GPT, **moe) -> GPT:
@@ -58,7 +58,7 @@ def test_upcycling_a_transformers_llama_gives_its_logits(tmp_path):
             p.normal_(0, 0.3) if p.ndim > 1 else p.uniform_(0.5, 1.5)
     llama.save_pretrained(tmp_path)
     byte_tokenizer_backend().save(str(tmp_path / "tokenizer.json"))
-    dense_cfg, dense_sd, _ = _source_weights("upcycle", tmp_path)
+    dense_cfg, dense_sd, _ = source_weights("upcycle", tmp_path)
     moe_model = moe_like(GPT(dense_cfg), moe_top_k=2)
     load_upcycled(moe_model, dense_sd)
     ids_BS = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(5))

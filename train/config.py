@@ -33,9 +33,8 @@ from models.config import (
 )
 from parallel.activation_checkpointing import ACTIVATION_CHECKPOINTING
 from parallel.zero import validate_zero_stage
+from train.data.prepare import check_data_config
 
-CORPORA = ("classics", "files", "hub")
-TOKENIZER_KINDS = ("bpe", "file", "hub", "bytes")
 WANDB_MODES = ("offline", "online", "disabled")
 DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -179,8 +178,6 @@ class JobConfig:
         require_positive_int("parallel.ep", self.parallel.ep, MAX_EXPERTS)
         validate_zero_stage(self.deepspeed.zero_stage)
         self.optim.validate()
-        from train.data.prepare import check_data_config  # local: train.data imports this module
-
         check_data_config(self.data)
         from train.init_from import check_init_from  # local: it reads run directories through this module
 

@@ -184,6 +184,6 @@ def read_tokenizer(hf_dir: Path) -> Tokenizer:
         backend = tokenizers.Tokenizer.from_file(str(path))
     except Exception as err:
         raise ValueError(f"{path}: not a tokenizers JSON file ({err})") from err
-    from train.data.tokenizer import _with_eot
+    from train.data.tokenizer import with_eot
 
-    return Tokenizer(_with_eot(backend))
+    return Tokenizer(with_eot(backend))

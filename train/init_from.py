@@ -68,7 +68,7 @@ def source_config(kind: str, path: Path) -> GPTConfig:
     raise ValueError(f"{where}: neither a transformers directory (config.json) nor a Switchyard run directory (.hydra/config.yaml)")
 
 
-def _source_weights(kind: str, path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
+def source_weights(kind: str, path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
     if _is_hf_dir(path):
         from train.import_hf import load_hf_weights
 
@@ -170,7 +170,7 @@ def load_initial_weights(trainer, job, tokenizer: Tokenizer) -> None:
         return
     kind, path = spec
     where = f"model.init_from={job.model.init_from}"
-    source, state_dict, source_tokenizer = _source_weights(kind, path)
+    source, state_dict, source_tokenizer = source_weights(kind, path)
     if source.model.vocab_size != job.model.vocab_size:
         raise ValueError(f"{where}: mismatched vocab sizes: the source has {source.model.vocab_size} tokens, this run's "
                          f"data.tokenizer {job.model.vocab_size}; train with the source's tokenizer (data.tokenizer.kind=file)")

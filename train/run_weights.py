@@ -126,10 +126,10 @@ def _cached_tokenizer(run_dir: Path, job: JobConfig) -> Tokenizer:
     """The tokenizer of the prepared data the run's data settings name (runs that did not record one)."""
     import os
 
-    from train.data.prepare import _cache_inputs, _cache_key
+    from train.data.prepare import cache_inputs, cache_key
 
     try:
-        cache = Path(os.path.expanduser(job.data.cache_dir)) / _cache_key(_cache_inputs(job.data))
+        cache = Path(os.path.expanduser(job.data.cache_dir)) / cache_key(cache_inputs(job.data))
     except (ValueError, OSError) as err:
         raise ValueError(f"{run_dir}: cannot locate the run's tokenizer from its data settings: {err}") from err
     meta, path = cache / "meta.json", cache / "tokenizer.json"

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.config import MAX_VOCAB, require_choice, require_int_in, require_number_in, require_positive_int
-from train.config import CORPORA, TOKENIZER_KINDS
-from train.data.classics import _CLASSICS_PINS
-from train.data.sources import _abspath, _checked_paths
-from train.data.tokenizer import BYTES_VOCAB, Tokenizer
-from train.data.tokens import _write_prepared
+from train.data.classics import CLASSICS_PINS
+from train.data.sources import CORPORA, abspath, checked_paths
+from train.data.tokenizer import BYTES_VOCAB, TOKENIZER_KINDS, Tokenizer
+from train.data.tokens import write_prepared
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +60,12 @@ def check_data_config(cfg) -> None:
     if tok.kind == "file":
         if not tok.path:
             raise ValueError("data.tokenizer.path must be set when data.tokenizer.kind='file'")
-        if not os.path.isfile(_abspath(tok.path)):
-            raise ValueError(f"data.tokenizer.path: file not found: {_abspath(tok.path)}")
+        if not os.path.isfile(abspath(tok.path)):
+            raise ValueError(f"data.tokenizer.path: file not found: {abspath(tok.path)}")
     if tok.kind == "hub" and not tok.name:
         raise ValueError("data.tokenizer.name must be set when data.tokenizer.kind='hub'")
     if cfg.corpus == "files":
-        _checked_paths(cfg)  # each file exists and is readable, with a known extension
+        checked_paths(cfg)  # each file exists and is readable, with a known extension
 
 
 def _file_sha256(path: str) -> str:
@@ -77,12 +76,12 @@ def _file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _cache_inputs(cfg) -> dict:
+def cache_inputs(cfg) -> dict:
     """Everything the prepared tokens depend on (cheap to compute: no corpus reading)."""
     if cfg.corpus == "classics":
-        corpus = {"kind": "classics", "packages": _CLASSICS_PINS}
+        corpus = {"kind": "classics", "packages": CLASSICS_PINS}
     elif cfg.corpus == "files":
-        files = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in _checked_paths(cfg)]
+        files = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in checked_paths(cfg)]
         corpus = {"kind": "files", "files": files, "text_field": cfg.text_field}
     else:
         corpus = {"kind": "hub", "name": cfg.hub_name, "text_field": cfg.text_field}
@@ -91,14 +90,14 @@ def _cache_inputs(cfg) -> dict:
     if tok.kind == "bpe":
         tokenizer["vocab_size"] = int(tok.vocab_size)
     elif tok.kind == "file":
-        tokenizer["sha256"] = _file_sha256(_abspath(tok.path))
+        tokenizer["sha256"] = _file_sha256(abspath(tok.path))
     elif tok.kind == "hub":
         tokenizer["name"] = tok.name
     return {"format": FORMAT_VERSION, "corpus": corpus, "tokenizer": tokenizer,
             "val_fraction": float(cfg.val_fraction)}
 
 
-def _cache_key(inputs: dict) -> str:
+def cache_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -124,9 +123,9 @@ def prepare_data(cfg) -> PreparedData:
     was damaged afterwards (a truncated copy, a full disk) is found when opened, and rebuilt.
     """
     check_data_config(cfg)
-    inputs = _cache_inputs(cfg)
-    cache_dir = _abspath(cfg.cache_dir)
-    final = os.path.join(cache_dir, _cache_key(inputs))
+    inputs = cache_inputs(cfg)
+    cache_dir = abspath(cfg.cache_dir)
+    final = os.path.join(cache_dir, cache_key(inputs))
     prepared = _load_if_sound(final)
     if prepared is None:
         os.makedirs(cache_dir, exist_ok=True)
@@ -169,7 +168,7 @@ def _build(cfg, inputs: dict, final: str) -> None:
     tmp = tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=cache_dir)
     try:
         log.info("preparing data into %s", final)
-        _write_prepared(cfg, inputs, tmp)
+        write_prepared(cfg, inputs, tmp)
         _fsync(tmp)
         os.rename(tmp, final)
         _fsync(cache_dir)
