@@ -90,3 +90,9 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, data_cache):
     assert diverged.returncode == 3
     assert "3 consecutive steps had a non-finite loss (train.max_bad_steps=3)" in diverged.stderr.strip().splitlines()[-1]
     assert (tmp_path / "outputs/bad/checkpoints/latest").read_text() == "step_000004"
+
+    # Fewer steps than max_bad_steps, every one of them non-finite: still a failure, not exit 0.
+    nothing = run_job(tmp_path, data_cache, *TINY, "train.steps=2", "train.eval_interval=100", "run_name=nothing",
+                      extra_env=fault_env(SWITCHYARD_TEST_NAN_STEPS="1,2"))
+    assert nothing.returncode == 3
+    assert "every step of this run (2) had a non-finite loss" in nothing.stderr.strip().splitlines()[-1]
