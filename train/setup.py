@@ -127,9 +127,10 @@ def layout(job: JobConfig, dims: ParallelDims) -> dict:
 
 
 def find_resume_point(job: JobConfig, dims: ParallelDims, ckpt_dir: Path) -> tuple[Path, dict] | None:
-    """The checkpoint to continue from: asked for with train.resume, or implied by a torchrun
-    restart after a failure (elastic restart), when one exists."""
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    """The checkpoint to continue from: asked for with train.resume, or implied by a restart after
+    a failure, when one exists: torchrun's elastic restart, or SLURM's requeue (preemption, node
+    failure, `scontrol requeue`)."""
+    restarted = any(int(os.environ.get(count, "0") or "0") > 0 for count in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
     if job.train.resume or (restarted and latest_checkpoint(ckpt_dir) is not None):
         return open_checkpoint(ckpt_dir, model_signature(job))
     if not restarted and dims.is_main and latest_checkpoint(ckpt_dir) is not None:
