@@ -6,6 +6,7 @@ line. Skipped, with the reason, where the cluster cannot run (`make setup-slurm`
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -81,18 +82,12 @@ def wait_past_a_checkpoint(cluster: SlurmCluster, workdir: Path, job_id: str, ru
         time.sleep(0.2)
 
 
-def restarts(records: list[dict]) -> list[int]:
-    """The steps where a later attempt picked up (the training steps go back), in order."""
-    steps = [r["step"] for r in records if "train/loss" in r]
-    return [step for before, step in zip(steps, steps[1:]) if step <= before]
-
-
-def assert_resumed_from_a_checkpoint(workdir: Path, run_name: str) -> None:
-    """One restart, right after a checkpoint step: the second attempt loaded it (a fresh start would
-    have begun at step 1 and rewritten metrics.jsonl)."""
-    [restart] = restarts(read_metrics(workdir, run_name))
-    assert restart > 1 and (restart - 1) % CKPT_INTERVAL == 0, restart
-    assert not list((workdir / "outputs" / run_name).glob("checkpoints.prev-*"))  # nothing was set aside as a fresh run would
+def assert_resumed_from_a_checkpoint(workdir: Path, run_name: str, log: str) -> None:
+    """One resume, from a checkpoint step and exactly (same layout), said in the job's log; a fresh
+    start would have set the earlier checkpoints aside."""
+    resumed = [int(m) for m in re.findall(r"switchyard: resumed from step (\d+) \(exact\)", log)]
+    assert len(resumed) == 1 and resumed[0] > 0 and resumed[0] % CKPT_INTERVAL == 0, (resumed, log[-3000:])
+    assert not list((workdir / "outputs" / run_name).glob("checkpoints.prev-*"))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +114,7 @@ def test_scancel_then_resubmit_with_resume_continues_exactly(slurm_cluster, pyth
     assert slurm_cluster.wait_for(first) == "CANCELLED"
     second = submit(slurm_cluster, python_on_path, tmp_path, data_cache, *RESUMABLE, "run_name=cancelled", "train.resume=true")
     assert_completed(slurm_cluster, tmp_path, second)
-    assert_resumed_from_a_checkpoint(tmp_path, "cancelled")
+    assert_resumed_from_a_checkpoint(tmp_path, "cancelled", job_log(tmp_path, second, whole=True))
     assert train_losses(read_metrics(tmp_path, "cancelled")) == uninterrupted
 
 
@@ -133,7 +128,7 @@ def test_requeued_job_resumes_by_itself(slurm_cluster, python_on_path, tmp_path,
     assert_completed(slurm_cluster, tmp_path, job_id)
     assert slurm_cluster.job(job_id)["Restarts"] == "1"
     assert "DUE TO JOB REQUEUE" in job_log(tmp_path, job_id, whole=True)  # one log, both attempts (--open-mode=append)
-    assert_resumed_from_a_checkpoint(tmp_path, "requeued")
+    assert_resumed_from_a_checkpoint(tmp_path, "requeued", job_log(tmp_path, job_id, whole=True))
     assert train_losses(read_metrics(tmp_path, "requeued")) == uninterrupted
 
 
