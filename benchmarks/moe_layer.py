@@ -53,6 +53,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models.config import MoEConfig  # noqa: E402
+from models.moe.balance import balance_loss  # noqa: E402
 from models.moe.dispatch import plan_routing  # noqa: E402
 from models.moe.experts import grouped_mm_supported, run_experts_grouped  # noqa: E402
 from models.moe.layer import MoELayer  # noqa: E402
@@ -159,7 +160,8 @@ def ds_capacity(args, tokens: int, E: int, k: int, capacity_factor: float) -> in
 
 def step_switchyard(layer: MoELayer, x_BSD: torch.Tensor, g_BSD: torch.Tensor):
     out, stats = layer(x_BSD)
-    loss = (out * g_BSD).sum() + AUX_COEF * stats.aux_loss + Z_COEF * stats.z_loss
+    aux = balance_loss(stats.selected_BE, stats.prob_mean_BE, "micro_batch")
+    loss = (out * g_BSD).sum() + AUX_COEF * aux + Z_COEF * stats.z_loss
     loss.backward()
     return out, stats
 

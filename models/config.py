@@ -13,11 +13,57 @@ from typing import Optional
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu")
 EXPERT_BACKENDS = ("torch", "megablocks")
+AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global_batch")  # see models/moe/balance.py
+
+
+# Upper bounds for sizes. Each is several times beyond the largest published model (vocabularies of
+# ~256k tokens, widths of ~16k, ~130 layers, 1M-token contexts, 256 routed experts), so no real
+# configuration meets it; what does is a typo (extra digits) that would otherwise fail deep inside
+# torch or the tokenizer library, after minutes of data preparation.
+MAX_VOCAB = 2**20
+MAX_SEQ_LEN = 2**20
+MAX_LAYERS = 1024
+MAX_WIDTH = 2**16  # d_model
+MAX_FFN = 2**20  # ffn_hidden, expert_ffn_hidden
+MAX_EXPERTS = 2**16  # routed or shared experts per layer
+MAX_SEED = 2**63 - 1  # a signed 64-bit integer: numpy, torch.manual_seed and W&B all take it
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def require_finite(name: str, value) -> None:
+    """Any number must be finite: inf and nan pass every `<`/`>` comparison test one way or another."""
+    if _is_number(value) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+
+
+def require_number_in(name: str, value, low: float, high: float | None = None, *,
+                      low_open: bool = False, high_open: bool = False) -> None:
+    """`value` is a finite number in the interval [low, high] (ends open as asked; high None = no bound)."""
+    ok = _is_number(value) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            high is None or (value < high if high_open else value <= high))
+    if not ok:
+        if high is None:
+            allowed = f"a finite number {'>' if low_open else '>='} {low:g}"
+        else:
+            allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
 
 
 def require_non_negative_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+    require_number_in(name, value, 0)
+
+
+def require_positive_number(name: str, value) -> None:
+    require_number_in(name, value, 0, low_open=True)
 
 
 def require_choice(name: str, value, choices: tuple[str, ...]) -> None:
@@ -26,9 +72,20 @@ def require_choice(name: str, value, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
 
 
-def require_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+def require_int_in(name: str, value, low: int, high: int | None = None, high_name: str | None = None) -> None:
+    """An integer in [low, high]; `high_name` names the setting the upper bound comes from."""
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        if high is None:
+            allowed = f"an integer >= {low}"
+        elif high_name:
+            allowed = f"an integer between {low} and {high_name} ({high})"
+        else:
+            allowed = f"an integer between {low} and {high}"
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+
+
+def require_positive_int(name: str, value, high: int | None = None) -> None:
+    require_int_in(name, value, 1, high)
 
 
 @dataclass
@@ -41,6 +98,7 @@ class MoEConfig:
     score: str = "softmax"  # "softmax" | "sigmoid"
     normalize_topk: bool = True  # renormalise the k selected weights to sum to 1
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
+    aux_loss_scope: str = "global_batch"  # over "micro_batch" | "sequence" | "global_batch" (models/moe/balance.py)
     z_loss_coef: float = 0.001  # router z-loss
     jitter: float = 0.0  # multiplicative input noise U(1-j, 1+j) on the router input, training only
     bias_update_rate: float = 0.0  # aux-loss-free balancing step (DeepSeek-V3); 0 = off
@@ -48,24 +106,20 @@ class MoEConfig:
     backend: str = "torch"  # "torch" (grouped GEMM / loop) | "megablocks" (CUDA)
 
     def validate(self) -> None:
-        require_positive_int("moe.num_experts", self.num_experts)
+        require_positive_int("moe.num_experts", self.num_experts, MAX_EXPERTS)
         require_positive_int("moe.every", self.every)
-        require_positive_int("moe.expert_ffn_hidden", self.expert_ffn_hidden)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(
-                f"moe.top_k must be an integer between 1 and moe.num_experts ({self.num_experts}); got {self.top_k!r}"
-            )
-        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
-            raise ValueError(f"moe.num_shared_experts must be an integer >= 0; got {self.num_shared_experts!r}")
+        require_positive_int("moe.expert_ffn_hidden", self.expert_ffn_hidden, MAX_FFN)
+        require_int_in("moe.top_k", self.top_k, 1, self.num_experts, "moe.num_experts")
+        require_int_in("moe.num_shared_experts", self.num_shared_experts, 0, MAX_EXPERTS)
         require_choice("moe.score", self.score, SCORE_FUNCTIONS)
+        require_choice("moe.aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
         require_choice("moe.backend", self.backend, EXPERT_BACKENDS)
-        for name in ("aux_loss_coef", "z_loss_coef", "jitter", "bias_update_rate"):
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             require_non_negative_number(f"moe.{name}", getattr(self, name))
-        if self.jitter >= 1:
-            raise ValueError(f"moe.jitter must be in [0, 1); got {self.jitter!r}")
+        require_number_in("moe.jitter", self.jitter, 0, 1, high_open=True)
         if self.capacity_factor is not None:
             cf = self.capacity_factor
-            if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf) or cf <= 0:
+            if not _is_number(cf) or not math.isfinite(cf) or cf <= 0:
                 raise ValueError(f"moe.capacity_factor must be null (dropless) or a number > 0; got {cf!r}")
 
 
@@ -82,10 +136,16 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Initial weights of a fresh run: null (random), "hf:<dir>" or "upcycle:<dir>" (train/init_from.py).
+    init_from: Optional[str] = None
 
     def validate(self) -> None:
-        for name in ("vocab_size", "max_seq_len", "n_layers", "d_model", "n_heads", "ffn_hidden"):
-            require_positive_int(f"model.{name}", getattr(self, name))
+        require_positive_int("model.vocab_size", self.vocab_size, MAX_VOCAB)
+        require_positive_int("model.max_seq_len", self.max_seq_len, MAX_SEQ_LEN)
+        require_positive_int("model.n_layers", self.n_layers, MAX_LAYERS)
+        require_positive_int("model.d_model", self.d_model, MAX_WIDTH)
+        require_positive_int("model.n_heads", self.n_heads)
+        require_positive_int("model.ffn_hidden", self.ffn_hidden, MAX_FFN)
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
@@ -95,9 +155,9 @@ class ModelConfig:
                 f"model.d_model / model.n_heads must be even for rotary embeddings; got head size {self.d_model // self.n_heads}"
             )
         require_choice("model.activation", self.activation, ACTIVATIONS)
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            value = getattr(self, name)
-            require_non_negative_number(f"model.{name}", value)
+        require_positive_number("model.rope_theta", self.rope_theta)  # 0 divides by zero in the rotary table
+        require_positive_number("model.norm_eps", self.norm_eps)  # 0 turns an all-zero row into nan
+        require_non_negative_number("model.init_std", self.init_std)
 
 
 @dataclass

@@ -33,7 +33,7 @@ class ParallelDims:
     rank: int
     local_rank: int
     ep: int
-    device: torch.device  # where compute runs, and where every collective's tensors live
+    device: torch.device = torch.device("cpu")  # where compute runs, and where every collective's tensors live
     mesh: Optional[DeviceMesh] = None  # axes MESH_AXES; None on one process
 
     @property

@@ -26,7 +26,7 @@ from parallel.deepspeed_state import DenseShards, ensure_adamw_state
 from parallel.dims import ParallelDims
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.trainer import Trainer
-from parallel.zero import deepspeed_config, detach_experts, shard_experts
+from parallel.zero import deepspeed_config, detach_experts, shard_experts, skip_deepspeed_shm_op
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
@@ -44,6 +44,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
     config = deepspeed_config(job.deepspeed.zero_stage, job.train.micro_batch, job.train.grad_accum, dims.world_size)
     import deepspeed  # heavy import, only where the engine is built
 
+    skip_deepspeed_shm_op()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=dense_optimizer, config=config, dist_init_required=False)
     dense = DenseShards(engine, dense_optimizer, job.deepspeed.zero_stage)
     return Trainer(engine, dense, experts, expert_optimizer, experts_sharded, dims, job.deepspeed.zero_stage, job.optim.grad_clip)

@@ -11,7 +11,7 @@ from parallel.collectives import average_replicated_expert_gradients
 from parallel.deepspeed_state import DenseShards
 from parallel.dims import ParallelDims
 from parallel.grad_norm import clip_by_global_norm
-from parallel.zero import local_tensor
+from parallel.zero import EXPERT_SHARD_DIM, local_tensor
 
 
 class Trainer:
@@ -61,6 +61,40 @@ class Trainer:
             self.expert_optimizer.step()
             self.expert_optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def persistent_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """Buffers that belong with the weights (the routers' selection bias), not the recomputable
+        ones (rotary tables)."""
+        out = []
+        for prefix, sub in self.module.named_modules():
+            for name, buffer in sub.named_buffers(recurse=False):
+                if buffer is not None and name not in sub._non_persistent_buffers_set:
+                    out.append((f"{prefix}.{name}" if prefix else name, buffer))
+        return out
+
+    @torch.no_grad()
+    def load_model_state(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Weights named as in the single-process model (`GPT.state_dict()`, experts as the global
+        [E, ...] tensors) into this rank's shards. Names not in `state_dict` keep their values."""
+        for name, p in self.dense.named_parameters():
+            if name in state_dict:
+                flat = state_dict[name].reshape(-1)
+                piece = self.dense.piece(p)
+                if self.zero_stage == 3:  # only this rank's range of the flattened parameter
+                    if piece is None:
+                        continue
+                    flat = flat[piece.start : piece.start + piece.numel]
+                self.dense.load_weights(p, flat.to(self.dims.device))
+        for name, buffer in self.persistent_buffers():
+            if name in state_dict:
+                buffer.copy_(state_dict[name])
+        for name, p in self.named_expert_parameters:
+            if name in state_dict:
+                module = self.experts[name.rsplit(".", 1)[0]]
+                local = state_dict[name][module.first_expert : module.first_expert + module.num_experts]
+                if self.experts_sharded:  # FSDP's dim-1 slice (torch.chunk sizes, as FSDP cuts it)
+                    local = local.chunk(self.dims.edp, dim=EXPERT_SHARD_DIM)[self.dims.edp_rank]
+                local_tensor(p).copy_(local)
 
     def expert_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_expert_parameters]

@@ -8,21 +8,15 @@ one saved; the training after it is the real loop of `python -m train`.
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
-from tests.jobs import REPO
+from train.check import compose_job
 from train.checkpoint import CheckpointManager
-from train.config import register_configs
 from train.loop import train
 from train.setup import setup
 
 
 def main(side_dir: str, run_dir: str, *overrides: str) -> None:
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose("config", overrides=[*overrides, f"run_dir={run_dir}", "train.resume=true"])
-    job = OmegaConf.to_object(cfg)
+    job = compose_job([*overrides, "train.resume=true"])
+    job.run_dir = run_dir
     run = setup(job)
     CheckpointManager(Path(side_dir), job, run.dims).save(run.trainer, run.start_step)
     train(run)

@@ -10,6 +10,7 @@ collective is recorded and must hold tensors on `dims.device`. The process group
 import torch
 import torch.distributed as dist
 
+from models.moe.balance import RouterLosses
 from models.moe.layer import MoEStats
 from parallel.collectives import all_reduce_sum, any_rank, average_replicated_expert_gradients
 from parallel.dims import init_parallel, process_group_backend
@@ -45,9 +46,9 @@ def _worker(rank, world_size):
         assert any_rank(rank == 1, dims) is True
         assert all_reduce_sum(torch.ones(3, device="cpu"), dims).tolist() == [2.0, 2.0, 2.0]
         window = MoEWindow(num_layers=1, num_experts=2)
-        stats = MoEStats(torch.tensor([3, 1], device="cpu"), torch.tensor(1.0, device="cpu"), torch.tensor(0.5, device="cpu"),
-                         torch.tensor(0.7, device="cpu"), torch.tensor(0, device="cpu"), 10, 0.0)
-        window.add([stats])
+        stats = MoEStats(torch.tensor([3, 1], device="cpu"), torch.tensor([[3, 1]], device="cpu"), torch.full((1, 2), 0.5, device="cpu"),
+                         torch.tensor(0.5, device="cpu"), torch.tensor(0.7, device="cpu"), torch.tensor(0, device="cpu"), 10, 0.0)
+        window.add([stats], RouterLosses(torch.tensor(1.0, device="cpu"), torch.ones(1, device="cpu"), torch.ones(1, device="cpu")))
         assert window.summarize(dims, elapsed_seconds=1.0)["moe/layer0/tokens_per_expert"] == [6, 2]
         experts = [torch.nn.Parameter(torch.ones(2, 3, device="cpu"))]
         experts[0].grad = torch.full((2, 3), float(rank + 1), device="cpu")

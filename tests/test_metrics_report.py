@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.moe.balance import RouterLosses
 from models.moe.layer import MoEStats
 from parallel.dims import ParallelDims
 from train.loop import warn_dead_experts
@@ -18,14 +19,21 @@ from train.report import load_shares
 ONE_PROCESS = ParallelDims(world_size=1, rank=0, local_rank=0, ep=1)
 
 
-def stats(load, aux=1.0, dropped=0, nbytes=0, seconds=0.0):
-    return MoEStats(torch.tensor(load), torch.tensor(aux), torch.tensor(0.5), torch.tensor(1.0), torch.tensor(dropped), nbytes, seconds)
+def stats(load, dropped=0, nbytes=0, seconds=0.0):
+    load = torch.tensor(load)
+    return MoEStats(load, load[None], torch.full((1, len(load)), 1 / len(load)), torch.tensor(0.5), torch.tensor(1.0),
+                    torch.tensor(dropped), nbytes, seconds)
+
+
+def add(window, layers, aux):
+    """One micro-step: each layer's stats, and the balance losses the loop computed for them."""
+    window.add(layers, RouterLosses(torch.tensor(0.0), torch.tensor(aux), torch.full((len(aux),), 0.5)))
 
 
 def test_window_figures_by_hand():
     window = MoEWindow(num_layers=2, num_experts=4)
-    window.add([stats([3, 1, 0, 0], aux=1.2, dropped=1, nbytes=100, seconds=0.25), stats([2, 2, 2, 2])])
-    window.add([stats([1, 3, 0, 0], aux=1.0, dropped=2, nbytes=60, seconds=0.25), stats([2, 2, 2, 2])])
+    add(window, [stats([3, 1, 0, 0], dropped=1, nbytes=100, seconds=0.25), stats([2, 2, 2, 2])], aux=[1.2, 1.0])
+    add(window, [stats([1, 3, 0, 0], dropped=2, nbytes=60, seconds=0.25), stats([2, 2, 2, 2])], aux=[1.0, 1.0])
     out = window.summarize(ONE_PROCESS, elapsed_seconds=2.0)
     assert out["moe/layer0/tokens_per_expert"] == [4, 4, 0, 0]
     assert out["moe/layer0/imbalance_max_over_mean"] == pytest.approx(4 / 2)

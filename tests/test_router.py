@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.config import MoEConfig
+from models.moe.balance import balance_loss, routing_summary
 from models.moe.router import TopKRouter
 
 
@@ -15,6 +16,12 @@ def make_router(weight, **overrides):
     with torch.no_grad():
         router.gate_ED.copy_(torch.tensor(weight, dtype=torch.float32))
     return router
+
+
+def micro_batch_aux(out, num_experts):
+    """The Switch balance loss of one micro-batch (all tokens one sequence)."""
+    selected_BE, prob_mean_BE = routing_summary(out.probs_TE[None], out.expert_ids_TK[None], num_experts)
+    return balance_loss(selected_BE, prob_mean_BE, "micro_batch")
 
 
 # Two tokens, three experts: token 0 has logits [2, 1, 0], token 1 has logits [0, 1, 3].
@@ -37,7 +44,7 @@ def test_softmax_top1_by_hand():
     # Switch loss: E * sum_e f_e P_e with f = [1/2, 0, 1/2].
     mean_p = [(probs[0][e] + probs[1][e]) / 2 for e in range(3)]
     expected_aux = 3 * (0.5 * mean_p[0] + 0.5 * mean_p[2])
-    assert out.aux_loss.item() == pytest.approx(expected_aux, rel=1e-6)
+    assert micro_batch_aux(out, 3).item() == pytest.approx(expected_aux, rel=1e-6)
     expected_z = sum(math.log(sum(math.exp(v) for v in r)) ** 2 for r in LOGITS) / 2
     assert out.z_loss.item() == pytest.approx(expected_z, rel=1e-6)
     expected_entropy = sum(-sum(p * math.log(p) for p in row) for row in probs) / 2
@@ -86,7 +93,7 @@ def test_balanced_routing_gives_aux_loss_one():
     router = make_router((2 * torch.eye(4)).tolist(), top_k=1)
     out = router.eval()(torch.eye(4))
     assert out.expert_ids_TK.flatten().tolist() == [0, 1, 2, 3]
-    assert out.aux_loss.item() == pytest.approx(1.0)
+    assert micro_batch_aux(out, 4).item() == pytest.approx(1.0)
 
 
 def test_router_logits_stay_fp32_under_autocast():
@@ -109,6 +116,8 @@ def test_jitter_only_in_training():
 def test_a_rank_with_no_token_has_finite_router_losses():
     router = make_router(WEIGHT, top_k=2)
     out = router(torch.randn(0, 2, requires_grad=True))
-    for value in (out.aux_loss, out.z_loss, out.entropy):
+    aux = {scope: balance_loss(*routing_summary(out.probs_TE.view(0, 1, 3), out.expert_ids_TK.view(0, 1, 2), 3), scope,
+                               torch.tensor([5, 3, 0])) for scope in ("micro_batch", "sequence", "global_batch")}
+    for value in (*aux.values(), out.z_loss, out.entropy):
         assert torch.isfinite(value) and value.item() == 0.0
-    (out.aux_loss + out.z_loss).backward()  # and it can be backpropagated (an EP rank may get no token)
+    (sum(aux.values()) + out.z_loss).backward()  # and it can be backpropagated (an EP rank may get no token)

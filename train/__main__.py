@@ -1,42 +1,83 @@
-"""`python -m train [overrides]`: the Hydra entry point (also under torchrun and srun)."""
+"""`python -m train [overrides]`: the Hydra entry point (also under torchrun and srun).
+
+A mistake in the settings, found by Hydra while composing the config or by Switchyard while
+checking it, ends the job with one line `switchyard: error: ...` on stderr (printed by rank 0
+only, when there are several processes: see `fail`) and exit code 2; a diverged run exits with 3.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from parallel.dims import shutdown
-from train.config import JobConfig, register_configs
+from train.check import hydra_error_line
+from train.config import JobConfig, refuse_unknown_keys, register_configs
 from train.logging import quiet_third_party_logs
 from train.loop import TrainingDiverged, train
 from train.setup import setup
-from train.sweep import in_sweep
+from train.sweep import in_sweep, is_first_process
 
 register_configs()
+_job_started = False  # an OSError before the job started comes from Hydra creating the run directory
+OTHER_RANKS_WAIT_S = 30.0
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
+    global _job_started
+    _job_started = True
     quiet_third_party_logs()
-    job: JobConfig = OmegaConf.to_object(cfg)
-    if in_sweep() and job.logging.wandb.group is None:
-        job.logging.wandb.group = Path(HydraConfig.get().sweep.dir).name  # one W&B group per sweep
     try:
+        refuse_unknown_keys(cfg)
+        job: JobConfig = OmegaConf.to_object(cfg)
+        if in_sweep() and job.logging.wandb.group is None:
+            job.logging.wandb.group = Path(HydraConfig.get().sweep.dir).name  # one W&B group per sweep
+        job.validate()  # before anything heavy; setup() checks again, for callers other than this one
         run = setup(job)
         summary = train(run)
     except (ValueError, TrainingDiverged) as err:  # a user mistake or a diverged run: one clear line
-        print(f"switchyard: error: {err}", file=sys.stderr)
         if in_sweep():
+            report(err)
             raise  # Hydra records this job as failed and runs the others
-        sys.exit(2 if isinstance(err, ValueError) else 3)
+        fail(str(err), exit_code(err))
     finally:
         if not in_sweep():  # sweep jobs share this process, and DeepSpeed keeps its group handles
             shutdown()
     return sweep_figures(summary)
+
+
+def report(message) -> None:
+    """Rank 0 speaks for all: every rank checks the same settings and reaches the same verdict."""
+    if is_first_process():
+        print(f"switchyard: error: {message}", file=sys.stderr, flush=True)
+
+
+def exit_code(err: Exception) -> int:
+    return 3 if isinstance(err, TrainingDiverged) else 2
+
+
+def fail(message: str, code: int) -> None:
+    """Print the line once and exit. Every rank reaches the same verdict on the same settings, so
+    the other ranks leave the printing to rank 0 and wait for the launcher to stop them when rank 0
+    exits (torchrun and `srun --kill-on-bad-exit` do): were one of them first to exit, torchrun
+    could stop rank 0 before it printed. A rank still running after OTHER_RANKS_WAIT_S failed
+    alone (e.g. a file missing on its node) and says so itself."""
+    if is_first_process():
+        report(message)
+    else:
+        time.sleep(OTHER_RANKS_WAIT_S)
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+        print(f"switchyard: error: (rank {rank}) {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def sweep_figures(summary: dict) -> dict:
@@ -48,5 +89,22 @@ def sweep_figures(summary: dict) -> dict:
     }
 
 
+def cli() -> None:
+    """Hydra's main, with Hydra's own errors (composition, run directory) as one line too."""
+    # Hydra then raises its errors instead of printing a multi-line report and exiting with 1.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as err:  # bad override, wrong type, unknown key
+        fail(hydra_error_line(err, sys.argv[1:]), 2)
+    except OSError as err:
+        if _job_started:
+            raise
+        fail(f"cannot create the run directory: {err.filename}: {err.strerror} "
+             "(set run_name, hydra.run.dir or, for sweeps, hydra.sweep.dir to a writable place)", 2)
+    except (ValueError, TrainingDiverged) as err:  # a sweep with a failed job: each job printed its line
+        fail(f"at least one sweep job failed, e.g.: {err}", exit_code(err))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

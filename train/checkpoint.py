@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,37 +90,8 @@ class CheckpointManager:
 
     # -- finding ------------------------------------------------------------------------------
 
-    def complete_checkpoints(self) -> list[Path]:
-        """Published folders (a readable meta.json), oldest first."""
-        found = []
-        for path in sorted(self.dir.glob("step_*")):
-            if path.is_dir() and not path.name.endswith(".tmp") and _readable_meta(path) is not None:
-                found.append(path)
-        return found
-
     def latest(self, announce: bool = False) -> Path | None:
-        """The folder `latest` names; if that is missing or incomplete, the newest complete one."""
-        marker = self.dir / LATEST
-        named = None
-        if marker.is_file():
-            try:
-                named = self.dir / marker.read_text(encoding="ascii").strip()
-            except (UnicodeDecodeError, OSError):
-                named = None
-        if named is not None and named.parent == self.dir and _readable_meta(named) is not None:
-            return named
-        complete = self.complete_checkpoints()
-        if not complete:
-            return None
-        if announce and marker.exists():
-            if named is None or named.parent != self.dir:
-                problem = f"{marker} is damaged"
-            elif not named.is_dir():
-                problem = f"{marker} names {named.name}, which does not exist"
-            else:
-                problem = f"{named / META} is missing or damaged"
-            print(f"switchyard: {problem}; resuming from {complete[-1].name}, the newest complete checkpoint")
-        return complete[-1]
+        return latest_checkpoint(self.dir, announce)
 
     def resume_point(self) -> ResumePoint | None:
         """The checkpoint to continue from: asked for with train.resume, or implied by a restart
@@ -187,7 +159,7 @@ class CheckpointManager:
 
     def _prune(self, keep: str) -> None:
         """Drop stale staging folders and all but the newest KEEP_LAST complete checkpoints."""
-        for old in self.complete_checkpoints()[:-KEEP_LAST]:
+        for old in complete_checkpoints(self.dir)[:-KEEP_LAST]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.dir.glob("step_*.tmp"):
@@ -209,6 +181,42 @@ class CheckpointManager:
         return meta["step"]
 
 
+# -- finding ------------------------------------------------------------------------------------
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Published folders (a readable meta.json), oldest first."""
+    return [path for path in sorted(Path(ckpt_dir).glob("step_*"))
+            if path.is_dir() and not path.name.endswith(".tmp") and _readable_meta(path) is not None]
+
+
+def latest_checkpoint(ckpt_dir: Path, announce: bool = False) -> Path | None:
+    """The folder the `latest` marker names; if that is missing or incomplete, the newest complete
+    one (and, with `announce`, a line saying so)."""
+    ckpt_dir = Path(ckpt_dir)
+    marker = ckpt_dir / LATEST
+    named = None
+    if marker.is_file():
+        try:
+            named = ckpt_dir / marker.read_text(encoding="ascii").strip()
+        except (UnicodeDecodeError, OSError):
+            named = None
+    if named is not None and named.parent == ckpt_dir and _readable_meta(named) is not None:
+        return named
+    complete = complete_checkpoints(ckpt_dir)
+    if not complete:
+        return None
+    if announce and marker.exists():
+        if named is None or named.parent != ckpt_dir:
+            problem = f"{marker} is damaged"
+        elif not named.is_dir():
+            problem = f"{marker} names {named.name}, which does not exist"
+        else:
+            problem = f"{named / META} is missing or damaged"
+        print(f"switchyard: {problem}; resuming from {complete[-1].name}, the newest complete checkpoint")
+    return complete[-1]
+
+
 # -- reading a checkpoint on one process (export, tests) -----------------------------------------
 
 
@@ -223,7 +231,9 @@ def read_tensors(folder: Path, prefixes: tuple[str, ...] = ("model.",)) -> dict[
     entries = _read_metadata(folder).state_dict_metadata
     state = {name: torch.empty(md.size, dtype=md.properties.dtype) for name, md in entries.items()
              if name.startswith(prefixes) and hasattr(md, "size")}
-    _read_into(state, folder, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        _read_into(state, folder, no_dist=True)
     return state
 
 
@@ -280,7 +290,7 @@ def training_state(trainer: Trainer, dims: ParallelDims) -> dict[str, torch.Tens
         for key in ADAM_STATE_KEYS:
             values = dense.optimizer_state(p, key)
             state[f"optim.{key}.{name}"] = _range(dense.full_numel(p), piece, values, dims) if dense.partitioned else values
-    for name, buffer in persistent_buffers(trainer.module):
+    for name, buffer in trainer.persistent_buffers():
         state[f"model.{name}"] = buffer
     state["optim.step.dense"] = torch.tensor(dense.step_count())
     with torch.no_grad():
@@ -308,7 +318,7 @@ def load_targets(trainer: Trainer, dims: ParallelDims, with_rng: bool):
         for key in ADAM_STATE_KEYS:
             targets[f"optim.{key}.{name}"] = _range(numel, piece, _empty(piece, dims.device), dims) if dense.partitioned \
                 else torch.empty(numel, device=dims.device)
-    buffers = persistent_buffers(trainer.module)
+    buffers = trainer.persistent_buffers()
     for name, buffer in buffers:
         targets[f"model.{name}"] = torch.empty_like(buffer)
     targets["optim.step.dense"] = torch.zeros(())
@@ -348,17 +358,6 @@ def load_targets(trainer: Trainer, dims: ParallelDims, with_rng: bool):
                 torch.cuda.set_rng_state(targets[f"rng.cuda.rank{dims.rank}"])
 
     return targets, put_back
-
-
-def persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Buffers that belong in a checkpoint (the router's selection bias), not the recomputable
-    ones (rotary tables)."""
-    out = []
-    for prefix, sub in module.named_modules():
-        for name, buffer in sub.named_buffers(recurse=False):
-            if buffer is not None and name not in sub._non_persistent_buffers_set:
-                out.append((f"{prefix}.{name}" if prefix else name, buffer))
-    return out
 
 
 def _expert_step(trainer: Trainer) -> float:

@@ -6,20 +6,40 @@ overrides them, so a misspelt key or a wrong type fails at composition time.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import os
+import tempfile
+import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
-from models.config import GPTConfig, ModelConfig, MoEConfig, require_choice, require_positive_int
+from models.config import (
+    MAX_EXPERTS,
+    MAX_SEED,
+    MAX_SEQ_LEN,
+    GPTConfig,
+    ModelConfig,
+    MoEConfig,
+    require_choice,
+    require_finite,
+    require_int_in,
+    require_non_negative_number,
+    require_number_in,
+    require_positive_int,
+    require_positive_number,
+)
 from parallel.activation_checkpointing import ACTIVATION_CHECKPOINTING
 from parallel.zero import validate_zero_stage
+from train.data.prepare import check_data_config
 
-CORPORA = ("classics", "files", "hub")
-TOKENIZER_KINDS = ("bpe", "file", "hub", "bytes")
 WANDB_MODES = ("offline", "online", "disabled")
 DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+MAX_STEPS = 2**40  # steps and step intervals: far beyond any run, small enough for every integer type on the way
+MAX_BATCH = 2**20  # micro_batch, grad_accum, eval_batches: rows or passes per step
 
 
 @dataclass
@@ -63,6 +83,17 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 = off
 
+    def validate(self) -> None:
+        # Checked here under their Hydra names: torch's own checks would only say "Invalid beta parameter".
+        require_positive_number("optim.lr", self.lr)
+        require_number_in("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        require_int_in("optim.warmup_steps", self.warmup_steps, 0)
+        require_non_negative_number("optim.weight_decay", self.weight_decay)
+        require_number_in("optim.beta1", self.beta1, 0, 1, high_open=True)
+        require_number_in("optim.beta2", self.beta2, 0, 1, high_open=True)
+        require_positive_number("optim.eps", self.eps)  # 0 divides by zero for a weight whose gradient is 0
+        require_non_negative_number("optim.grad_clip", self.grad_clip)
+
 
 @dataclass
 class TrainConfig:
@@ -83,6 +114,23 @@ class TrainConfig:
     peak_tflops: Optional[float] = None  # for MFU; null = measured table on known GPUs, none on CPU
     activation_checkpointing: str = "none"  # "none" | "full" (every block) | "moe" (only MoE feed-forwards)
 
+    def validate(self, max_seq_len: int) -> None:
+        for name in ("steps", "log_interval", "eval_interval", "ckpt_interval", "max_bad_steps"):
+            require_positive_int(f"train.{name}", getattr(self, name), MAX_STEPS)
+        for name in ("micro_batch", "grad_accum", "eval_batches"):
+            require_positive_int(f"train.{name}", getattr(self, name), MAX_BATCH)
+        require_positive_int("train.seq_len", self.seq_len, MAX_SEQ_LEN)
+        if self.seq_len > max_seq_len:
+            raise ValueError(f"train.seq_len ({self.seq_len}) must be <= model.max_seq_len ({max_seq_len})")
+        require_int_in("train.seed", self.seed, 0, MAX_SEED)
+        if self.stop_at is not None:
+            require_positive_int("train.stop_at", self.stop_at, MAX_STEPS)
+        if self.peak_tflops is not None:
+            require_positive_number("train.peak_tflops", self.peak_tflops)
+        require_choice("train.device", self.device, DEVICES)
+        require_choice("train.dtype", self.dtype, DTYPES)
+        require_choice("train.activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+
 
 @dataclass
 class WandbConfig:
@@ -97,6 +145,13 @@ class WandbConfig:
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress_bar: bool = True
+    sample_tokens: int = 48  # at each evaluation, log a sampled continuation of sample_prompt this long; 0 = off
+    sample_prompt: str = "ROMEO:"
+
+    def validate(self) -> None:
+        require_int_in("logging.sample_tokens", self.sample_tokens, 0, MAX_SEQ_LEN)
+        if self.sample_tokens and not self.sample_prompt:
+            raise ValueError("logging.sample_prompt must be non-empty text when logging.sample_tokens > 0")
 
 
 @dataclass
@@ -117,33 +172,59 @@ class JobConfig:
 
     def validate(self) -> None:
         """Every user mistake that can be seen without data or processes -> one ValueError."""
+        require_finite_numbers(self)
+        self.train.validate(self.model.max_seq_len)  # first: model.max_seq_len follows train.seq_len in conf/
         self.gpt_config().validate()
-        require_positive_int("parallel.ep", self.parallel.ep)
+        require_positive_int("parallel.ep", self.parallel.ep, MAX_EXPERTS)
         validate_zero_stage(self.deepspeed.zero_stage)
-        require_positive_int("train.max_bad_steps", self.train.max_bad_steps)
-        t = self.train
-        for name in ("steps", "micro_batch", "seq_len", "grad_accum", "log_interval", "eval_interval", "eval_batches", "ckpt_interval"):
-            require_positive_int(f"train.{name}", getattr(t, name))
-        if t.stop_at is not None:
-            require_positive_int("train.stop_at", t.stop_at)
-        if t.seq_len > self.model.max_seq_len:
-            raise ValueError(f"train.seq_len ({t.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len})")
-        require_choice("train.device", t.device, DEVICES)
-        require_choice("train.dtype", t.dtype, DTYPES)
-        require_choice("train.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
-        from train.data.prepare import check_data_config  # local: train.data imports this module
-
+        self.optim.validate()
         check_data_config(self.data)
+        from train.init_from import check_init_from  # local: it reads run directories through this module
+
+        check_init_from(self)
         require_choice("logging.wandb.mode", self.logging.wandb.mode, WANDB_MODES)
+        self.logging.validate()
         if self.moe.backend == "megablocks":
             _check_megablocks_available()
-        o = self.optim
-        if not o.lr > 0:
-            raise ValueError(f"optim.lr must be > 0; got {o.lr!r}")
-        if not 0 <= o.min_lr_ratio <= 1:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1]; got {o.min_lr_ratio!r}")
-        if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
-            raise ValueError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
+        self.check_writable_places()
+
+    def check_writable_places(self) -> None:
+        """The places the job writes to, checked before any data is prepared or process started."""
+        require_writable_dir("data.cache_dir", self.data.cache_dir, "set data.cache_dir or $SWITCHYARD_CACHE")
+        where = "set run_name, hydra.run.dir or (sweeps) hydra.sweep.dir"
+        require_writable_dir("run directory", self.run_dir, where)
+        require_writable_dir("checkpoint directory", os.path.join(self.run_dir, "checkpoints"), where)
+
+
+def require_finite_numbers(node, prefix: str = "") -> None:
+    """No inf or nan anywhere in the job config, whatever the setting (a net under the per-setting checks)."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            require_finite_numbers(value, f"{prefix}{f.name}.")
+        else:
+            require_finite(f"{prefix}{f.name}", value)
+
+
+def require_writable_dir(name: str, path: str, remedy: str) -> None:
+    """`path` is a directory the job can create files in, or one it can create: the nearest existing
+    folder on the way must be a directory that takes a new file (tried with an unnamed temporary
+    file, which also meets ACLs, read-only mounts and root squash, where mode bits would not)."""
+    target = os.path.abspath(os.path.expanduser(str(path)))
+    existing = target
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    problem = None
+    if not os.path.isdir(existing):
+        problem = f"{existing} is not a directory"
+    else:
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            problem = f"cannot create a file in {existing} ({err.strerror})"
+    if problem:
+        raise ValueError(f"{name}: cannot write to {target}: {problem} ({remedy} to a writable place)")
 
 
 def _check_megablocks_available() -> None:
@@ -157,6 +238,36 @@ def _check_megablocks_available() -> None:
             "this machine lacks one of them: use moe.backend=torch"
         )
     raise ValueError("moe.backend=megablocks is not implemented in this version yet: use moe.backend=torch")
+
+
+def refuse_unknown_keys(cfg, schema: type | None = None, prefix: str = "") -> None:
+    """Hydra's `+key=value` adds a key even to a typed node (it opens the node for the addition), and
+    OmegaConf then carries it along silently: a typo like `+train.stepz=50` would change nothing and
+    say nothing. Every key of the composed config must be a field of its dataclass."""
+    schema = schema or JobConfig
+    hints = typing.get_type_hints(schema)
+    for key in cfg.keys():
+        if key not in hints:
+            raise ValueError(unknown_setting_message(f"{prefix}{key}"))
+        if dataclasses.is_dataclass(hints[key]):
+            refuse_unknown_keys(cfg[key], hints[key], f"{prefix}{key}.")
+
+
+def unknown_setting_message(path: str) -> str:
+    """`train.stepz: no such setting (did you mean train.steps?)`, from the schema."""
+    *parents, key = path.split(".")
+    schema: type = JobConfig
+    for part in parents:
+        hint = typing.get_type_hints(schema).get(part)
+        if not dataclasses.is_dataclass(hint):
+            return f"{path}: no such setting"
+        schema = hint
+    known = [f.name for f in dataclasses.fields(schema)]
+    prefix = "".join(f"{p}." for p in parents)
+    close = difflib.get_close_matches(key, known, n=2)
+    if close:
+        return f"{path}: no such setting (did you mean {' or '.join(prefix + c for c in close)}?)"
+    return f"{path}: no such setting; {'.'.join(parents) or 'the top level'} has: {', '.join(known)}"
 
 
 def register_configs() -> None:

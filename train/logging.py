@@ -1,6 +1,20 @@
 """Where figures go: console progress bar, JSONL in the run directory, W&B (offline by default).
 
 Only the main rank builds a RunLogger; every other rank gets a silent one.
+
+Nothing a run wrote is lost when the run directory is used again:
+- a fresh run moves an earlier `metrics.jsonl` (and `wandb_run_id`) aside to
+  `metrics.prev-<time>.jsonl` (`wandb_run_id.prev-<time>`), as setup does with checkpoints;
+- a run resumed from step R keeps the history up to R and moves what the crashed attempt logged
+  after R (which the resumed run logs again) to `metrics.replaced-<time>.jsonl`, so that
+  `metrics.jsonl` holds each step once. The resumed run's first record (the validation loss at R)
+  replaces an earlier record of step R with the same keys. The file is rewritten (atomically) at
+  the resumed run's first record, so an attempt that dies before logging changes nothing.
+- W&B cannot rewind an offline run (rewinding, `resume_from`, is a server-side preview feature):
+  a resumed run keeps the run id, and its offline run starts with a replay of the kept history
+  (without the per-step heatmap images, which stay in the earlier offline run), so the newest
+  offline run holds the whole history, each step once. Online, W&B resumes the run by id
+  (`resume="allow"`).
 """
 
 from __future__ import annotations
@@ -8,13 +22,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 log = logging.getLogger("switchyard")
+METRICS = "metrics.jsonl"
+WANDB_ID = "wandb_run_id"
 
 
 class RunLogger:
@@ -25,8 +43,14 @@ class RunLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        # Append on resume: the file keeps the whole curve, one JSON object per logged step.
-        self.jsonl = open(run_dir / "metrics.jsonl", "a" if first_step > 0 else "w")
+        self.run_dir, self.offline = run_dir, wandb_cfg.mode == "offline"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if first_step == 0:
+            for name in (METRICS, WANDB_ID):
+                move_aside(run_dir / name, "prev", stamp)
+        self.resumed_history = _ResumedHistory(run_dir / METRICS, first_step, stamp) if first_step > 0 else None
+        # A fresh run starts the file; a resumed one rewrites it at its first record (see above).
+        self.jsonl = open(run_dir / METRICS, "a") if first_step == 0 else None
         if wandb_cfg.mode != "disabled":
             import wandb
 
@@ -39,7 +63,8 @@ class RunLogger:
                 dir=str(run_dir),
                 name=run_dir.name,
                 config=job_dict,
-                resume="allow" if first_step > 0 else None,
+                # Offline, each offline run is a whole history (replayed on resume), so no W&B resume.
+                resume="allow" if first_step > 0 and not self.offline else None,
                 id=_wandb_run_id(run_dir, first_step),
             )
         if progress_bar:
@@ -48,6 +73,12 @@ class RunLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
+        if self.jsonl is None:  # the first record of a resumed run
+            kept = self.resumed_history.settle(step, metrics)
+            self.jsonl = open(self.run_dir / METRICS, "a")
+            if self.wandb_run is not None and self.offline:
+                for record in kept:
+                    self.wandb_run.log(_for_wandb(_without_step(record), images=False), step=record["step"])
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         if self.wandb_run is not None:
@@ -71,14 +102,85 @@ class RunLogger:
             return
         if self.bar is not None:
             self.bar.close()
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
 
 
+class _ResumedHistory:
+    """metrics.jsonl of a run resumed from `resume_step`, settled at the resumed run's first record."""
+
+    def __init__(self, path: Path, resume_step: int, stamp: str):
+        self.path, self.resume_step, self.stamp = path, resume_step, stamp
+
+    def settle(self, step: int, metrics: dict) -> list[dict]:
+        """Keep records up to the resume step, except one of that step with the same keys as the
+        first new record; move the others (and any line that is not a record, e.g. cut by a crash)
+        aside. Returns the kept records."""
+        if not self.path.is_file():
+            return []
+        kept, lines, replaced = [], [], []
+        for line in self.path.read_text(errors="replace").splitlines():
+            record = _parse_record(line)
+            superseded = record is not None and record["step"] == step == self.resume_step and \
+                record.keys() - {"step"} == metrics.keys()
+            if record is None or record["step"] > self.resume_step or superseded:
+                replaced.append(line)
+            else:
+                kept.append(record)
+                lines.append(line)
+        if replaced:
+            aside = _free_name(self.path, "replaced", self.stamp)
+            aside.write_text("".join(f"{line}\n" for line in replaced))
+            _write_atomic(self.path, "".join(f"{line}\n" for line in lines))
+            log.info("resumed at step %d: %d record(s) the earlier attempt logged after it moved to %s",
+                     self.resume_step, len(replaced), aside)
+        return kept
+
+
+def _parse_record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def _without_step(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "step"}
+
+
+def move_aside(path: Path, why: str, stamp: str) -> Path | None:
+    """`metrics.jsonl` -> `metrics.<why>-<stamp>.jsonl` (a free name), if it exists and is not empty."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    aside = _free_name(path, why, stamp)
+    os.replace(path, aside)
+    log.info("kept the earlier %s as %s", path.name, aside.name)
+    return aside
+
+
+def _free_name(path: Path, why: str, stamp: str) -> Path:
+    for n in range(1000):
+        candidate = path.with_name(f"{path.stem}.{why}-{stamp}{'' if n == 0 else f'-{n}'}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+    raise FileExistsError(candidate)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _wandb_run_id(run_dir: Path, first_step: int) -> str:
     """One W&B run per run directory: a resumed job continues the same run."""
-    id_file = run_dir / "wandb_run_id"
+    id_file = run_dir / WANDB_ID
     if first_step > 0 and id_file.is_file():
         return id_file.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
@@ -86,7 +188,7 @@ def _wandb_run_id(run_dir: Path, first_step: int) -> str:
     return run_id
 
 
-def _for_wandb(metrics: dict) -> dict:
+def _for_wandb(metrics: dict, images: bool = True) -> dict:
     """Lists of per-expert counts become W&B histograms whose bins are expert ids, plus one
     layers × experts heatmap image per logged step (W&B's step slider plays it over time)."""
     import wandb
@@ -99,7 +201,7 @@ def _for_wandb(metrics: dict) -> dict:
             loads.append(counts)
         else:
             out[key] = value
-    if loads:
+    if loads and images:
         from train.report import expert_load_figure, plt
 
         load_LE = np.stack(loads)
@@ -112,3 +214,8 @@ def _for_wandb(metrics: dict) -> dict:
 def quiet_third_party_logs() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed probes its ops by compiling test programs; the compiler's INFO lines are not ours.
+    logging.getLogger("compilers").setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO calls these torch collectives on every step; torch 2.13 deprecates their names.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                            category=FutureWarning)

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models.moe.layer import router_losses
+from models.moe.balance import router_losses
 from parallel.collectives import all_reduce_sum, any_rank
 from train.config import JobConfig
 from train.data import BatchSampler, val_batches
+from train.generate import generate
 from train.logging import RunLogger
 from train.metrics import MoEWindow
 from train.setup import Run
@@ -33,15 +34,53 @@ def lr_at(step: int, job: JobConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def forward_loss(run: Run, x_BS: torch.Tensor, y_BS: torch.Tensor):
-    """(total loss, cross-entropy, MoE stats) for one micro-batch."""
+def forward(run: Run, x_BS: torch.Tensor):
+    """(logits [B, S, V], MoE stats) of one micro-batch, under the job's autocast."""
     autocast = (
         torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
     )
     with autocast:
-        logits_BSV, stats = run.trainer.forward(x_BS.to(run.device))
+        return run.trainer.forward(x_BS.to(run.device))
+
+
+def selected_per_layer(stats: list) -> torch.Tensor:
+    """[L, E] token copies routed to each expert of each MoE layer, in this forward."""
+    return torch.stack([s.selected_BE.sum(dim=0) for s in stats]) if stats else torch.zeros(0, 0, dtype=torch.int64)
+
+
+def forward_loss(run: Run, x_BS: torch.Tensor, y_BS: torch.Tensor, step_selected_LE: torch.Tensor | None = None):
+    """(total loss, cross-entropy, MoE stats, RouterLosses) of one micro-batch. For the global_batch
+    balance loss, `step_selected_LE` holds the whole step's expert counts (see count_routing);
+    None means this micro-batch is the step's only one on each rank, so its counts are reduced here."""
+    moe = run.job.moe
+    logits_BSV, stats = forward(run, x_BS)
     ce = F.cross_entropy(logits_BSV.flatten(0, 1), y_BS.to(run.device).flatten())
-    return ce + router_losses(stats, run.job.moe).to(ce.device), ce, stats
+    if moe.aux_loss_scope == "global_batch" and step_selected_LE is None and stats:
+        step_selected_LE = all_reduce_sum(selected_per_layer(stats), run.dims)
+    losses = router_losses(stats, moe.aux_loss_coef, moe.z_loss_coef, moe.aux_loss_scope, step_selected_LE)
+    return ce + losses.total.to(ce.device), ce, stats, losses
+
+
+@torch.no_grad()
+def count_routing(run: Run, sampler: BatchSampler, step: int) -> torch.Tensor:
+    """[L, E] copies routed to each expert over the whole step: every micro-batch of every rank.
+
+    With gradient accumulation the first micro-batch's backward runs before the later ones are
+    routed, so a routing-only pass over the step's micro-batches comes first (one extra forward
+    each, no graph kept). The random state is replayed, so router jitter draws the same noise as
+    the training pass that follows, which then routes exactly as counted here."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
+    total_LE = None
+    for micro_step in range(run.job.train.grad_accum):
+        x, _ = sampler.get(step, micro_step)
+        _, stats = forward(run, x)
+        counts_LE = selected_per_layer(stats)
+        total_LE = counts_LE if total_LE is None else total_LE + counts_LE
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, run.device)
+    return all_reduce_sum(total_LE, run.dims)
 
 
 @torch.no_grad()
@@ -49,13 +88,22 @@ def evaluate(run: Run) -> float:
     """Mean validation cross-entropy over fixed blocks, averaged over all ranks."""
     t = run.job.train
     run.trainer.train(False)
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device="cpu")
     for x, y in val_batches(run.data.val, t.seq_len, t.micro_batch, t.eval_batches, run.dims.world_size, run.dims.rank):
-        _, ce, _ = forward_loss(run, x, y)
-        total += torch.tensor([ce.item(), 1.0], dtype=torch.float64)
+        logits_BSV, _ = forward(run, x)
+        ce = F.cross_entropy(logits_BSV.flatten(0, 1), y.to(run.device).flatten())
+        total += torch.tensor([ce.item(), 1.0], dtype=torch.float64, device="cpu")
     run.trainer.train(True)
     total = all_reduce_sum(total, run.dims)
     return float(total[0] / total[1])
+
+
+def sample(run: Run, seed: int) -> str:
+    """The prompt and a sampled continuation, so a person can read what the model learned. Every
+    rank generates (the forward is collective under expert parallelism and ZeRO-3) the same text."""
+    prompt = run.job.logging.sample_prompt
+    return prompt + generate(run.trainer.engine, run.data.tokenizer, prompt, run.job.logging.sample_tokens,
+                             temperature=0.8, top_k=50, seed=seed)
 
 
 @dataclasses.dataclass
@@ -73,16 +121,19 @@ def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> S
     lr = lr_at(step, run.job)
     ce_sum, grad_norm = 0.0, float("nan")
     load_LE = torch.zeros(len(run.model.moe_layers()), run.job.moe.num_experts)
+    step_selected_LE = None
+    if run.job.moe.aux_loss_scope == "global_batch" and t.grad_accum > 1 and load_LE.numel():
+        step_selected_LE = count_routing(run, sampler, step)
     for micro_step in range(t.grad_accum):
         x, y = sampler.get(step, micro_step)
-        loss, ce, stats = forward_loss(run, x, y)
+        loss, ce, stats, losses = forward_loss(run, x, y, step_selected_LE)
         if any_rank(not torch.isfinite(loss).item(), dims):
             finish_skipped_window(run, x, micro_step)
             return StepResult(applied=False)
         run.trainer.backward(loss)
         norm = run.trainer.step(lr)
         grad_norm = norm if norm is not None else grad_norm
-        window.add(stats)
+        window.add(stats, losses)
         if stats:
             load_LE += torch.stack([s.tokens_per_expert.float().cpu() for s in stats])
         ce_sum += ce.item()
@@ -162,7 +213,11 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
             logger.log(done, step_metrics)
         if done % t.eval_interval == 0 or done == t.steps:
             val_loss = evaluate(run)
-            logger.log(done, {"val/loss": val_loss})
+            record = {"val/loss": val_loss}
+            if job.logging.sample_tokens:
+                record["samples/text"] = sample(run, seed=t.seed + done)
+                logger.info(f"step {done}: sample: {record['samples/text']!r}")
+            logger.log(done, record)
             logger.info(f"step {done}: val loss {val_loss:.4f}")
             summary["val/loss"] = val_loss
         if done % t.ckpt_interval == 0 or done == last_step:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from models.moe.balance import RouterLosses
 from models.moe.layer import MoEStats
 from parallel.collectives import all_reduce_sum
 from parallel.dims import ParallelDims
@@ -22,10 +23,10 @@ class MoEWindow:
         self.sums_L6 = torch.zeros(num_layers, 6, dtype=torch.float64, device="cpu")
         self.num_micro_steps = 0
 
-    def add(self, stats: list[MoEStats]) -> None:
+    def add(self, stats: list[MoEStats], losses: RouterLosses) -> None:
         for layer, s in enumerate(stats):
             self.tokens_LE[layer] += s.tokens_per_expert.double().cpu()
-            values = (s.aux_loss.detach(), s.z_loss.detach(), s.router_entropy, s.num_dropped, s.bytes_sent, s.all_to_all_seconds)
+            values = (losses.aux_L[layer], losses.z_L[layer], s.router_entropy, s.num_dropped, s.bytes_sent, s.all_to_all_seconds)
             self.sums_L6[layer] += torch.tensor([float(v) for v in values], dtype=torch.float64, device="cpu")
         self.num_micro_steps += 1
 

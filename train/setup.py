@@ -17,7 +17,9 @@ from parallel.trainer import Trainer
 from train.checkpoint import CheckpointManager
 from train.config import JobConfig
 from train.data import PreparedData, prepare_data
+from train.init_from import load_initial_weights
 from train.metrics import flops_per_token
+from train.run_weights import save_run_tokenizer
 
 
 @dataclass
@@ -67,6 +69,7 @@ def setup(job: JobConfig) -> Run:
     job.data.cache_dir = os.path.abspath(os.path.expanduser(job.data.cache_dir))
     job.data.paths = [os.path.abspath(os.path.expanduser(p)) for p in job.data.paths]
     data = prepare_data(job.data)
+    save_run_tokenizer(job.run_dir, data.tokenizer, dims.is_main)  # for export_hf / generate
     job.model.vocab_size = data.vocab_size
     checkpoints = CheckpointManager(Path(job.run_dir) / "checkpoints", job, dims)
     resume_point = checkpoints.resume_point()  # before any heavy work: a bad checkpoint fails fast
@@ -76,7 +79,11 @@ def setup(job: JobConfig) -> Run:
     total_params, active_params = count_parameters(model)
     embedding_params = 0 if job.model.tie_embeddings else model.embed.weight.numel()
     trainer = parallelize(model, dims, job)
-    start_step = checkpoints.load(trainer, resume_point) if resume_point is not None else 0
+    if resume_point is not None:
+        start_step = checkpoints.load(trainer, resume_point)
+    else:
+        start_step = 0
+        load_initial_weights(trainer, job, data.tokenizer)  # model.init_from (hf: / upcycle:), if set
     fpt = flops_per_token(active_params, embedding_params, job.model.n_layers, job.model.d_model, job.train.seq_len)
     if dims.is_main:
         print(

@@ -13,16 +13,19 @@ from torch import nn
 
 from models.config import MoEConfig
 from models.ffn import FeedForward
+from models.moe.balance import routing_summary
 from models.moe.dispatch import Dispatcher, LocalDispatcher
 from models.moe.experts import GroupedExperts
 from models.moe.router import TopKRouter
 
 
 class MoEStats(NamedTuple):
-    """One MoE layer's step: returned from forward, never kept in globals."""
+    """One MoE layer's step: returned from forward, never kept in globals. The balance loss is
+    formed from it by models/moe/balance.py, in the scope the job asks for."""
 
     tokens_per_expert: torch.Tensor  # [E] int64, copies routed to each expert (before capacity drops)
-    aux_loss: torch.Tensor  # scalar, differentiable
+    selected_BE: torch.Tensor  # [B, E] int64, the same per sequence
+    prob_mean_BE: torch.Tensor  # [B, E] fp32, mean router probability per sequence, differentiable
     z_loss: torch.Tensor  # scalar, differentiable
     router_entropy: torch.Tensor  # scalar, detached
     num_dropped: torch.Tensor  # scalar int64, copies dropped by capacity
@@ -34,6 +37,7 @@ class MoELayer(nn.Module):
     def __init__(self, d_model: int, activation: str, cfg: MoEConfig):
         super().__init__()
         self.top_k = cfg.top_k
+        self.aux_loss_scope = cfg.aux_loss_scope
         self.router = TopKRouter(d_model, cfg)
         self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_ffn_hidden, activation, cfg.backend)
         self.shared_experts = (
@@ -54,16 +58,24 @@ class MoELayer(nn.Module):
             self.shared_experts.reset_parameters(init_std, num_layers)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        if x_BSD.dim() != 3 and self.aux_loss_scope == "sequence":
+            raise ValueError(f"moe.aux_loss_scope='sequence' balances each sequence, but this MoE layer got inputs of shape "
+                             f"{tuple(x_BSD.shape)} with no sequence dimension; use 'micro_batch' or 'global_batch'")
+        D = x_BSD.shape[-1]
+        x_TD = x_BSD.reshape(-1, D)
+        B, S = (x_BSD.shape[0], x_BSD.shape[1]) if x_BSD.dim() == 3 else (1, x_TD.shape[0])  # [T, D]: one sequence
         routing = self.router(x_TD)
         x_ND, counts_local, state = self.dispatcher.dispatch(x_TD, routing.expert_ids_TK)
         y_ND = self.experts(x_ND, counts_local)
         out_TD = self.dispatcher.combine(y_ND, routing.weights_TK, state)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
+        selected_BE, prob_mean_BE = routing_summary(routing.probs_TE.view(B, S, -1), routing.expert_ids_TK.view(B, S, -1),
+                                                    self.router.num_experts)
         stats = MoEStats(
             tokens_per_expert=state.plan.routed_per_expert_E.detach(),
-            aux_loss=routing.aux_loss,
+            selected_BE=selected_BE,
+            prob_mean_BE=prob_mean_BE,
             z_loss=routing.z_loss,
             router_entropy=routing.entropy,
             num_dropped=state.plan.num_dropped,
@@ -71,12 +83,3 @@ class MoELayer(nn.Module):
             all_to_all_seconds=state.comm_seconds,
         )
         return out_TD.view_as(x_BSD), stats
-
-
-def router_losses(stats: list[MoEStats], cfg: MoEConfig) -> torch.Tensor:
-    """aux_loss_coef · Σ aux + z_loss_coef · Σ z over the MoE layers of one forward."""
-    if not stats:
-        return torch.zeros(())
-    aux = torch.stack([s.aux_loss for s in stats]).sum()
-    z = torch.stack([s.z_loss for s in stats]).sum()
-    return cfg.aux_loss_coef * aux + cfg.z_loss_coef * z

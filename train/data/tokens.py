@@ -15,8 +15,8 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 
-from train.data.sources import _load_splits
-from train.data.tokenizer import Tokenizer, _make_tokenizer
+from train.data.sources import load_splits
+from train.data.tokenizer import Tokenizer, make_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 PARALLEL_MIN_BYTES = 4 << 20
 
 
-def _write_prepared(cfg, inputs: dict, out_dir: str) -> None:
-    train, val = _load_splits(cfg)
-    tokenizer = _make_tokenizer(cfg, train)
+def write_prepared(cfg, inputs: dict, out_dir: str) -> None:
+    train, val = load_splits(cfg)
+    tokenizer = make_tokenizer(cfg, train)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     num_tokens = {}
     for split, ds in (("train", train), ("val", val)):
