@@ -46,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch._C._profiler import _EventType  # noqa: E402
 
 from models.gpt import GPT, count_parameters  # noqa: E402
-from models.moe.layer import router_losses  # noqa: E402
+from models.moe.balance import router_losses  # noqa: E402
 from parallel.activation_memory import activation_peak  # noqa: E402
 from parallel.local_launch import run_local_ranks  # noqa: E402
 from parallel.memory import model_state_bytes, total_bytes  # noqa: E402
@@ -83,7 +83,9 @@ def train_step(trainer, job, seed: int, lr: float = 1e-3, step: bool = True) -> 
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, job.model.vocab_size, (t.micro_batch, t.seq_len + 1), generator=generator)
     logits, stats = trainer.forward(idx[:, :-1])
-    loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()) + router_losses(stats, job.moe)
+    # micro_batch scope: the memory of global_batch without the step's count pre-pass
+    router = router_losses(stats, job.moe.aux_loss_coef, job.moe.z_loss_coef, "micro_batch").total
+    loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()) + router
     del logits, stats
     trainer.backward(loss)
     if step:

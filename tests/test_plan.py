@@ -12,7 +12,7 @@ from torch._C._profiler import _EventType
 
 from models.config import GPTConfig, ModelConfig, MoEConfig
 from models.gpt import GPT
-from models.moe.layer import router_losses
+from models.moe.balance import router_losses
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.activation_memory import activation_peak
 from tests.jobs import job_env
@@ -157,7 +157,9 @@ def measured_activation_peak(cfg: GPTConfig, micro_batch: int, seq_len: int, mod
 
     def step():
         logits, stats = model(idx[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()) + router_losses(stats, cfg.moe)
+        # micro_batch scope: the same memory as global_batch, without the step's count pre-pass
+        router = router_losses(stats, cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef, "micro_batch").total
+        loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()) + router
         del logits, stats  # as train/loop.py: only the loss outlives the forward
         loss.backward()
 

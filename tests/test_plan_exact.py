@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from models.gpt import GPT
-from models.moe.layer import router_losses
+from models.moe.balance import router_losses
 from parallel.dims import init_parallel
 from parallel.memory import count_model_states
 from parallel.memory_plan import Layout, plan_model_states
@@ -56,7 +56,9 @@ def forward_backward(trainer, job: JobConfig, seed: int) -> None:
     torch.manual_seed(seed)
     idx = torch.randint(0, job.model.vocab_size, (job.train.micro_batch, job.train.seq_len + 1))
     logits, stats = trainer.forward(idx[:, :-1])
-    loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()) + router_losses(stats, job.moe)
+    # micro_batch scope: the same memory as global_batch, without the step's count pre-pass
+    router = router_losses(stats, job.moe.aux_loss_coef, job.moe.z_loss_coef, "micro_batch").total
+    loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()) + router
     trainer.backward(loss)
 
 
