@@ -1,0 +1,132 @@
+"""What a live trainer holds in memory on this rank: its model states, measured tensor by tensor.
+
+`model_state_bytes(trainer)` counts the bytes of the tensors that hold the model's weights,
+gradients and optimizer state, for the dense part (DeepSpeed engine) and the routed experts
+(FSDP2 over their expert-data-parallel group, or whole under ZeRO-0) separately. A tensor counts
+with its whole storage (`untyped_storage().nbytes()`: padding and the unused tail of a flat
+buffer included), and every storage once, in the first category that claims it, in this order:
+
+    weights     dense: the module's parameters (ZeRO 0-2: whole, as views of DeepSpeed's flat
+                buffers under 1-2; ZeRO-3: the `ds_tensor` partitions, plus the parameters kept
+                whole because they are small, DeepSpeed's "persistent" parameters);
+                experts: each parameter's local tensor (an FSDP2 shard, or the whole local experts)
+    gradients   dense: `param.grad`; under ZeRO 1-2 the gradient partition DeepSpeed keeps for the
+                step (`averaged_gradients`, `all_grad_tensors`) and the fp32 partition's `.grad`;
+                under ZeRO-3 its flat gradient-partition buffer;
+                experts: each parameter's `.grad` local tensor
+    optimizer   AdamW's state tensors (`exp_avg`, `exp_avg_sq`, `step`) and the tensors it steps
+                when they are not the weights: DeepSpeed's fp32 master partitions (ZeRO >= 1)
+    buffers     dense only: the module's buffers (rotary tables, router biases) and DeepSpeed's
+                gradient-reduction buckets (`ipg_buckets`: during backward under ZeRO 1-2, always
+                under ZeRO-3)
+
+What is held depends on when you look. Two moments matter (see train/plan.py, which predicts
+both, and tests/test_plan_exact.py, which measures them):
+- at the accumulation boundary, after the last backward and before the optimizer step: the most
+  gradient memory a step holds (gradients are freed by the step);
+- at rest, after an optimizer step: weights, optimizer state and the permanent buffers.
+Not counted: activations, the all-gathered copies FSDP2 and ZeRO-3 make while computing, and
+DeepSpeed's scalar flags (an overflow flag, the last norm) -- all transient or a few bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from parallel.zero import local_tensor
+
+PARTS = ("dense", "experts")
+KINDS = ("weights", "gradients", "optimizer", "buffers")
+
+
+class ModelStateCount:
+    """Bytes per (part, kind), each storage counted once, by the first category that adds it;
+    `storages`: the data pointers of every storage counted."""
+
+    def __init__(self):
+        self.storages: set[int] = set()
+        self.bytes = {part: dict.fromkeys(KINDS, 0) for part in PARTS}
+
+    def add(self, part: str, kind: str, tensor: torch.Tensor | None) -> None:
+        if tensor is None:
+            return
+        storage = local_tensor(tensor).untyped_storage()
+        if storage.nbytes() == 0:  # a freed ZeRO-3 parameter, an empty placeholder
+            return
+        key = storage.data_ptr()
+        if key in self.storages:
+            return
+        self.storages.add(key)
+        self.bytes[part][kind] += storage.nbytes()
+
+    def add_all(self, part: str, kind: str, tensors) -> None:
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self.add(part, kind, t)
+            elif isinstance(t, (list, tuple)):
+                self.add_all(part, kind, t)
+
+
+def _adamw_state(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    if optimizer is None:
+        return []
+    return [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+
+
+def _deepspeed_gradients(zero_optimizer, zero_stage: int) -> list:
+    """Where DeepSpeed's ZeRO optimizers keep this rank's gradients between backward and step."""
+    if zero_stage in (1, 2):
+        held = list(getattr(zero_optimizer, "averaged_gradients", {}).values())
+        held += list(getattr(zero_optimizer, "all_grad_tensors", {}).values())
+        held += [p.grad for p in zero_optimizer.single_partition_of_fp32_groups]
+        return [g for g in held if g is not None]
+    if zero_stage == 3:
+        held = [zero_optimizer.grad_partitions_flat_buffer]
+        held += [p.grad for p in zero_optimizer.fp32_partitioned_groups_flat]
+        return [g for g in held if g is not None]
+    return []
+
+
+def _deepspeed_buckets(zero_optimizer, zero_stage: int) -> list[torch.Tensor]:
+    if zero_stage == 0:
+        return []
+    buckets = []
+    for bucket in getattr(zero_optimizer, "ipg_buckets", {}).values():
+        buffer = bucket.buffer
+        buckets += buffer if isinstance(buffer, list) else [buffer]
+    return [b for b in buckets if b is not None]
+
+
+def model_state_bytes(trainer) -> dict[str, dict[str, int]]:
+    """{"dense" | "experts": {"weights" | "gradients" | "optimizer" | "buffers": bytes}} held by
+    this rank now (see the module docstring for what each counts and when to call it)."""
+    return count_model_states(trainer).bytes
+
+
+def count_model_states(trainer) -> ModelStateCount:
+    count = ModelStateCount()
+    engine, stage = trainer.engine, trainer.zero_stage
+    module_params = list(engine.module.parameters())
+
+    # Weights first, so that ZeRO-0's AdamW (which steps the parameters themselves) does not claim them.
+    count.add_all("dense", "weights", [p.data for p in module_params])
+    if stage == 3:
+        count.add_all("dense", "weights", [p.ds_tensor for p in module_params])
+    count.add_all("experts", "weights", [p.data for _, p in trainer.named_expert_parameters])
+
+    count.add_all("dense", "gradients", [p.grad for p in module_params])
+    count.add_all("dense", "gradients", _deepspeed_gradients(engine.optimizer, stage))
+    count.add_all("experts", "gradients", [p.grad for _, p in trainer.named_expert_parameters])
+
+    client = trainer.dense.client_optimizer
+    count.add_all("dense", "optimizer", list(client.state.keys()))  # fp32 master partitions (ZeRO >= 1)
+    count.add_all("dense", "optimizer", _adamw_state(client))
+    count.add_all("experts", "optimizer", _adamw_state(trainer.expert_optimizer))
+
+    count.add_all("dense", "buffers", list(engine.module.buffers()))
+    count.add_all("dense", "buffers", _deepspeed_buckets(engine.optimizer, stage))
+    return count
+
+
+def total_bytes(states: dict[str, dict[str, int]]) -> int:
+    return sum(sum(kinds.values()) for kinds in states.values())

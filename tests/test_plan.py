@@ -1,0 +1,190 @@
+"""`python -m train.plan`: figures against hand-computed values, its activation estimate against
+the torch profiler's peak on CPU, and its answers to bad input. (Model states against live
+multi-rank jobs: tests/test_plan_exact.py.)"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._C._profiler import _EventType
+
+from models.config import GPTConfig, ModelConfig, MoEConfig
+from models.gpt import GPT
+from models.moe.balance import router_losses
+from parallel.activation_checkpointing import apply_activation_checkpointing
+from parallel.activation_memory import activation_peak
+from tests.jobs import job_env
+from train import plan as planner
+from train.plan_report import build_report
+
+MIXTRAL = ["model.n_layers=32", "model.d_model=4096", "model.n_heads=32", "moe.num_experts=8", "moe.top_k=2",
+           "moe.expert_ffn_hidden=14336", "model.vocab_size=32000", "model.tie_embeddings=false",
+           "train.seq_len=4096", "train.micro_batch=1", "parallel.ep=8", "deepspeed.zero_stage=1",
+           "plan.world_size=64", "plan.bytes_per_activation=2", "plan.device_memory_gb=80"]
+
+
+def report_for(*argv: str):
+    plan = planner.parse_plan_settings([a for a in argv if a.startswith("plan.")])
+    job = planner.compose_job([a for a in argv if not a.startswith("plan.")])
+    job.validate()
+    planner.check_layout(job, plan)
+    from parallel.memory_plan import Layout
+
+    with torch.device("meta"):
+        model = GPT(job.gpt_config())
+    return build_report(job, plan, model, Layout(plan.world_size, job.parallel.ep, job.deepspeed.zero_stage, plan.bytes_per_param))
+
+
+def test_default_config_by_hand():
+    """conf/model/small.yaml + conf/moe/default.yaml on one process, ZeRO-0: every tensor whole."""
+    r = report_for()
+    D, V, L, E, F_ = 256, 8192, 4, 8, 512
+    dense = V * D + L * (3 * D * D + D * D + E * D + 2 * D) + D  # tied embedding, 4 blocks, final norm
+    experts = L * 3 * E * D * F_
+    assert r.states["dense"] == {"weights": 4 * dense, "gradients": 4 * dense,
+                                 "optimizer": 8 * dense + 4 * (1 + L * 5 + 1),  # moments + one step per tensor
+                                 "buffers": 2 * 256 * (D // 4 // 2) * 4 + L * E * 4}  # rotary tables, router biases
+    assert r.states["experts"] == {"weights": 4 * experts, "gradients": 4 * experts,
+                                   "optimizer": 8 * experts + 4 * 3 * L, "buffers": 0}
+    assert r.transients == [] and not r.ranks_differ
+    # Activations (fp32, T = 8 x 256 tokens): the cross-entropy phase dominates without checkpointing.
+    T = 8 * 256
+    assert r.activations["none"].phase == "cross-entropy"
+    assert r.activations["none"].peak - r.activations["none"].saved == 2 * T * V * 4
+    # Saved by the experts per MoE layer: 2 token copies, their outputs and weighted outputs (3k·T·D),
+    # 4 SwiGLU tensors per copy (4k·T·F), 4 int64 index vectors of the k·T copies.
+    assert r.activations["none"].saved_by_experts == L * (4 * (3 * 2 * T * D + 4 * 2 * T * F_) + 8 * 4 * 2 * T)
+    assert r.activations["full"].saved_by_experts == 0
+    assert r.peaks["full"] < r.peaks["moe"] < r.peaks["none"] < 2**30
+    assert r.fits("none")
+
+
+def test_mixtral_shaped_on_64_ranks_by_hand():
+    r = report_for(*MIXTRAL)
+    D, F_, L, V = 4096, 14336, 32, 32000
+    assert r.total_params == 2 * V * D + L * (4 * D * D + 8 * D + 2 * D + 8 * 3 * D * F_) + D
+    # One local expert per layer (8 experts / ep 8), split over its 8 EDP ranks by FSDP2.
+    shard = L * 3 * D * F_ // 8
+    assert r.states["experts"] == {"weights": 4 * shard, "gradients": 4 * shard,
+                                   "optimizer": 8 * shard + 4 * 3 * L, "buffers": 0}
+    # ZeRO-1 dense: whole fp32 weights in two flat buffers, fp32 master + moments for 1/64 of them.
+    dense = r.total_params - r.expert_params
+    assert r.states["dense"]["weights"] == pytest.approx(4 * dense, abs=4 * 2 * 64 * 2)
+    assert r.states["dense"]["optimizer"] == pytest.approx(12 * dense / 64, rel=1e-3)
+    assert r.ranks_differ and r.spread > 0
+    # Without checkpointing the activations of 4096 tokens do not fit in 80 GiB; `full` does.
+    assert not r.fits("none") and r.fits("full")
+    assert r.all_to_all["none"]["forward"] == 2 * L * round(4096 * 2 * 7 / 8) * D * 4
+
+
+def test_mixtral_command_prints_the_table_and_a_verdict(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "train.plan", *MIXTRAL], cwd=tmp_path, env=job_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "47.51B parameters" in out and "model states per rank, exact -- rank" in out
+    assert "dropless, assuming uniform routing" in out
+    assert out.strip().splitlines()[-1].startswith(
+        "verdict: does not fit: ") and "activations dominate" in out and "fits with train.activation_checkpointing=full" in out
+
+
+def test_plan_that_does_not_fit_exits_0_with_the_verdict(capsys):
+    assert planner.main(["plan.device_memory_gb=0.25"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("verdict: does not fit: ") and "activations dominate" in last
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["parallel.ep=8", "plan.world_size=60"], "parallel.ep (8) must divide plan.world_size (60); allowed: divisors of 60"),
+    (["moe.num_experts=6", "parallel.ep=4", "plan.world_size=8"], "parallel.ep (4) must divide moe.num_experts (6)"),
+    (["train.activation_checkpointing=sometimes"], "train.activation_checkpointing must be one of 'none', 'full', 'moe'; got 'sometimes'"),
+    (["plan.wrld_size=4"], "plan.wrld_size is not a planner setting; allowed: plan.world_size, plan.bytes_per_param"),
+    (["plan.bytes_per_param=3"], "plan.bytes_per_param must be one of 2, 4; got 3"),
+    (["plan.world_size=two"], "plan.world_size must be an integer; got 'two'"),
+    (["deepspeed.zero_stage=1", "plan.world_size=3"], "each expert is split over its 3 expert-data-parallel ranks"),
+    (["moe.num_expert=4"], "Could not override 'moe.num_expert'"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, line):
+    assert planner.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("switchyard: error: ") and line in lines[0], lines
+
+
+# -- the activation estimate against the profiler ------------------------------------------------
+
+def profiled_peak(fn) -> int:
+    """Peak of the bytes allocated while `fn` runs, above what was allocated before (CPU allocator
+    events of the torch profiler, in time order)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    events = [n for n in walk(prof.profiler.kineto_results.experimental_event_tree()) if n.tag == _EventType.Allocation]
+    live = peak = 0
+    for event in sorted(events, key=lambda n: n.start_time_ns):
+        live += event.extra_fields.alloc_size
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: fast on a shared 2-core machine (two threads there can spin for
+    seconds), and kernels' per-thread scratch memory the same everywhere."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def measured_activation_peak(cfg: GPTConfig, micro_batch: int, seq_len: int, mode: str) -> int:
+    """One forward + backward of the single-process model, with its gradients already allocated
+    (so the peak is the activations' and the backward's working set, not new gradient memory)."""
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    apply_activation_checkpointing(model, mode)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    idx = torch.randint(0, cfg.model.vocab_size, (micro_batch, seq_len + 1))
+
+    def step():
+        logits, stats = model(idx[:, :-1])
+        # micro_batch scope: the same memory as global_batch, without the step's count pre-pass
+        router = router_losses(stats, cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef, "micro_batch").total
+        loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()) + router
+        del logits, stats  # as train/loop.py: only the loss outlives the forward
+        loss.backward()
+
+    return profiled_peak(step)
+
+
+ACTIVATION_CONFIGS = {
+    # conf/model/small.yaml + conf/moe/default.yaml at 2 x 256 tokens
+    "default": (ModelConfig(vocab_size=8192, max_seq_len=256), MoEConfig(), 2, 256),
+    # a small vocabulary, so that a block's backward (not the cross-entropy) makes the peak
+    "default, vocab 256": (ModelConfig(vocab_size=256, max_seq_len=256), MoEConfig(), 2, 256),
+    # alternate dense/MoE blocks, GELU, top-1 with a shared expert
+    "every 2, gelu, shared": (ModelConfig(vocab_size=512, max_seq_len=128, activation="gelu"),
+                              MoEConfig(every=2, top_k=1, num_shared_experts=1), 4, 128),
+}
+
+
+@pytest.mark.parametrize("name", ACTIVATION_CONFIGS)
+def test_activation_estimate_is_within_25_percent_of_the_profiled_peak(name, one_thread):
+    model_cfg, moe_cfg, micro_batch, seq_len = ACTIVATION_CONFIGS[name]
+    cfg = GPTConfig(model_cfg, moe_cfg)
+    phases = set()
+    for mode in ("none", "full", "moe"):
+        estimate = activation_peak(cfg, micro_batch, seq_len, ep=1, mode=mode, bytes_per_activation=4)
+        measured = measured_activation_peak(cfg, micro_batch, seq_len, mode)
+        assert estimate.peak == pytest.approx(measured, rel=0.25), (name, mode, estimate, measured)
+        phases.add(estimate.phase)
+    assert len(phases) > 1 or name == "default"  # the backward phases are exercised, not only the cross-entropy

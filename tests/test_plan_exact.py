@@ -1,0 +1,145 @@
+"""The memory planner's model states equal, byte for byte, what real jobs hold on every rank.
+
+For each layout (1 rank: ZeRO 0-3; 4 ranks: parallel.ep 1, 2, 4 x ZeRO 0-3) a tiny model is built
+on the meta device and parallelized exactly as the job does (parallel.parallelize), then trained
+for two steps. parallel/memory.model_state_bytes measures each rank at the two moments the plan
+describes (see its docstring):
+- at the accumulation boundary of step 2 (after backward, before the optimizer step): gradients;
+- at rest after step 2: weights, optimizer state and buffers (and gradients: none, except
+  ZeRO-3's permanent gradient-partition buffer).
+Each must equal parallel/memory_plan.plan_model_states for that rank. A walk over everything the
+trainer references also checks that the measurement misses no tensor it holds.
+
+The models are chosen so that DeepSpeed pads: their dense matrices (105,740 and 184,932 elements)
+and norms (100 and 90) are not multiples of 2 x 4 ranks; the tied 5003 x 20 embedding exceeds
+ZeRO-3's persistence threshold (1e5 elements) while the other parameters stay persistent; and
+with d_model 18 the persistent parameters (embedding and output 5003 x 18 included) do not split
+evenly over 4 ranks.
+"""
+
+import gc
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from models.gpt import GPT
+from models.moe.balance import router_losses
+from parallel.dims import init_parallel
+from parallel.memory import count_model_states
+from parallel.memory_plan import Layout, plan_model_states
+from parallel.parallelize import parallelize
+from tests.ranks import run_ranks
+from train.config import JobConfig
+
+# d_model 20 splits over 2 and 4 expert-data-parallel ranks (FSDP2 needs even shards); 18 only
+# runs where the experts are not sharded (ep=4 on 4 ranks).
+MODELS = {"even": dict(d_model=20, n_heads=2, tie=True), "uneven": dict(d_model=18, n_heads=3, tie=False)}
+LAYOUTS_4 = [(ep, stage, "even") for ep in (1, 2) for stage in range(4)] + [(4, stage, "uneven") for stage in range(4)]
+LAYOUTS_1 = [(1, stage, "even") for stage in range(4)]
+
+
+def tiny_job(ep: int, stage: int, d_model: int, n_heads: int, tie: bool) -> JobConfig:
+    job = JobConfig()
+    m = job.model
+    m.vocab_size, m.max_seq_len, m.n_layers, m.ffn_hidden = 5003, 8, 2, 28
+    m.d_model, m.n_heads, m.tie_embeddings = d_model, n_heads, tie
+    # Block 1 dense, block 2 MoE with a shared expert: every kind of parameter.
+    job.moe.num_experts, job.moe.expert_ffn_hidden, job.moe.every, job.moe.num_shared_experts = 4, 12, 2, 1
+    job.train.micro_batch, job.train.seq_len = 2, 8
+    job.parallel.ep, job.deepspeed.zero_stage = ep, stage
+    return job
+
+
+def forward_backward(trainer, job: JobConfig, seed: int) -> None:
+    torch.manual_seed(seed)
+    idx = torch.randint(0, job.model.vocab_size, (job.train.micro_batch, job.train.seq_len + 1))
+    logits, stats = trainer.forward(idx[:, :-1])
+    # micro_batch scope: the same memory as global_batch, without the step's count pre-pass
+    router = router_losses(stats, job.moe.aux_loss_coef, job.moe.z_loss_coef, "micro_batch").total
+    loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()) + router
+    trainer.backward(loss)
+
+
+def reachable_storages(trainer, max_depth: int = 8) -> dict[int, tuple[int, str]]:
+    """Every tensor storage reachable from the trainer's engine, experts and optimizers through
+    attributes, containers, parameters, gradients and DTensor local tensors: data pointer ->
+    (bytes, a path to it). (Not its process groups and mesh: bookkeeping, not model state.)"""
+    found, seen = {}, set()
+
+    def visit(obj, path, depth):
+        if depth > max_depth or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, (torch.distributed.ProcessGroup, torch.distributed.device_mesh.DeviceMesh)):
+            return
+        if isinstance(obj, torch.Tensor):
+            if obj.grad is not None:
+                visit(obj.grad, path + ".grad", depth)
+            if isinstance(obj, DTensor):
+                visit(obj.to_local(), path + ".local", depth)
+                return
+            if obj.device.type != "meta" and obj.untyped_storage().nbytes():
+                found.setdefault(obj.untyped_storage().data_ptr(), (obj.untyped_storage().nbytes(), path))
+            return
+        if isinstance(obj, dict):
+            for key, value in list(obj.items()):
+                visit(key, f"{path}<key>", depth + 1)
+                visit(value, f"{path}[{str(key)[:20]}]", depth + 1)
+        elif isinstance(obj, (list, tuple, set)):
+            for i, value in enumerate(obj):
+                visit(value, f"{path}[{i}]", depth + 1)
+        elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("deepspeed", "torch", "parallel", "models"):
+            if isinstance(obj, torch.nn.Module):
+                for name, p in obj.named_parameters():
+                    visit(p, f"{path}.{name}", depth + 1)
+            for key, value in list(vars(obj).items()):
+                visit(value, f"{path}.{key}", depth + 1)
+
+    for name in ("engine", "dense", "experts", "expert_optimizer", "named_expert_parameters"):
+        visit(getattr(trainer, name), f"trainer.{name}", 0)
+    return found
+
+
+def check_layout(rank: int, world_size: int, ep: int, stage: int, model_name: str) -> None:
+    job = tiny_job(ep, stage, **MODELS[model_name])
+    with torch.device("meta"):
+        planned = plan_model_states(GPT(job.gpt_config()), Layout(world_size, ep, stage), rank)
+        model = GPT(job.gpt_config())
+    dims = init_parallel(ep, job.moe.num_experts, torch.device("cpu"))
+    trainer = parallelize(model, dims, job)
+    forward_backward(trainer, job, seed=rank)
+    trainer.step(1e-3)
+    forward_backward(trainer, job, seed=100 + rank)
+    boundary, boundary_reachable = count_model_states(trainer), reachable_storages(trainer)
+    trainer.step(1e-3)
+    rest, rest_reachable = count_model_states(trainer), reachable_storages(trainer)
+
+    where = f"rank {rank}/{world_size}, ep={ep}, ZeRO-{stage}, {model_name} model"
+    for part in ("dense", "experts"):
+        assert boundary.bytes[part]["gradients"] == planned[part]["gradients"], (where, part, boundary.bytes, planned)
+        for kind in ("weights", "optimizer", "buffers"):
+            assert rest.bytes[part][kind] == planned[part][kind], (where, part, kind, rest.bytes, planned)
+    permanent_gradients = planned["dense"]["gradients"] if stage == 3 else 0  # ZeRO-3 keeps its buffer
+    assert rest.bytes["dense"]["gradients"] == permanent_gradients, (where, rest.bytes)
+    assert rest.bytes["experts"]["gradients"] == 0, (where, rest.bytes)
+    # Nothing the trainer holds escapes the measurement (DeepSpeed's scalar flags aside).
+    for moment, counted, reachable in (("boundary", boundary, boundary_reachable), ("rest", rest, rest_reachable)):
+        missed = {path: size for ptr, (size, path) in reachable.items() if ptr not in counted.storages and size > 8}
+        assert not missed, (where, moment, missed)
+    del trainer, model
+    gc.collect()
+
+
+def _worker(process: int, num_processes: int) -> None:
+    """Processes 0-3 form a 4-rank world; process 4 is a world of its own (one start-up for both,
+    running side by side)."""
+    world_size, rank, layouts = (1, 0, LAYOUTS_1) if process == 4 else (4, process, LAYOUTS_4)
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank))
+    for ep, stage, model_name in layouts:
+        check_layout(rank, world_size, ep, stage, model_name)
+
+
+def test_planned_model_states_equal_what_each_rank_holds():
+    run_ranks(5, _worker)

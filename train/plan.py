@@ -1,0 +1,147 @@
+"""`python -m train.plan [job overrides] plan.world_size=N ...`: how much memory each rank of a
+job will need, and whether it fits, without running it.
+
+The job overrides are those of `python -m train` (composed by Hydra from conf/, validated by the
+same `JobConfig.validate`); the planner's own settings start with `plan.` and are kept out of the
+job's schema (`PlanConfig` below). The model is built on the meta device (nothing is allocated),
+so it answers for Mixtral-sized models on a laptop. Per rank, for the dense part and the experts:
+
+- model states, exact (parallel/memory_plan.py mirrors DeepSpeed's and FSDP2's partitioning;
+  tests/test_plan_exact.py checks them byte for byte against live multi-rank jobs): weights,
+  gradients (at the accumulation boundary), optimizer state, buffers;
+- activations of one micro-batch with each `train.activation_checkpointing` mode, an estimate
+  (parallel/activation_memory.py; within a few % of the torch profiler's peak on CPU, fp32);
+- transients (gathered weights, gradient buckets; estimates) and the all-to-all bytes per step
+  (dropless, uniform routing);
+- the peak per rank and a verdict against `plan.device_memory_gb` (GiB per rank).
+
+Bad input exits 2 with one line; a plan that does not fit exits 0 with a "does not fit" verdict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+PLAN_PREFIX = "plan."
+USAGE = """usage: python -m train.plan [job overrides, as for python -m train] [plan.KEY=VALUE ...]
+
+plan.world_size=N            ranks (processes, one per GPU) the job runs on (default 1)
+plan.bytes_per_param=4|2     bytes of each weight and gradient element (default 4: the job keeps fp32 weights)
+plan.bytes_per_activation=4|2  bytes per activation value: 4 for fp32 (CPU), 2 for bf16 autocast (default 4)
+plan.device_memory_gb=X      memory per rank in GiB, 2^30 bytes ("80 GB" GPUs have 80 GiB) (default 80)
+
+example: python -m train.plan model.n_layers=32 model.d_model=4096 model.n_heads=32 moe.expert_ffn_hidden=14336 \\
+           model.vocab_size=32000 model.tie_embeddings=false train.seq_len=4096 train.micro_batch=1 \\
+           parallel.ep=8 deepspeed.zero_stage=1 plan.world_size=64 plan.bytes_per_activation=2 plan.device_memory_gb=80"""
+
+
+@dataclass
+class PlanConfig:
+    world_size: int = 1
+    bytes_per_param: int = 4
+    bytes_per_activation: int = 4
+    device_memory_gb: float = 80.0
+
+    def validate(self) -> None:
+        from models.config import require_positive_int
+
+        require_positive_int("plan.world_size", self.world_size)
+        for name in ("bytes_per_param", "bytes_per_activation"):
+            if getattr(self, name) not in (2, 4):
+                raise ValueError(f"plan.{name} must be one of 2, 4; got {getattr(self, name)!r}")
+        if not self.device_memory_gb > 0:
+            raise ValueError(f"plan.device_memory_gb must be a number > 0 (GiB per rank); got {self.device_memory_gb!r}")
+
+
+def parse_plan_settings(overrides: list[str]) -> PlanConfig:
+    """`plan.KEY=VALUE` items -> PlanConfig, each value converted to its field's type."""
+    plan = PlanConfig()
+    fields = {f.name: f for f in dataclasses.fields(PlanConfig)}
+    for item in overrides:
+        key, sep, value = item[len(PLAN_PREFIX):].partition("=")
+        if key not in fields:
+            allowed = ", ".join(PLAN_PREFIX + name for name in fields)
+            raise ValueError(f"{PLAN_PREFIX}{key} is not a planner setting; allowed: {allowed}")
+        kind = int if fields[key].type in (int, "int") else float
+        try:
+            setattr(plan, key, kind(value))
+        except ValueError:
+            raise ValueError(f"{PLAN_PREFIX}{key} must be {'an integer' if kind is int else 'a number'}; got {value!r}") from None
+    plan.validate()
+    return plan
+
+
+def compose_job(overrides: list[str]):
+    """The job config exactly as `python -m train` would compose it (Hydra, conf/, JobConfig)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name="config", overrides=overrides)
+    except Exception as err:  # Hydra's override and schema errors: one line for the user
+        raise ValueError(_first_line(err)) from None
+    cfg.run_dir = "unused"  # ${hydra:runtime.output_dir} exists only inside a Hydra run
+    return OmegaConf.to_object(cfg)
+
+
+def _first_line(err: Exception) -> str:
+    cause = err.__cause__ or err.__context__
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    if cause is not None and str(cause).strip():
+        text += f" ({str(cause).strip().splitlines()[0]})"
+    return text
+
+
+def check_layout(job, plan: PlanConfig) -> None:
+    from parallel.dims import validate_degrees
+
+    ep = job.parallel.ep
+    if plan.world_size % ep:
+        raise ValueError(f"parallel.ep ({ep}) must divide plan.world_size ({plan.world_size}); "
+                         f"allowed: divisors of {plan.world_size}")
+    validate_degrees(plan.world_size, ep, job.moe.num_experts)
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    # The planner reads DeepSpeed's config defaults only: no accelerator probing (and its log line).
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from train.plan_report import build_report, render
+
+    try:
+        plan = parse_plan_settings([a for a in argv if a.startswith(PLAN_PREFIX)])
+        job = compose_job([a for a in argv if not a.startswith(PLAN_PREFIX)])
+        job.validate()
+        check_layout(job, plan)
+        from models.gpt import GPT
+        from parallel.memory_plan import Layout, check_even_expert_sharding
+
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            model = GPT(job.gpt_config())
+        layout = Layout(plan.world_size, job.parallel.ep, job.deepspeed.zero_stage, plan.bytes_per_param)
+        check_even_expert_sharding(model, layout)
+    except ValueError as err:
+        print(f"switchyard: error: {err}", file=sys.stderr)
+        return 2
+    print(render(build_report(job, plan, model, layout)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,163 @@
+"""The memory planner's figures (`build_report`) and its printed table (`render`); see train/plan.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.gpt import count_parameters
+from parallel.activation_checkpointing import ACTIVATION_CHECKPOINTING
+from parallel.activation_memory import ActivationPeak, activation_peak
+from parallel.memory_plan import (AT_STEP, DURING_COMPUTE, DeepSpeedSettings, Layout, Transient,
+                                  all_to_all_bytes_per_step, plan_all_ranks, plan_transients)
+
+GIB = 2**30
+KINDS = (("weights", "weights"), ("gradients", "gradients (at the accumulation boundary)"),
+         ("optimizer", "optimizer state (AdamW moments; fp32 masters under ZeRO >= 1)"),
+         ("buffers", "buffers (rotary tables, router biases; ZeRO-3 reduce bucket)"))
+
+
+@dataclass
+class Report:
+    job: object
+    plan: object
+    layout: Layout
+    total_params: int
+    active_params: int
+    expert_params: int
+    rank: int  # the rank whose model states are shown (the worst one)
+    ranks_differ: bool
+    spread: int  # bytes between the lightest and the heaviest rank's model states
+    states: dict[str, dict[str, int]]
+    transients: list[Transient]
+    activations: dict[str, ActivationPeak]  # per activation-checkpointing mode
+    all_to_all: dict[str, dict[str, int]]  # per mode
+    peaks: dict[str, int]  # per mode: bytes per rank at the busiest moment
+
+    @property
+    def model_states(self) -> int:
+        return sum(sum(kinds.values()) for kinds in self.states.values())
+
+    @property
+    def device_bytes(self) -> int:
+        return int(self.plan.device_memory_gb * GIB)
+
+    def fits(self, mode: str) -> bool:
+        return self.peaks[mode] <= self.device_bytes
+
+
+def build_report(job, plan, model, layout: Layout) -> Report:
+    settings = DeepSpeedSettings.for_stage(layout.zero_stage)
+    total, active = count_parameters(model)
+    experts = sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters())
+    per_rank = plan_all_ranks(model, layout, settings)
+    totals = [sum(sum(k.values()) for k in states.values()) for states in per_rank]
+    rank = max(range(len(totals)), key=lambda r: (totals[r], -r))  # the heaviest, the first of equals
+    states, spread = per_rank[rank], max(totals) - min(totals)
+    differ = spread > 0
+    transients = plan_transients(model, layout, settings)
+    t = job.train
+    num_moe = len(model.moe_layers())
+    activations, all_to_all, peaks = {}, {}, {}
+    model_states = sum(sum(k.values()) for k in states.values())
+    during = sum(x.bytes for x in transients if x.when == DURING_COMPUTE)
+    at_step = sum(x.bytes for x in transients if x.when == AT_STEP)
+    for mode in ACTIVATION_CHECKPOINTING:
+        activations[mode] = activation_peak(job.gpt_config(), t.micro_batch, t.seq_len, layout.ep, mode,
+                                            plan.bytes_per_activation, layout.bytes_per_param)
+        all_to_all[mode] = all_to_all_bytes_per_step(num_moe, t.micro_batch * t.seq_len, job.moe.top_k,
+                                                     job.model.d_model, layout, t.grad_accum, recompute=mode != "none")
+        peaks[mode] = model_states + max(activations[mode].peak + during, at_step)
+    return Report(job, plan, layout, total, active, experts, rank, differ, spread, states, transients,
+                  activations, all_to_all, peaks)
+
+
+def human(n: float) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _row(label: str, *cells: str, width: int = 62) -> str:
+    return f"  {label:<{width}}" + "".join(f"{c:>19}" for c in cells)
+
+
+def dominant(report: Report, mode: str) -> tuple[str, int]:
+    """The largest single item in this mode's peak."""
+    items = {f"{part} {kind}": v for part, kinds in report.states.items() for kind, v in kinds.items()}
+    items["activations"] = report.activations[mode].peak
+    for x in report.transients:
+        items[x.what] = x.bytes
+    name = max(items, key=items.get)
+    return name, items[name]
+
+
+def verdict(report: Report, mode: str) -> str:
+    need, have = report.peaks[mode], report.device_bytes
+    if need <= have:
+        return f"fits: {human(need)} of {human(have)} per rank ({need / have:.0%}), train.activation_checkpointing={mode}"
+    name, size = dominant(report, mode)
+    line = (f"does not fit: {human(need)} needed of {human(have)} per rank with train.activation_checkpointing={mode}; "
+            f"{name} dominate{'s' if not name.endswith('s') else ''} ({human(size)})")
+    better = [m for m in ACTIVATION_CHECKPOINTING if report.fits(m)]
+    if better:
+        line += f"; it fits with train.activation_checkpointing={better[0]} ({human(report.peaks[better[0]])})"
+    return line
+
+
+def render(r: Report) -> str:
+    job, layout, t = r.job, r.layout, r.job.train
+    modes = ACTIVATION_CHECKPOINTING
+    chosen = t.activation_checkpointing
+    lines = [
+        "switchyard memory plan (model built on the meta device; nothing allocated)",
+        f"model: {count(r.total_params)} parameters ({count(r.active_params)} active per token), "
+        f"{count(r.expert_params)} of them in routed experts; vocabulary {job.model.vocab_size} (model.vocab_size)",
+        f"layout: {layout.world_size} rank(s), parallel.ep={layout.ep}, {layout.edp} expert-data-parallel rank(s) per expert, "
+        f"ZeRO-{layout.zero_stage} (dense: DeepSpeed; experts: {'FSDP2 shards' if layout.experts_sharded else 'whole'}); "
+        f"micro-batch {t.micro_batch} x {t.seq_len} tokens, grad_accum {t.grad_accum}",
+        f"bytes: {layout.bytes_per_param} per weight/gradient element, {r.plan.bytes_per_activation} per activation value "
+        f"(logits and router scores fp32)",
+        "",
+        ("model states per rank, exact" + (f" -- rank {r.rank}, the heaviest (ranks differ by up to {human(r.spread)}: "
+                                           f"DeepSpeed's partition boundaries)" if r.ranks_differ else " (every rank alike)")),
+        _row("", "dense", "experts", "total"),
+    ]
+    for kind, label in KINDS:
+        d, e = r.states["dense"][kind], r.states["experts"][kind]
+        lines.append(_row(label, human(d), human(e), human(d + e)))
+    dense_total = sum(r.states["dense"].values())
+    expert_total = sum(r.states["experts"].values())
+    lines.append(_row("model states", human(dense_total), human(expert_total), human(r.model_states)))
+    if r.transients:
+        lines += ["", "transient, per rank (estimates; allocated and freed within a step)", _row("", "", "when", "bytes")]
+        for x in r.transients:
+            lines.append(_row(x.what, "", x.when, human(x.bytes)))
+    lines += ["", "activations of one micro-batch per rank (estimate; train.activation_checkpointing, * = the job's)",
+              _row("", *[m + ("*" if m == chosen else "") for m in modes])]
+    lines.append(_row("saved by the forward pass", *[human(r.activations[m].saved) for m in modes]))
+    lines.append(_row("  dense part (attention, norms, router, dense FFNs, logits)",
+                      *[human(r.activations[m].saved - r.activations[m].saved_by_experts) for m in modes]))
+    lines.append(_row("  experts (token copies, expert intermediates, combine)",
+                      *[human(r.activations[m].saved_by_experts) for m in modes]))
+    lines.append(_row("peak of forward + backward", *[human(r.activations[m].peak) for m in modes]))
+    lines.append(_row("  reached in the backward of", *[r.activations[m].phase for m in modes]))
+    if layout.ep > 1 and r.all_to_all["none"]["total"]:
+        lines += ["", f"all-to-all bytes sent per rank per optimizer step (dropless, assuming uniform routing: "
+                      f"{layout.ep - 1}/{layout.ep} of the {job.moe.top_k}-way token copies leave the rank)",
+                  _row("", *modes)]
+        for key, label in (("forward", "forward: dispatch + combine (the job logs these)"), ("backward", "backward"),
+                           ("recompute", "recomputed forward (activation checkpointing)"), ("total", "total")):
+            lines.append(_row(label, *[human(r.all_to_all[m][key]) for m in modes]))
+    elif layout.ep == 1:
+        lines += ["", "all-to-all: none (parallel.ep=1: every rank holds every expert)"]
+    lines += ["", f"peak per rank = model states + max(activation peak + {DURING_COMPUTE} transients, {AT_STEP} transients)",
+              _row("", *modes),
+              _row("peak", *[human(r.peaks[m]) for m in modes]),
+              _row(f"device memory {human(r.device_bytes)} (plan.device_memory_gb)", *["fits" if r.fits(m) else "does not fit" for m in modes]),
+              "", f"verdict: {verdict(r, chosen)}"]
+    return "\n".join(lines)
