@@ -89,20 +89,29 @@ def markdown(results: dict) -> str:
     scopes = list(results)
     first = results[scopes[0]]
     layers = range(len(first["imbalance_last_steps_per_layer"]))
-    steps = sorted(int(s) for s in first["val_loss"])
-    lines = ["| moe.aux_loss_scope | " + " | ".join(f"val loss @{s}" for s in steps) + " | max/mean load, last "
-             f"{LAST_STEPS} steps (mean over layers) | same, whole run | JS divergence (bits), mean over layers |",
-             "|---|" + "---|" * (len(steps) + 3)]
+    steps = sorted(first["val_loss"], key=int)
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    lines = ["| moe.aux_loss_scope | " + " | ".join(f"val loss @{s}" for s in steps)
+             + f" | max/mean load, last {LAST_STEPS} steps | max/mean load, whole run | JS between domains (bits) "
+             "| JS within a domain (bits) |",
+             "|---|" + "---|" * (len(steps) + 4)]
     for scope, r in results.items():
-        js = [layer["js_divergence"] for layer in r["specialization"]["layers"]]
+        spec = r["specialization"]["layers"]
         lines.append(f"| {scope} | " + " | ".join(f"{r['val_loss'][s]:.4f}" for s in steps)
-                     + f" | {sum(r['imbalance_last_steps_per_layer']) / len(layers):.3f}"
-                     + f" | {sum(r['imbalance_whole_run_per_layer']) / len(layers):.3f} | {sum(js) / len(js):.4f} |")
-    lines += ["", "| layer | " + " | ".join(f"max/mean load ({s}) | JS bits ({s})" for s in scopes) + " |",
-              "|---|" + "---|---|" * len(scopes)]
+                     + f" | {mean(r['imbalance_last_steps_per_layer']):.3f} | {mean(r['imbalance_whole_run_per_layer']):.3f}"
+                     + f" | {mean([l['js_divergence'] for l in spec]):.4f} | {mean([l['js_divergence_within_mean'] for l in spec]):.4f} |")
+    lines += ["", "(load and JS: means over the MoE layers)", "",
+              "| MoE layer | " + " | ".join(f"max/mean load ({s}) | JS between ({s}) | JS within ({s})" for s in scopes) + " |",
+              "|---|" + "---|---|---|" * len(scopes)]
     for layer in layers:
-        cells = [f"{results[s]['imbalance_last_steps_per_layer'][layer]:.3f} | "
-                 f"{results[s]['specialization']['layers'][layer]['js_divergence']:.4f}" for s in scopes]
+        cells = []
+        for s in scopes:
+            spec = results[s]["specialization"]["layers"][layer]
+            cells.append(f"{results[s]['imbalance_last_steps_per_layer'][layer]:.3f} | {spec['js_divergence']:.4f} | "
+                         f"{spec['js_divergence_within_mean']:.4f}")
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
