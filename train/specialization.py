@@ -2,9 +2,9 @@
 
 The run's model (its latest checkpoint, or --step N; whatever layout saved it, read on this one
 process, in eval mode, fp32) reads each domain's validation documents -- the held-out documents of
-the run's corpus, re-tokenised with the run's tokenizer, each domain's documents one after another
-as in val.bin, cut into blocks of train.seq_len tokens. Every MoE layer's router choices are
-counted (token copies, k per token, as `MoEStats.tokens_per_expert` counts them: before any
+the run's corpus, re-tokenised with the run's tokenizer (at most --max-tokens per domain), in two
+halves: the even-numbered documents one after another as in val.bin, cut into blocks of
+train.seq_len tokens, then the odd-numbered ones. Every MoE layer's router choices are counted (token copies, k per token, as `MoEStats.tokens_per_expert` counts them: before any
 capacity drop). Domains: `shakespeare` and `bible` for the classics corpus; for data.corpus=files
 or hub, the column data.domain_field names (set in training, or here with --domain-field).
 
@@ -18,11 +18,9 @@ Each layer's number is the generalised Jensen-Shannon divergence between the dom
 distributions P_1..P_N, with equal weights: H(mean_n P_n) - mean_n H(P_n), H the entropy in bits
 (log base 2). 0: every domain spreads over the experts alike; 1: two domains never share an expert
 (at most log2 N for N domains). Equal weights keep the figure independent of how many validation
-tokens each domain has; for two domains it is the usual JS divergence. Its yardstick: each
-domain's documents are read in two halves (the even-numbered and the odd-numbered documents, each
-half one stream of blocks), and the JS divergence between the two halves of one domain (averaged
-over the domains with two documents or more) is how much routing differs between texts of the
-same domain. A divergence between domains well above it is domain specialisation.
+tokens each domain has; for two domains it is the usual JS divergence. Its yardstick: the JS
+divergence between the two halves of one domain (averaged over the domains with two documents or
+more) is how much routing differs between texts of the same domain. A divergence between domains well above it is domain specialisation.
 
 Shape legend: L MoE layers, N domains, E experts, B blocks, S tokens per block.
 """
