@@ -28,6 +28,7 @@ COPY models ./models
 COPY parallel ./parallel
 COPY train ./train
 COPY conf ./conf
+COPY hydra_plugins ./hydra_plugins
 COPY launch ./launch
 # MegaBlocks 0.10 pins torch==2.7.0: its CUDA extension is built against the torch above
 # (--no-build-isolation) and its pins are not followed (--no-deps), as `make setup-gpu` does.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,15 @@ def train_losses(records: list[dict]) -> dict[int, float]:
 
 def val_losses(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["val/loss"] for r in records if "val/loss" in r}
+
+
+def start_from_checkpoint(workdir: Path, source_run: str, step: int, run_name: str) -> Path:
+    """A new run directory whose only checkpoint is `source_run`'s at `step` (marked latest), so that
+    `train.resume=true` continues from there: one uninterrupted run serves as both the reference
+    curve and the checkpoint to resume."""
+    name = f"step_{step:06d}"
+    checkpoints = workdir / "outputs" / run_name / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copytree(workdir / "outputs" / source_run / "checkpoints" / name, checkpoints / name)
+    (checkpoints / "latest").write_text(name)
+    return checkpoints.parent

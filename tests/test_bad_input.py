@@ -63,6 +63,7 @@ BAD_SETTINGS = [
     (["moe.capacity_factor=0"], "moe.capacity_factor must be null (dropless) or a number > 0; got 0.0", 1),
     (["moe.capacity_factor=inf"], "moe.capacity_factor must be a finite number; got inf", 1),
     (["moe.score=relu"], "moe.score must be one of 'softmax', 'sigmoid'; got 'relu'", 1),
+    (["moe.aux_loss_scope=batch"], "moe.aux_loss_scope must be one of 'micro_batch', 'sequence', 'global_batch'; got 'batch'", 1),
     (["moe.backend=cutlass"], "moe.backend must be one of 'torch', 'megablocks'; got 'cutlass'", 1),
     (["moe.backend=megablocks"], "moe.backend=megablocks needs CUDA and the megablocks package", 1),
     # optimizer, named by its Hydra keys (torch would say "Invalid beta parameter at index 0")
@@ -80,6 +81,10 @@ BAD_SETTINGS = [
     (["optim.warmup_steps=-1"], "optim.warmup_steps must be an integer >= 0; got -1", 1),
     # train
     (["train.steps=0"], "train.steps must be an integer between 1 and 1099511627776; got 0", 1),
+    (["train.activation_checkpointing=sometimes"], "train.activation_checkpointing must be one of 'none', 'full', 'moe'; got 'sometimes'", 1),
+    (["train.activation_checkpointing="], "train.activation_checkpointing must be one of 'none', 'full', 'moe'; got ''", 1),
+    (["logging.sample_tokens=-1"], "logging.sample_tokens must be an integer between 0 and", 1),
+    (["logging.sample_prompt="], "logging.sample_prompt must be non-empty text when logging.sample_tokens > 0", 1),
     (["train.micro_batch=0"], "train.micro_batch must be an integer between 1 and 1048576; got 0", 1),
     (["train.grad_accum=10000000"], "train.grad_accum must be an integer between 1 and 1048576; got 10000000", 1),
     (["train.seq_len=2000000"], "train.seq_len must be an integer between 1 and 1048576; got 2000000", 1),

@@ -3,14 +3,13 @@ on 1 rank (ep=1, ZeRO-0), 2 ranks (ep=2, ZeRO-3) and 4 ranks (ep=4, ZeRO-1). Eac
 holds exactly the saved weights and AdamW state (compared tensor by tensor after regrouping) and
 continues the uninterrupted run's loss curve."""
 
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.jobs import REPO, TINY, job_env, read_metrics, run_job, train_losses
+from tests.jobs import REPO, TINY, job_env, read_metrics, run_job, start_from_checkpoint, train_losses
 from train.checkpoint import read_tensors
 
 # Same global batch on every layout: 16 rows per step as micro_batch 4 x ranks x grad_accum.
@@ -37,10 +36,7 @@ def test_resume_on_another_layout_keeps_the_whole_state(saved, data_cache, layou
     workdir, uninterrupted = saved
     nproc, overrides = LAYOUTS[layout]
     source = workdir / "outputs/source/checkpoints/step_000004"
-    run_dir = workdir / "outputs" / layout
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(source, run_dir / "checkpoints" / source.name)
-    (run_dir / "checkpoints/latest").write_text(source.name)
+    run_dir = start_from_checkpoint(workdir, "source", 4, layout)
     side = workdir / f"{layout}-loaded"
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

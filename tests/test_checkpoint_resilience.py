@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from tests.jobs import TINY, fault_env, job_command, job_env, read_metrics, run_job, train_losses, val_losses
+from tests.jobs import TINY, fault_env, job_command, job_env, read_metrics, run_job, start_from_checkpoint, train_losses
 
 EXACT = ["train.eval_interval=100", "moe.jitter=0.1", "moe.bias_update_rate=0.01"]
 
@@ -21,14 +21,17 @@ def last_per_step(records: list[dict]) -> dict[int, float]:
 
 
 def test_resume_with_ep2_and_zero2_is_exact(tmp_path, data_cache):
-    common = [*TINY, *EXACT, "train.steps=12", "train.ckpt_interval=100", "parallel.ep=2", "deepspeed.zero_stage=2"]
+    # Sharded experts (FSDP over the EDP group), ZeRO-2 dense state, router jitter (RNG) and bias.
+    common = [*TINY, *EXACT, "train.steps=12", "train.ckpt_interval=6", "parallel.ep=2", "deepspeed.zero_stage=2"]
     whole = run_job(tmp_path, data_cache, *common, "run_name=whole", nproc=4)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    first = run_job(tmp_path, data_cache, *common, "run_name=split", "train.stop_at=6", nproc=4)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_job(tmp_path, data_cache, *common, "run_name=split", "train.resume=true", nproc=4)
+    start_from_checkpoint(tmp_path, "whole", 6, "resumed")
+    second = run_job(tmp_path, data_cache, *common, "run_name=resumed", "train.resume=true", nproc=4)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert train_losses(read_metrics(tmp_path, "split")) == train_losses(read_metrics(tmp_path, "whole"))
+    assert "resumed from step 6 (exact)" in second.stdout
+    whole_losses, resumed = train_losses(read_metrics(tmp_path, "whole")), train_losses(read_metrics(tmp_path, "resumed"))
+    assert sorted(resumed) == list(range(7, 13))
+    assert resumed == {step: loss for step, loss in whole_losses.items() if step > 6}  # bit for bit
 
 
 def _worker_pids(launcher: subprocess.Popen) -> list[int]:
@@ -90,3 +93,9 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, data_cache):
     assert diverged.returncode == 3
     assert "3 consecutive steps had a non-finite loss (train.max_bad_steps=3)" in diverged.stderr.strip().splitlines()[-1]
     assert (tmp_path / "outputs/bad/checkpoints/latest").read_text() == "step_000004"
+
+    # Fewer steps than max_bad_steps, every one of them non-finite: still a failure, not exit 0.
+    nothing = run_job(tmp_path, data_cache, *TINY, "train.steps=2", "train.eval_interval=100", "run_name=nothing",
+                      extra_env=fault_env(SWITCHYARD_TEST_NAN_STEPS="1,2"))
+    assert nothing.returncode == 3
+    assert "every step of this run (2) had a non-finite loss" in nothing.stderr.strip().splitlines()[-1]

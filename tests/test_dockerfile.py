@@ -39,6 +39,13 @@ def test_dockerfile_installs_only_declared_packages():
     assert installed <= declared_packages(), installed - declared_packages()
 
 
+def test_dockerfile_copies_every_package_pyproject_installs():
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    missing = [p.rstrip("*") for p in include if f"COPY {p.rstrip('*')} ./{p.rstrip('*')}" not in dockerfile]
+    assert not missing, f"pip install -e . in the image would lack {missing}"
+
+
 def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")  # from the dev extra
     done = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)

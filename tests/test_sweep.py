@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+from hydra_plugins.switchyard_launcher.slurm import SwitchyardSlurmLauncher
 from tests.jobs import TINY, job_env
 
 SWEEP = ["moe.num_experts=2,4", "moe.top_k=1,4"]
@@ -36,5 +38,6 @@ def test_slurm_launcher_composes(tmp_path, data_cache):
         cwd=tmp_path, env=job_env(data_cache), capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in done.stdout
+    assert "_target_: hydra_plugins.switchyard_launcher.slurm.SwitchyardSlurmLauncher" in done.stdout
+    assert issubclass(SwitchyardSlurmLauncher, SlurmLauncher)  # submitit's, with refusals said in one line
     assert "export MASTER_ADDR" in done.stdout

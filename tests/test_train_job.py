@@ -14,11 +14,17 @@ def test_training_lowers_validation_loss(tmp_path, data_cache):
         "train.ckpt_interval=300", "optim.warmup_steps=20",
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    val = val_losses(read_metrics(tmp_path, "learn"))
+    records = read_metrics(tmp_path, "learn")
+    val = val_losses(records)
     # Byte-level: a uniform guess costs ln(257) = 5.55 nats, where the untrained model starts.
     assert abs(val[0] - 5.55) < 0.2, val
     assert val[300] < val[150] < val[25] < val[0], val
     assert val[300] < 2.95, val
+    # A sampled continuation at each evaluation, for a person to read (bytes: up to 48 characters).
+    samples = {r["step"]: r["samples/text"] for r in records if "samples/text" in r}
+    assert sorted(samples) == list(range(25, 301, 25))
+    assert all(text.startswith("ROMEO:") and len(text) > len("ROMEO:") for text in samples.values())
+    assert f"step 300: sample: {samples[300]!r}" in done.stdout + done.stderr
 
 
 def test_resume_gives_the_uninterrupted_losses(tmp_path, data_cache):

@@ -24,6 +24,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +216,6 @@ def quiet_third_party_logs() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # DeepSpeed probes its ops by compiling test programs; the compiler's INFO lines are not ours.
     logging.getLogger("compilers").setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO calls these torch collectives on every step; torch 2.13 deprecates their names.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                            category=FutureWarning)
