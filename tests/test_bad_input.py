@@ -116,6 +116,15 @@ BAD_SETTINGS = [
     (["data=files", "data.paths=[{tmp}]"], "data.paths: {tmp} is a directory; list the files in it", 1),
     (["data=files", "data.paths=[{file}]"], "data.paths: {file}: extension must be one of '.txt',", 1),
     (["data.corpus=hub"], "data.hub_name must be set when data.corpus='hub'", 1),
+    (["data.domain_field=source"], "data.domain_field applies to data.corpus=files or hub; the classics corpus labels its "
+     "documents itself (shakespeare, bible): leave it null (got 'source')", 1),
+    (["data=files", "data.paths=[{tmp}/rows.jsonl]", "data.domain_field=''"],
+     "data.domain_field must name the column that holds each row's domain, or be null; got ''", 1),
+    (["data=files", "data.paths=[{tmp}/rows.jsonl]", "data.domain_field=text"],
+     "data.domain_field must name a column other than data.text_field ('text')", 1),
+    (["data=files", "data.paths=[{tmp}/rows.jsonl,{tmp}/book.txt]", "data.domain_field=source"],
+     "data.domain_field='source': {tmp}/book.txt is a text file, whose document has no fields; give the documents "
+     "as .jsonl/.json/.parquet rows with a 'source' column", 1),
     # places the job writes to
     (["data.cache_dir={file}/cache"], "data.cache_dir: cannot write to {file}/cache: {file} is not a directory", 1),
     (["hydra.run.dir={file}/run"], "run directory: cannot write to {file}/run: {file} is not a directory", 1),
@@ -138,6 +147,8 @@ def _fill(text: str, tmp_path) -> str:
 def test_bad_setting_is_refused_with_one_line(tmp_path, overrides, expected, world_size):
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "checkpoints").write_text("a file where the checkpoint folder goes")
+    (tmp_path / "rows.jsonl").write_text('{"text": "a", "source": "x"}\n')  # good data files, for settings about them
+    (tmp_path / "book.txt").write_text("a")
     where = [f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
     with pytest.raises(ValueError) as refused:
         check_job(compose_job([*TINY, *where, *(_fill(o, tmp_path) for o in overrides)]), world_size)

@@ -47,6 +47,34 @@ def test_window_figures_by_hand():
     assert out["perf/all_to_all_time_share"] == pytest.approx(0.5 / 2.0)
 
 
+def test_imbalance_percentiles_over_layers_by_hand():
+    # max/mean per layer: 1, 2, 4, 3, 2 -> sorted 1, 2, 2, 3, 4: the median is 2; p90 lies at 0.9·4 = 3.6
+    # places, between 3 and 4: 3.6; the worst is layer 2.
+    loads = [[1, 1, 1, 1], [2, 1, 1, 0], [4, 0, 0, 0], [3, 1, 0, 0], [2, 2, 0, 0]]
+    window = MoEWindow(num_layers=5, num_experts=4)
+    add(window, [stats(load) for load in loads], aux=[1.0] * 5)
+    out = window.summarize(ONE_PROCESS, elapsed_seconds=1.0)
+    assert [out[f"moe/layer{layer}/imbalance_max_over_mean"] for layer in range(5)] == pytest.approx([1, 2, 4, 3, 2])
+    assert out["moe/imbalance_max_over_mean/p50"] == pytest.approx(2.0)
+    assert out["moe/imbalance_max_over_mean/p90"] == pytest.approx(3.6)
+    assert out["moe/imbalance_max_over_mean/max"] == pytest.approx(4.0)
+    assert out["moe/imbalance_max_over_mean/worst_layer"] == 2
+
+
+def test_key_count_grows_with_layers_never_with_experts():
+    def keys(num_layers, num_experts):
+        window = MoEWindow(num_layers, num_experts)
+        add(window, [stats([1] * num_experts) for _ in range(num_layers)], aux=[1.0] * num_layers)
+        return set(window.summarize(ONE_PROCESS, elapsed_seconds=1.0))
+
+    per_layer = {k for k in keys(2, 4) if k.startswith("moe/layer0/")}
+    assert keys(2, 4) == keys(2, 256)  # per-expert counts are one list per layer, not one key per expert
+    assert len(keys(40, 4)) - len(keys(2, 4)) == 38 * len(per_layer) == 38 * 9
+    over_layers = {k for k in keys(40, 4) if k.startswith("moe/imbalance_max_over_mean/")}
+    assert over_layers == {f"moe/imbalance_max_over_mean/{s}" for s in ("p50", "p90", "max", "worst_layer")}
+    assert not {k for k in keys(0, 4) if k.startswith("moe/")}  # a dense model logs no MoE key
+
+
 def test_dead_experts_get_a_warning_line():
     lines = []
 

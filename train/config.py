@@ -66,6 +66,9 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)  # .txt/.json/.jsonl/.parquet, for corpus=files
     hub_name: Optional[str] = None  # for corpus=hub (needs a network)
     text_field: str = "text"
+    # The column holding each row's domain (e.g. "source"), for corpus=files (.json/.jsonl/.parquet)
+    # or hub; read by the specialisation report (python -m train.specialization), never tokenized.
+    domain_field: Optional[str] = None
     val_fraction: float = 0.01
     cache_dir: str = "~/.cache/switchyard"
     num_proc: int = 2

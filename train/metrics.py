@@ -37,12 +37,20 @@ class MoEWindow:
         means_L3 = sums_L6[:, :3] / max(self.num_micro_steps * dims.world_size, 1)
         # Forward all-to-all wall time per rank, as a share of the window (CPU/gloo only).
         out = {"perf/all_to_all_time_share": float(sums_L6[:, 5].sum() / dims.world_size / max(elapsed_seconds, 1e-9))}
+        # Max/mean load per layer, and its spread over layers: a deep model's dashboard reads these
+        # few keys whatever its depth; the per-layer keys below say which layer to look at.
+        imbalance_L = tokens_LE.max(dim=1).values / tokens_LE.mean(dim=1).clamp_min(1e-12)
+        if imbalance_L.numel():  # a model with MoE layers
+            out["moe/imbalance_max_over_mean/p50"] = float(torch.quantile(imbalance_L, 0.5))  # linear interpolation
+            out["moe/imbalance_max_over_mean/p90"] = float(torch.quantile(imbalance_L, 0.9))
+            out["moe/imbalance_max_over_mean/max"] = float(imbalance_L.max())
+            out["moe/imbalance_max_over_mean/worst_layer"] = int(imbalance_L.argmax())  # first of the ties
         for layer in range(tokens_LE.shape[0]):
             load_E = tokens_LE[layer]
             mean = load_E.mean().clamp_min(1e-12)
             prefix = f"moe/layer{layer}"
             out[f"{prefix}/tokens_per_expert"] = [int(v) for v in load_E.tolist()]
-            out[f"{prefix}/imbalance_max_over_mean"] = float(load_E.max() / mean)
+            out[f"{prefix}/imbalance_max_over_mean"] = float(imbalance_L[layer])
             out[f"{prefix}/load_cv"] = float(load_E.std(unbiased=False) / mean)
             out[f"{prefix}/dead_experts"] = int((load_E == 0).sum())
             out[f"{prefix}/aux_loss"] = float(means_L3[layer, 0])

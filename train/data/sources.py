@@ -2,7 +2,8 @@
 
 The corpus is the classics (see `classics`), local files (.txt / .json / .jsonl / .parquet) or a
 Hugging Face Hub dataset. Each classics document gives its tail to validation; for files and hub
-datasets the last rows are validation.
+datasets the last rows are validation. `labelled_val_documents` gives the same validation
+documents with each one's domain (for the specialisation report).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from types import MappingProxyType
 
 import datasets
 
-from train.data.classics import classics_documents, read_classics
+from train.data.classics import classics_documents, labelled_classics_documents, read_classics
 from train.data.filecheck import check_text_file, diagnose
 
 CORPORA = ("classics", "files", "hub")
@@ -39,14 +40,19 @@ def tail_cut(text: str, val_fraction: float) -> int:
 
 def split_documents(docs: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
     """Each document's last `val_fraction` goes to validation, so both splits mix all documents."""
-    train, val = [], []
+    parts = document_parts(docs, val_fraction)
+    return _nonblank([head for head, _ in parts]), _nonblank([tail for _, tail in parts])
+
+
+def document_parts(docs: Sequence[str], val_fraction: float) -> list[tuple[str, str]]:
+    """(training part, validation tail) of each document, in order; either may be blank."""
+    parts = []
     for doc in docs:
         cut = tail_cut(doc, val_fraction)
         if len(docs) == 1 and cut == len(doc):  # a single document must still give a val split
             cut = len(doc) - max(1, round(len(doc) * val_fraction))
-        train.append(doc[:cut])
-        val.append(doc[cut:])
-    return _nonblank(train), _nonblank(val)
+        parts.append((doc[:cut], doc[cut:]))
+    return parts
 
 
 def _nonblank(texts: Sequence[str | None]) -> list[str]:
@@ -61,12 +67,15 @@ def _split_rows(ds: datasets.Dataset, val_fraction: float, describe: str) -> tup
         raise ValueError(f"data: corpus {describe} is empty: no non-whitespace text")
     if len(ds) == 1:
         train, val = split_documents([ds[0]["text"]], val_fraction)
-        return _text_dataset(train), _text_dataset(val)
+        domain = ds[0]["domain"] if "domain" in ds.column_names else None  # its label, for labelled_val_documents
+        return _text_dataset(train, domain), _text_dataset(val, domain)
     num_val = min(max(1, int(len(ds) * val_fraction)), len(ds) - 1)
     return ds.select(range(len(ds) - num_val)), ds.select(range(len(ds) - num_val, len(ds)))
 
 
-def _text_dataset(texts: list[str]) -> datasets.Dataset:
+def _text_dataset(texts: list[str], domain: str | None = None) -> datasets.Dataset:
+    if domain is not None:
+        return datasets.Dataset.from_dict({"text": texts, "domain": [domain] * len(texts)})
     return datasets.Dataset.from_dict({"text": texts}, features=datasets.Features({"text": datasets.Value("string")}))
 
 
@@ -101,19 +110,29 @@ def _builder(path: str) -> str:
     return FILE_BUILDERS[os.path.splitext(path)[1].lower()]
 
 
-def _text_column(ds: datasets.Dataset, field: str, source: str) -> datasets.Dataset:
-    """Just the text, as a string column named "text"."""
+def _text_column(ds: datasets.Dataset, field: str, source: str, domain_field: str | None = None) -> datasets.Dataset:
+    """Just the text, as a string column named "text"; with `domain_field` (data.domain_field),
+    also each row's domain label, as a column named "domain"."""
     if field not in ds.column_names:
         raise ValueError(f"data.text_field={field!r}: no such column in {source}; columns: {ds.column_names}")
     feature = ds.features[field]
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
         raise ValueError(f"data.text_field={field!r}: column in {source} holds {feature}, not text")
-    ds = ds.select_columns([field])
-    return ds.rename_column(field, "text") if field != "text" else ds
+    if domain_field is None:
+        ds = ds.select_columns([field])
+        return ds.rename_column(field, "text") if field != "text" else ds
+    if domain_field not in ds.column_names:
+        raise ValueError(f"data.domain_field={domain_field!r}: no such column in {source}; columns: {ds.column_names}")
+    feature = ds.features[domain_field]
+    if not (isinstance(feature, datasets.Value) and (feature.dtype in ("string", "large_string") or feature.dtype.startswith("int"))):
+        raise ValueError(f"data.domain_field={domain_field!r}: column in {source} holds {feature}, not a label (text or an integer)")
+    ds = ds.select_columns([field, domain_field])
+    return ds.rename_columns({old: new for old, new in ((field, "text"), (domain_field, "domain")) if old != new})
 
 
 def _load_files(cfg) -> datasets.Dataset:
-    """Rows of all files, in the order of data.paths. A .txt file is one document (one row)."""
+    """Rows of all files, in the order of data.paths. A .txt file is one document (one row). With
+    data.domain_field (never set with .txt files: check_data_config), also a "domain" column."""
     paths = checked_paths(cfg)
     for path in paths:  # before any reading: a binary or mis-encoded file fails fast, naming its line
         if _builder(path) in ("text", "json"):  # (pyarrow would take bytes that are not UTF-8 into a string)
@@ -130,7 +149,7 @@ def _load_files(cfg) -> datasets.Dataset:
             raise ValueError(_first_problem(group, field) or f"data.paths: could not read {', '.join(group)}: "
                              f"{type(err).__name__}: {_first_line(err)}") from err
         try:
-            parts.append(_text_column(ds, field, ", ".join(group)))
+            parts.append(_text_column(ds, field, ", ".join(group), getattr(cfg, "domain_field", None)))
         except ValueError as err:  # e.g. a column of mixed types: name the first row that is not text
             problem = _first_problem(group, field)
             if problem is None:
@@ -157,15 +176,45 @@ def _load_hub(cfg) -> datasets.Dataset:
             f"data.hub_name={cfg.hub_name!r}: could not load its 'train' split from the Hugging Face Hub "
             f"(needs network access; or use data.corpus='files'): {type(e).__name__}: {e}"
         ) from e
-    return _text_column(ds, cfg.text_field, f"hub dataset {cfg.hub_name!r}")
+    return _text_column(ds, cfg.text_field, f"hub dataset {cfg.hub_name!r}", getattr(cfg, "domain_field", None))
+
+
+def _user_rows(cfg) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, val) rows of data.corpus=files or hub: "text", and "domain" with data.domain_field."""
+    frac = float(cfg.val_fraction)
+    if cfg.corpus == "files":
+        return _split_rows(_load_files(cfg), frac, f"'files' (data.paths={list(cfg.paths)})")
+    return _split_rows(_load_hub(cfg), frac, f"'hub' (data.hub_name={cfg.hub_name!r})")
 
 
 def load_splits(cfg) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, val) datasets with one column "text", one row per document."""
-    frac = float(cfg.val_fraction)
     if cfg.corpus == "classics":
-        train, val = split_documents(classics_documents(read_classics(abspath(cfg.cache_dir))), frac)
+        train, val = split_documents(classics_documents(read_classics(abspath(cfg.cache_dir))), float(cfg.val_fraction))
         return _text_dataset(train), _text_dataset(val)
-    if cfg.corpus == "files":
-        return _split_rows(_load_files(cfg), frac, f"'files' (data.paths={list(cfg.paths)})")
-    return _split_rows(_load_hub(cfg), frac, f"'hub' (data.hub_name={cfg.hub_name!r})")
+    train, val = _user_rows(cfg)
+    if "domain" in train.column_names:  # data.domain_field: checked while reading, not tokenized
+        train, val = train.remove_columns("domain"), val.remove_columns("domain")
+    return train, val
+
+
+def labelled_val_documents(cfg) -> list[tuple[str, str]]:
+    """(domain, text) of every document of the validation split, in its order (the documents
+    whose tokens make val.bin): classics documents are `shakespeare` or `bible`; rows of files or
+    of a hub dataset carry their domain in the column data.domain_field names."""
+    if cfg.corpus == "classics":
+        labelled = labelled_classics_documents(read_classics(abspath(cfg.cache_dir)))
+        parts = document_parts([text for _, text in labelled], float(cfg.val_fraction))
+        return [(domain, tail) for (domain, _), (_, tail) in zip(labelled, parts, strict=True) if _nonblank([tail])]
+    field = getattr(cfg, "domain_field", None)
+    if not field:
+        raise ValueError(f"data.domain_field is not set: the rows of data.corpus={cfg.corpus!r} carry no domain label "
+                         "until it names the field that holds each row's domain")
+    _, val = _user_rows(cfg)
+    labelled = []
+    for row, (domain, text) in enumerate(zip(val["domain"], val["text"], strict=True)):
+        if domain is None or (isinstance(domain, str) and not domain.strip()):
+            raise ValueError(f"data.domain_field={field!r}: validation document {row + 1} of {len(val)} "
+                             f"(the last rows of the corpus) has no domain")
+        labelled.append((str(domain), text))
+    return labelled
