@@ -70,12 +70,13 @@ class DeepSpeedSettings:
     model_persistence_threshold: int
 
     @classmethod
-    def for_stage(cls, zero_stage: int) -> "DeepSpeedSettings":
+    def for_model(cls, model: nn.Module, zero_stage: int) -> "DeepSpeedSettings":
+        """The settings parallel/zero.py gives DeepSpeed for this GPT (the bucket depends on d_model)."""
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
         from parallel.zero import deepspeed_config
 
-        zero = DeepSpeedZeroConfig(**deepspeed_config(zero_stage, 1, 1, 1)["zero_optimization"])
+        zero = DeepSpeedZeroConfig(**deepspeed_config(zero_stage, 1, 1, 1, model.cfg.model.d_model)["zero_optimization"])
         return cls(int(zero.reduce_bucket_size), bool(zero.contiguous_gradients), int(zero.sub_group_size),
                    int(zero.param_persistence_threshold), int(zero.model_persistence_threshold))
 
@@ -103,7 +104,7 @@ def plan_model_states(model: nn.Module, layout: Layout, rank: int,
     """Bytes of weights, gradients, optimizer state and buffers that `rank` will hold, as
     parallel/memory.model_state_bytes measures them. `model` is the whole single-process model
     (typically on the meta device); it is not changed."""
-    settings = settings or DeepSpeedSettings.for_stage(layout.zero_stage)
+    settings = settings or DeepSpeedSettings.for_model(model, layout.zero_stage)
     states = empty_states()
     named = dense_parameters(model)
     groups = [[p.numel() for p in g] for g in optimizer_groups([p for _, p in named])]
@@ -222,7 +223,7 @@ def plan_all_ranks(model: nn.Module, layout: Layout, settings: DeepSpeedSettings
                    ) -> list[dict[str, dict[str, int]]]:
     """plan_model_states for every rank (ranks differ only in DeepSpeed's partitions of the
     dense part under ZeRO >= 1)."""
-    settings = settings or DeepSpeedSettings.for_stage(layout.zero_stage)
+    settings = settings or DeepSpeedSettings.for_model(model, layout.zero_stage)
     if layout.zero_stage == 0 or layout.world_size == 1:
         return [plan_model_states(model, layout, 0, settings)] * layout.world_size
     return [plan_model_states(model, layout, rank, settings) for rank in range(layout.world_size)]
@@ -251,7 +252,7 @@ def plan_transients(model: nn.Module, layout: Layout, settings: DeepSpeedSetting
     """Memory a step allocates and frees again, beyond activations: the gathered copies FSDP2 and
     ZeRO-3 compute with, gradients before their reduction, DeepSpeed's buckets (from the same
     sources as the module docstring). Upper-bound estimates."""
-    settings = settings or DeepSpeedSettings.for_stage(layout.zero_stage)
+    settings = settings or DeepSpeedSettings.for_model(model, layout.zero_stage)
     bpp, out = layout.bytes_per_param, []
     layers = _expert_layer_numels(model, layout)
     if layers and layout.experts_sharded:

@@ -41,7 +41,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
     expert_optimizer = adamw(expert_params, job.optim) if expert_params else None
     if expert_optimizer is not None:
         ensure_adamw_state(expert_optimizer)  # so that a checkpoint can load into it before step 1
-    config = deepspeed_config(job.deepspeed.zero_stage, job.train.micro_batch, job.train.grad_accum, dims.world_size)
+    config = deepspeed_config(job.deepspeed.zero_stage, job.train.micro_batch, job.train.grad_accum, dims.world_size,
+                              job.model.d_model)
     import deepspeed  # heavy import, only where the engine is built
 
     skip_deepspeed_shm_op()

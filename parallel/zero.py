@@ -37,14 +37,24 @@ def validate_zero_stage(stage) -> None:
         raise ValueError(f"deepspeed.zero_stage must be one of 0, 1, 2, 3; got {stage!r}")
 
 
-def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, world_size: int) -> dict:
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000  # elements: DeepSpeed's default reduce_bucket_size
+
+
+def reduce_bucket_elements(d_model: int) -> int:
+    """DeepSpeed's gradient reduce bucket, in elements: d_model² (Hugging Face's "auto" size),
+    capped at DeepSpeed's default. DeepSpeed's fixed 5e8 would be allocated up front under ZeRO-3
+    (2 GB of fp32 on every rank, whatever the model), and during each backward under ZeRO 1-2."""
+    return min(d_model * d_model, DEEPSPEED_DEFAULT_BUCKET)
+
+
+def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, world_size: int, d_model: int) -> dict:
     return {
         "train_batch_size": micro_batch * grad_accum * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         # Off: dense and expert gradients are clipped together by one global norm (parallel/grad_norm.py).
         "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": reduce_bucket_elements(d_model)},
         # The optimizer is ours (torch AdamW): DeepSpeed's fused CPU/GPU Adam would need JIT-built ops.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,

@@ -61,6 +61,13 @@ def test_default_config_by_hand():
     assert r.fits("none")
 
 
+def test_zero3_keeps_a_reduce_bucket_of_d_model_squared():
+    # parallel/zero.py sizes DeepSpeed's reduce bucket to d_model² elements; ZeRO-3 allocates it up
+    # front (with DeepSpeed's default of 5e8 elements it would be 1.86 GiB on every rank).
+    stage0, stage3 = report_for("deepspeed.zero_stage=0"), report_for("deepspeed.zero_stage=3")
+    assert stage3.states["dense"]["buffers"] - stage0.states["dense"]["buffers"] == 256 * 256 * 4
+
+
 def test_mixtral_shaped_on_64_ranks_by_hand():
     r = report_for(*MIXTRAL)
     D, F_, L, V = 4096, 14336, 32, 32000

@@ -46,7 +46,7 @@ class Report:
 
 
 def build_report(job, plan, model, layout: Layout) -> Report:
-    settings = DeepSpeedSettings.for_stage(layout.zero_stage)
+    settings = DeepSpeedSettings.for_model(model, layout.zero_stage)
     total, active = count_parameters(model)
     experts = sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters())
     per_rank = plan_all_ranks(model, layout, settings)
