@@ -43,13 +43,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported (
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch._C._profiler import _EventType  # noqa: E402
 
 from models.gpt import GPT, count_parameters  # noqa: E402
 from models.moe.balance import router_losses  # noqa: E402
 from parallel.activation_memory import activation_peak  # noqa: E402
 from parallel.local_launch import run_local_ranks  # noqa: E402
-from parallel.memory import model_state_bytes, total_bytes  # noqa: E402
+from parallel.memory import model_state_bytes, profiled_allocation_peak, total_bytes  # noqa: E402
 from parallel.memory_plan import Layout, plan_model_states  # noqa: E402
 from train.metrics import flops_per_token  # noqa: E402
 from train.plan import compose_job  # noqa: E402
@@ -140,25 +139,6 @@ def run_zero_stages() -> dict:
 
 # -- B: activation checkpointing ----------------------------------------------------------------
 
-def profiled_peak(fn) -> int:
-    """Peak of the bytes allocated while fn runs, above what was allocated before (CPU allocator
-    events of the torch profiler, in time order)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-
-    def walk(nodes):
-        for node in nodes:
-            yield node
-            yield from walk(node.children)
-
-    live = peak = 0
-    events = [n for n in walk(prof.profiler.kineto_results.experimental_event_tree()) if n.tag == _EventType.Allocation]
-    for event in sorted(events, key=lambda n: n.start_time_ns):
-        live += event.extra_fields.alloc_size
-        peak = max(peak, live)
-    return peak
-
-
 def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
@@ -188,7 +168,7 @@ def run_checkpointing(args) -> dict:
     memory = {}
     for m in MODES:
         at_rest = total_bytes(model_state_bytes(trainers[m]))
-        step_peak = profiled_peak(lambda: train_step(trainers[m], jobs[m], seed=999))
+        step_peak = profiled_allocation_peak(lambda: train_step(trainers[m], jobs[m], seed=999))
         with torch.device("meta"):
             model = GPT(jobs[m].gpt_config())
         planned_states = total_bytes(plan_model_states(model, Layout(1, 1, 0), 0))

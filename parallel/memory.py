@@ -130,3 +130,24 @@ def count_model_states(trainer) -> ModelStateCount:
 
 def total_bytes(states: dict[str, dict[str, int]]) -> int:
     return sum(sum(kinds.values()) for kinds in states.values())
+
+
+def profiled_allocation_peak(fn) -> int:
+    """Peak of the bytes allocated while `fn` runs, above what was allocated before (CPU allocator
+    events of the torch profiler, in time order): the activations and working set of a step."""
+    from torch._C._profiler import _EventType
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    events = [n for n in walk(prof.profiler.kineto_results.experimental_event_tree()) if n.tag == _EventType.Allocation]
+    live = peak = 0
+    for event in sorted(events, key=lambda n: n.start_time_ns):
+        live += event.extra_fields.alloc_size
+        peak = max(peak, live)
+    return peak

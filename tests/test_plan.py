@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._C._profiler import _EventType
 
 from models.config import GPTConfig, ModelConfig, MoEConfig
 from models.gpt import GPT
 from models.moe.balance import router_losses
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.activation_memory import activation_peak
+from parallel.memory import profiled_allocation_peak
 from tests.jobs import job_env
 from train import plan as planner
 from train.plan_report import build_report
@@ -123,25 +123,6 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, line):
 
 # -- the activation estimate against the profiler ------------------------------------------------
 
-def profiled_peak(fn) -> int:
-    """Peak of the bytes allocated while `fn` runs, above what was allocated before (CPU allocator
-    events of the torch profiler, in time order)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-
-    def walk(nodes):
-        for node in nodes:
-            yield node
-            yield from walk(node.children)
-
-    events = [n for n in walk(prof.profiler.kineto_results.experimental_event_tree()) if n.tag == _EventType.Allocation]
-    live = peak = 0
-    for event in sorted(events, key=lambda n: n.start_time_ns):
-        live += event.extra_fields.alloc_size
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.fixture
 def one_thread():
     """One intra-op thread: fast on a shared 2-core machine (two threads there can spin for
@@ -170,7 +151,7 @@ def measured_activation_peak(cfg: GPTConfig, micro_batch: int, seq_len: int, mod
         del logits, stats  # as train/loop.py: only the loss outlives the forward
         loss.backward()
 
-    return profiled_peak(step)
+    return profiled_allocation_peak(step)
 
 
 ACTIVATION_CONFIGS = {
