@@ -4,8 +4,8 @@ The run's model (its latest checkpoint, or --step N; whatever layout saved it, r
 process, in eval mode, fp32) reads each domain's validation documents -- the held-out documents of
 the run's corpus, re-tokenised with the run's tokenizer (at most --max-tokens per domain), in two
 halves: the even-numbered documents one after another as in val.bin, cut into blocks of
-train.seq_len tokens, then the odd-numbered ones. Every MoE layer's router choices are counted (token copies, k per token, as `MoEStats.tokens_per_expert` counts them: before any
-capacity drop). Domains: `shakespeare` and `bible` for the classics corpus; for data.corpus=files
+train.seq_len tokens, then the odd-numbered ones. Every MoE layer's router choices are counted
+(token copies, k per token, as `MoEStats.tokens_per_expert` counts them: before any capacity drop). Domains: `shakespeare` and `bible` for the classics corpus; for data.corpus=files
 or hub, the column data.domain_field names (set in training, or here with --domain-field).
 
 Written to RUN_DIR/specialization/:
@@ -20,7 +20,8 @@ distributions P_1..P_N, with equal weights: H(mean_n P_n) - mean_n H(P_n), H the
 (at most log2 N for N domains). Equal weights keep the figure independent of how many validation
 tokens each domain has; for two domains it is the usual JS divergence. Its yardstick: the JS
 divergence between the two halves of one domain (averaged over the domains with two documents or
-more) is how much routing differs between texts of the same domain. A divergence between domains well above it is domain specialisation.
+more) is how much routing differs between texts of the same domain. A divergence between domains
+well above it is domain specialisation.
 
 Shape legend: L MoE layers, N domains, E experts, B blocks, S tokens per block.
 """
