@@ -465,7 +465,9 @@ def test_hub_failure_is_a_clear_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub")
 
-    monkeypatch.setattr(data.sources.datasets, "load_dataset", offline)
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(ValueError, match=r"^data\.hub_name='someone/corpus': could not load .*Couldn't reach"):
         data.prepare_data(make_cfg(tmp_path, corpus="hub", hub_name="someone/corpus"))
 

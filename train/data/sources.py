@@ -12,11 +12,13 @@ import itertools
 import os
 from collections.abc import Sequence
 from types import MappingProxyType
-
-import datasets
+from typing import TYPE_CHECKING
 
 from train.data.classics import classics_documents, labelled_classics_documents, read_classics
 from train.data.filecheck import check_text_file, diagnose
+
+if TYPE_CHECKING:  # datasets (with pandas, pyarrow) is imported where data is built, not by every rank
+    import datasets
 
 CORPORA = ("classics", "files", "hub")
 FILE_BUILDERS = MappingProxyType(  # extension -> datasets builder
@@ -74,6 +76,7 @@ def _split_rows(ds: datasets.Dataset, val_fraction: float, describe: str) -> tup
 
 
 def _text_dataset(texts: list[str], domain: str | None = None) -> datasets.Dataset:
+    import datasets
     if domain is not None:
         return datasets.Dataset.from_dict({"text": texts, "domain": [domain] * len(texts)})
     return datasets.Dataset.from_dict({"text": texts}, features=datasets.Features({"text": datasets.Value("string")}))
@@ -113,6 +116,7 @@ def _builder(path: str) -> str:
 def _text_column(ds: datasets.Dataset, field: str, source: str, domain_field: str | None = None) -> datasets.Dataset:
     """Just the text, as a string column named "text"; with `domain_field` (data.domain_field),
     also each row's domain label, as a column named "domain"."""
+    import datasets
     if field not in ds.column_names:
         raise ValueError(f"data.text_field={field!r}: no such column in {source}; columns: {ds.column_names}")
     feature = ds.features[field]
@@ -133,6 +137,7 @@ def _text_column(ds: datasets.Dataset, field: str, source: str, domain_field: st
 def _load_files(cfg) -> datasets.Dataset:
     """Rows of all files, in the order of data.paths. A .txt file is one document (one row). With
     data.domain_field (never set with .txt files: check_data_config), also a "domain" column."""
+    import datasets
     paths = checked_paths(cfg)
     for path in paths:  # before any reading: a binary or mis-encoded file fails fast, naming its line
         if _builder(path) in ("text", "json"):  # (pyarrow would take bytes that are not UTF-8 into a string)
@@ -169,6 +174,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _load_hub(cfg) -> datasets.Dataset:
+    import datasets
     try:
         ds = datasets.load_dataset(cfg.hub_name, split="train", cache_dir=os.path.join(abspath(cfg.cache_dir), "hf"))
     except Exception as e:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-import datasets
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from train.data.sources import abspath
+
+if TYPE_CHECKING:  # datasets (with pandas, pyarrow) is imported where data is built, not by every rank
+    import datasets
 
 log = logging.getLogger(__name__)
 

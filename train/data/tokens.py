@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import pyarrow.compute as pc
 
 from train.data.sources import load_splits
 from train.data.tokenizer import Tokenizer, make_tokenizer
+
+if TYPE_CHECKING:  # datasets (with pandas, pyarrow) is imported where data is built, not by every rank
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ def _encode_rows(texts: list[str], tokenizer: Tokenizer) -> dict:
 
 def _write_tokens(ds: datasets.Dataset, tokenizer: Tokenizer, path: str, dtype: np.dtype, num_proc: int) -> int:
     """Tokenize every document and append all ids to one flat binary file; returns the count."""
+    import datasets
     big = num_proc > 1 and len(ds) >= num_proc and ds.data.nbytes >= PARALLEL_MIN_BYTES
     encoded = ds.map(_encode_rows, batched=True, batch_size=64, input_columns="text",
                      remove_columns=ds.column_names, fn_kwargs={"tokenizer": tokenizer},
