@@ -36,8 +36,11 @@ setup-gpu: $(STAMP)
 train: $(STAMP)
 	$(BIN)/python -m train $(ARGS)
 
+# Two pytest workers (pytest-xdist), each taking whole test files: most tests wait on process
+# start-up and gloo, so two files at a time keep both cores busy (one worker: ~1.4 cores used).
+PYTEST_WORKERS ?= 2
 test: $(STAMP) setup-slurm
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun
