@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from models.moe.balance import router_losses
+from models.moe.layer import tokens_per_expert_LE
 from parallel.collectives import all_reduce_sum, any_rank
 from train.config import JobConfig
 from train.data import BatchSampler, val_batches
@@ -43,11 +44,6 @@ def forward(run: Run, x_BS: torch.Tensor):
         return run.trainer.forward(x_BS.to(run.device))
 
 
-def selected_per_layer(stats: list) -> torch.Tensor:
-    """[L, E] token copies routed to each expert of each MoE layer, in this forward."""
-    return torch.stack([s.selected_BE.sum(dim=0) for s in stats]) if stats else torch.zeros(0, 0, dtype=torch.int64)
-
-
 def forward_loss(run: Run, x_BS: torch.Tensor, y_BS: torch.Tensor, step_selected_LE: torch.Tensor | None = None):
     """(total loss, cross-entropy, MoE stats, RouterLosses) of one micro-batch. For the global_batch
     balance loss, `step_selected_LE` holds the whole step's expert counts (see count_routing);
@@ -56,7 +52,7 @@ def forward_loss(run: Run, x_BS: torch.Tensor, y_BS: torch.Tensor, step_selected
     logits_BSV, stats = forward(run, x_BS)
     ce = F.cross_entropy(logits_BSV.flatten(0, 1), y_BS.to(run.device).flatten())
     if moe.aux_loss_scope == "global_batch" and step_selected_LE is None and stats:
-        step_selected_LE = all_reduce_sum(selected_per_layer(stats), run.dims)
+        step_selected_LE = all_reduce_sum(tokens_per_expert_LE(stats), run.dims)
     losses = router_losses(stats, moe.aux_loss_coef, moe.z_loss_coef, moe.aux_loss_scope, step_selected_LE)
     return ce + losses.total.to(ce.device), ce, stats, losses
 
@@ -75,7 +71,7 @@ def count_routing(run: Run, sampler: BatchSampler, step: int) -> torch.Tensor:
     for micro_step in range(run.job.train.grad_accum):
         x, _ = sampler.get(step, micro_step)
         _, stats = forward(run, x)
-        counts_LE = selected_per_layer(stats)
+        counts_LE = tokens_per_expert_LE(stats)
         total_LE = counts_LE if total_LE is None else total_LE + counts_LE
     torch.set_rng_state(cpu_rng)
     if cuda_rng is not None:
@@ -135,7 +131,7 @@ def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> S
         grad_norm = norm if norm is not None else grad_norm
         window.add(stats, losses)
         if stats:
-            load_LE += torch.stack([s.tokens_per_expert.float().cpu() for s in stats])
+            load_LE += tokens_per_expert_LE(stats).float().cpu()
         ce_sum += ce.item()
     return StepResult(True, ce_sum / t.grad_accum, grad_norm, load_LE)
 

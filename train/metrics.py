@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from models.moe.balance import RouterLosses
-from models.moe.layer import MoEStats
+from models.moe.layer import MoEStats, tokens_per_expert_LE
 from parallel.collectives import all_reduce_sum
 from parallel.dims import ParallelDims
 
@@ -24,11 +24,16 @@ class MoEWindow:
         self.num_micro_steps = 0
 
     def add(self, stats: list[MoEStats], losses: RouterLosses) -> None:
-        for layer, s in enumerate(stats):
-            self.tokens_LE[layer] += s.tokens_per_expert.double().cpu()
-            values = (losses.aux_L[layer], losses.z_L[layer], s.router_entropy, s.num_dropped, s.bytes_sent, s.all_to_all_seconds)
-            self.sums_L6[layer] += torch.tensor([float(v) for v in values], dtype=torch.float64, device="cpu")
         self.num_micro_steps += 1
+        if not stats:
+            return
+        # Two device-to-host copies per micro-step, not one per layer and figure.
+        self.tokens_LE += tokens_per_expert_LE(stats).double().cpu()
+        on_device_L4 = torch.stack([losses.aux_L.double(), losses.z_L.double(),
+                                    torch.stack([s.router_entropy for s in stats]).double(),
+                                    torch.stack([s.num_dropped for s in stats]).double()], dim=1).cpu()
+        on_host_L2 = torch.tensor([[s.bytes_sent, s.all_to_all_seconds] for s in stats], dtype=torch.float64)
+        self.sums_L6 += torch.cat([on_device_L4, on_host_L2], dim=1)
 
     def summarize(self, dims: ParallelDims, elapsed_seconds: float) -> dict:
         """Global figures (identical on every rank): counts summed over ranks, losses averaged."""

@@ -5,8 +5,9 @@ process, in eval mode, fp32) reads each domain's validation documents -- the hel
 the run's corpus, re-tokenised with the run's tokenizer (at most --max-tokens per domain), in two
 halves: the even-numbered documents one after another as in val.bin, cut into blocks of
 train.seq_len tokens, then the odd-numbered ones. Every MoE layer's router choices are counted
-(token copies, k per token, as `MoEStats.tokens_per_expert` counts them: before any capacity drop). Domains: `shakespeare` and `bible` for the classics corpus; for data.corpus=files
-or hub, the column data.domain_field names (set in training, or here with --domain-field).
+(token copies, k per token, as `MoEStats.tokens_per_expert` counts them: before any capacity drop).
+Domains: `shakespeare` and `bible` for the classics corpus; for data.corpus=files or hub, the
+column data.domain_field names (set in training, or here with --domain-field).
 
 Written to RUN_DIR/specialization/:
   specialization.png   per MoE layer, a domains × experts heatmap of shares
@@ -36,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from models.moe.layer import tokens_per_expert_LE
 
 DEFAULT_MAX_TOKENS = 1_000_000  # per domain: enough for stable shares, bounded for a large corpus
 
@@ -83,7 +86,7 @@ def expert_copies(model, blocks: list[torch.Tensor]) -> torch.Tensor:
     total_LE = None
     for idx_BS in blocks:
         _, stats = model(idx_BS)
-        copies_LE = torch.stack([s.tokens_per_expert.to(torch.int64) for s in stats])
+        copies_LE = tokens_per_expert_LE(stats)
         total_LE = copies_LE if total_LE is None else total_LE + copies_LE
     assert total_LE is not None, "no tokens"
     return total_LE

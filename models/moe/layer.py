@@ -33,6 +33,14 @@ class MoEStats(NamedTuple):
     all_to_all_seconds: float  # wall time of the forward exchanges (CPU/gloo; 0 where not measured)
 
 
+def tokens_per_expert_LE(stats: list[MoEStats]) -> torch.Tensor:
+    """[L, E] int64 copies routed to each expert of each MoE layer in one forward ([0, 0] without
+    MoE layers)."""
+    if not stats:
+        return torch.zeros(0, 0, dtype=torch.int64)
+    return torch.stack([s.tokens_per_expert for s in stats])
+
+
 class MoELayer(nn.Module):
     def __init__(self, d_model: int, activation: str, cfg: MoEConfig):
         super().__init__()
