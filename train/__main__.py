@@ -41,7 +41,6 @@ def main(cfg: DictConfig) -> dict:
         job: JobConfig = OmegaConf.to_object(cfg)
         if in_sweep() and job.logging.wandb.group is None:
             job.logging.wandb.group = Path(HydraConfig.get().sweep.dir).name  # one W&B group per sweep
-        job.validate()  # before anything heavy; setup() checks again, for callers other than this one
         run = setup(job)
         summary = train(run)
     except (ValueError, TrainingDiverged) as err:  # a user mistake or a diverged run: one clear line
