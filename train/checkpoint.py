@@ -50,6 +50,7 @@ from parallel.deepspeed_state import ADAM_STATE_KEYS, Piece
 from parallel.dims import ParallelDims
 from parallel.trainer import Trainer
 from parallel.zero import expert_global_view, local_tensor
+from train.files import write_atomic
 from train.safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, UnsafeCheckpointError
 
 FORMAT_VERSION = 2  # 1 was DeepSpeed's files + dense.pt + experts_ep*.pt
@@ -60,7 +61,6 @@ SHAPE_KEYS = {
     "model": ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "activation", "tie_embeddings"),
     "moe": ("num_experts", "every", "expert_ffn_hidden", "num_shared_experts"),
 }
-LAYOUT_KEYS = ("world_size", "parallel.ep", "deepspeed.zero_stage")
 
 
 class CheckpointError(ValueError):
@@ -151,10 +151,10 @@ class CheckpointManager:
         return final
 
     def _publish(self, staging: Path, final: Path, meta: dict) -> None:
-        _write_atomic(staging / META, json.dumps(meta, indent=2))
+        write_atomic(staging / META, json.dumps(meta, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        _write_atomic(self.dir / LATEST, final.name)
+        write_atomic(self.dir / LATEST, final.name)
         self._prune(keep=final.name)
 
     def _prune(self, keep: str) -> None:
@@ -170,13 +170,14 @@ class CheckpointManager:
     def load(self, trainer: Trainer, point: ResumePoint) -> int:
         """Put the whole training state of `point` into `trainer` (any saved layout); returns the step."""
         folder, meta = point.folder, point.meta
-        exact = all(meta.get(k) == v for k, v in layout(self.job, self.dims).items())
+        now = layout(self.job, self.dims)
+        exact = all(meta.get(k) == v for k, v in now.items())
         targets, put_back = load_targets(trainer, self.dims, with_rng=exact)
         _read_into(targets, folder)
         put_back()
         if self.dims.is_main:
-            saved = {k: meta.get(k) for k in LAYOUT_KEYS}
-            how = "exact" if exact else f"resharded from {saved} to {layout(self.job, self.dims)}, optimizer state kept"
+            saved = {k: meta.get(k) for k in now}
+            how = "exact" if exact else f"resharded from {saved} to {now}, optimizer state kept"
             print(f"switchyard: resumed from step {meta['step']} ({how})")
         return meta["step"]
 
@@ -293,15 +294,23 @@ def training_state(trainer: Trainer, dims: ParallelDims) -> dict[str, torch.Tens
     for name, buffer in trainer.persistent_buffers():
         state[f"model.{name}"] = buffer
     state["optim.step.dense"] = torch.tensor(dense.step_count())
-    with torch.no_grad():
-        for name, p in trainer.named_expert_parameters:
-            state[f"model.{name}"] = expert_global_view(p.detach(), dims, trainer.experts_sharded)
-            for key in ADAM_STATE_KEYS:
-                state[f"optim.{key}.{name}"] = expert_global_view(trainer.expert_optimizer.state[p][key], dims, trainer.experts_sharded)
+    state.update(_expert_views(trainer, dims))
     if trainer.expert_optimizer is not None:
         state["optim.step.experts"] = torch.tensor(_expert_step(trainer))
     state.update(_rng_state(dims))
     return state
+
+
+def _expert_views(trainer: Trainer, dims: ParallelDims) -> dict[str, torch.Tensor]:
+    """Each expert weight and its AdamW moments as global [E, ...] views of this rank's shards:
+    what saving writes and what loading fills in place."""
+    views = {}
+    with torch.no_grad():
+        for name, p in trainer.named_expert_parameters:
+            views[f"model.{name}"] = expert_global_view(p.detach(), dims, trainer.experts_sharded)
+            for key in ADAM_STATE_KEYS:
+                views[f"optim.{key}.{name}"] = expert_global_view(trainer.expert_optimizer.state[p][key], dims, trainer.experts_sharded)
+    return views
 
 
 def load_targets(trainer: Trainer, dims: ParallelDims, with_rng: bool):
@@ -322,12 +331,7 @@ def load_targets(trainer: Trainer, dims: ParallelDims, with_rng: bool):
     for name, buffer in buffers:
         targets[f"model.{name}"] = torch.empty_like(buffer)
     targets["optim.step.dense"] = torch.zeros(())
-    experts = trainer.named_expert_parameters
-    with torch.no_grad():
-        for name, p in experts:  # DCP fills these views of the live tensors in place
-            targets[f"model.{name}"] = expert_global_view(p.detach(), dims, trainer.experts_sharded)
-            for key in ADAM_STATE_KEYS:
-                targets[f"optim.{key}.{name}"] = expert_global_view(trainer.expert_optimizer.state[p][key], dims, trainer.experts_sharded)
+    targets.update(_expert_views(trainer, dims))  # DCP fills these views of the live tensors in place
     if trainer.expert_optimizer is not None:
         targets["optim.step.experts"] = torch.zeros(())
     rng = _rng_state(dims) if with_rng else {}
@@ -343,7 +347,7 @@ def load_targets(trainer: Trainer, dims: ParallelDims, with_rng: bool):
         with torch.no_grad():
             for name, buffer in buffers:
                 buffer.copy_(targets[f"model.{name}"])
-            for name, p in experts:
+            for name, p in trainer.named_expert_parameters:
                 _copy_local(local_tensor(p), targets[f"model.{name}"])
                 for key in ADAM_STATE_KEYS:
                     _copy_local(local_tensor(trainer.expert_optimizer.state[p][key]), targets[f"optim.{key}.{name}"])
@@ -450,15 +454,6 @@ def _verify_files(folder: Path, meta: dict, dims: ParallelDims | None) -> None:
         problems = [p for part in gathered for p in part]
     if problems:
         raise CheckpointError(f"{problems[0]}: delete {folder} to resume from the checkpoint before it")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _last_line(err: BaseException) -> str:

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from train.files import write_atomic
+
 log = logging.getLogger("switchyard")
 METRICS = "metrics.jsonl"
 WANDB_ID = "wandb_run_id"
@@ -133,7 +135,7 @@ class _ResumedHistory:
         if replaced:
             aside = _free_name(self.path, "replaced", self.stamp)
             aside.write_text("".join(f"{line}\n" for line in replaced))
-            _write_atomic(self.path, "".join(f"{line}\n" for line in lines))
+            write_atomic(self.path, "".join(f"{line}\n" for line in lines))
             log.info("resumed at step %d: %d record(s) the earlier attempt logged after it moved to %s",
                      self.resume_step, len(replaced), aside)
         return kept
@@ -167,15 +169,6 @@ def _free_name(path: Path, why: str, stamp: str) -> Path:
         if not candidate.exists():
             return candidate
     raise FileExistsError(candidate)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _wandb_run_id(run_dir: Path, first_step: int) -> str:
