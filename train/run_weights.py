@@ -47,7 +47,7 @@ def load_run_weights(run_dir: Path | str, step: int | None = None) -> RunWeights
     one ValueError naming what is wrong (no such run, no checkpoint, no such step, ...)."""
     run_dir = Path(run_dir).expanduser().resolve()
     job, folder, meta = run_checkpoint_config(run_dir, step)
-    state_dict = _read_checkpoint(folder, meta, job)
+    state_dict = _read_checkpoint(folder, job)
     tokenizer = run_tokenizer(run_dir, job)
     if tokenizer.vocab_size != job.model.vocab_size:
         raise ValueError(
@@ -92,12 +92,12 @@ def run_checkpoint_config(run_dir: Path | str, step: int | None = None) -> tuple
 
 def _checkpoint_folder(run_dir: Path, step: int | None) -> Path:
     ckpt_dir = run_dir / "checkpoints"
-    complete = complete_checkpoints(ckpt_dir)
     if step is None:
         latest = latest_checkpoint(ckpt_dir)
         if latest is None:
             raise ValueError(f"RUN_DIR {run_dir} has no complete checkpoint (nothing under checkpoints/ with a meta.json)")
         return latest
+    complete = complete_checkpoints(ckpt_dir)
     folder = ckpt_dir / f"step_{step:06d}"
     if folder not in complete:
         have = [json.loads((p / "meta.json").read_text())["step"] for p in complete]
@@ -105,7 +105,7 @@ def _checkpoint_folder(run_dir: Path, step: int | None) -> Path:
     return folder
 
 
-def _read_checkpoint(folder: Path, meta: dict, job: JobConfig) -> dict[str, torch.Tensor]:
+def _read_checkpoint(folder: Path, job: JobConfig) -> dict[str, torch.Tensor]:
     """Every weight of the single-process model, read on this process alone from whatever layout
     saved the checkpoint (train/checkpoint.py)."""
     with torch.device("meta"):
