@@ -50,12 +50,11 @@ class PlanConfig:
     device_memory_gb: float = 80.0
 
     def validate(self) -> None:
-        from models.config import require_positive_int
+        from models.config import require_choice, require_positive_int
 
         require_positive_int("plan.world_size", self.world_size)
         for name in ("bytes_per_param", "bytes_per_activation"):
-            if getattr(self, name) not in (2, 4):
-                raise ValueError(f"plan.{name} must be one of 2, 4; got {getattr(self, name)!r}")
+            require_choice(f"plan.{name}", getattr(self, name), (2, 4))
         if not self.device_memory_gb > 0:
             raise ValueError(f"plan.device_memory_gb must be a number > 0 (GiB per rank); got {self.device_memory_gb!r}")
 

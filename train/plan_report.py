@@ -25,13 +25,16 @@ class Report:
     active_params: int
     expert_params: int
     rank: int  # the rank whose model states are shown (the worst one)
-    ranks_differ: bool
     spread: int  # bytes between the lightest and the heaviest rank's model states
     states: dict[str, dict[str, int]]
     transients: list[Transient]
     activations: dict[str, ActivationPeak]  # per activation-checkpointing mode
     all_to_all: dict[str, dict[str, int]]  # per mode
     peaks: dict[str, int]  # per mode: bytes per rank at the busiest moment
+
+    @property
+    def ranks_differ(self) -> bool:
+        return self.spread > 0
 
     @property
     def model_states(self) -> int:
@@ -53,12 +56,11 @@ def build_report(job, plan, model, layout: Layout) -> Report:
     totals = [sum(sum(k.values()) for k in states.values()) for states in per_rank]
     rank = max(range(len(totals)), key=lambda r: (totals[r], -r))  # the heaviest, the first of equals
     states, spread = per_rank[rank], max(totals) - min(totals)
-    differ = spread > 0
     transients = plan_transients(model, layout, settings)
     t = job.train
     num_moe = len(model.moe_layers())
     activations, all_to_all, peaks = {}, {}, {}
-    model_states = sum(sum(k.values()) for k in states.values())
+    model_states = totals[rank]
     during = sum(x.bytes for x in transients if x.when == DURING_COMPUTE)
     at_step = sum(x.bytes for x in transients if x.when == AT_STEP)
     for mode in ACTIVATION_CHECKPOINTING:
@@ -67,7 +69,7 @@ def build_report(job, plan, model, layout: Layout) -> Report:
         all_to_all[mode] = all_to_all_bytes_per_step(num_moe, t.micro_batch * t.seq_len, job.moe.top_k,
                                                      job.model.d_model, layout, t.grad_accum, recompute=mode != "none")
         peaks[mode] = model_states + max(activations[mode].peak + during, at_step)
-    return Report(job, plan, layout, total, active, experts, rank, differ, spread, states, transients,
+    return Report(job, plan, layout, total, active, experts, rank, spread, states, transients,
                   activations, all_to_all, peaks)
 
 
