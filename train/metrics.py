@@ -32,7 +32,7 @@ class MoEWindow:
         on_device_L4 = torch.stack([losses.aux_L.double(), losses.z_L.double(),
                                     torch.stack([s.router_entropy for s in stats]).double(),
                                     torch.stack([s.num_dropped for s in stats]).double()], dim=1).cpu()
-        on_host_L2 = torch.tensor([[s.bytes_sent, s.all_to_all_seconds] for s in stats], dtype=torch.float64)
+        on_host_L2 = torch.tensor([[s.bytes_sent, s.all_to_all_seconds] for s in stats], dtype=torch.float64, device="cpu")
         self.sums_L6 += torch.cat([on_device_L4, on_host_L2], dim=1)
 
     def summarize(self, dims: ParallelDims, elapsed_seconds: float) -> dict:
