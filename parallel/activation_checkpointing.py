@@ -14,7 +14,6 @@ import functools
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.moe.layer import MoELayer
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "moe")
 
@@ -29,6 +28,6 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         raise ValueError(f"train.activation_checkpointing must be one of {', '.join(map(repr, ACTIVATION_CHECKPOINTING))}; got {mode!r}")
     if mode == "none":
         return
-    targets = list(model.blocks) if mode == "full" else [m for m in model.modules() if isinstance(m, MoELayer)]
+    targets = list(model.blocks) if mode == "full" else model.moe_layers()
     for module in targets:
         module.forward = functools.partial(_checkpointed, module.forward)

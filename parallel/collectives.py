@@ -12,12 +12,12 @@ import torch.distributed as dist
 from parallel.dims import ParallelDims
 
 
-def all_reduce_sum(t: torch.Tensor, dims: ParallelDims, group=None) -> torch.Tensor:
-    """Sum `t` over the world (or `group`) and return it on its own device (a no-op on one process)."""
+def all_reduce_sum(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """Sum `t` over the world and return it on its own device (a no-op on one process)."""
     if not dims.distributed:
         return t
     on_device = t.to(dims.device)
-    dist.all_reduce(on_device, group=group)
+    dist.all_reduce(on_device)
     return on_device.to(t.device)
 
 
@@ -42,9 +42,12 @@ def average_replicated_expert_gradients(params: list[torch.nn.Parameter], dims: 
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)  # experts that saw no token still join the collective
+    if dims.edp == 1:  # no replica to sum with: only the 1/W of the global-batch mean, in place
+        for p in params:
+            p.grad.div_(dims.world_size)
+        return
     flat = torch.cat([p.grad.reshape(-1) for p in params])  # one collective instead of one per tensor
-    if dims.edp > 1:
-        dist.all_reduce(flat, group=dims.edp_group)
+    dist.all_reduce(flat, group=dims.edp_group)
     flat /= dims.world_size
     offset = 0
     for p in params:

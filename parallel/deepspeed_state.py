@@ -87,9 +87,6 @@ class DenseShards:
     def full_numel(self, p: nn.Parameter) -> int:
         return p.ds_numel if self.zero_stage == 3 else p.numel()
 
-    def full_shape(self, p: nn.Parameter) -> torch.Size:
-        return p.ds_shape if self.zero_stage == 3 else p.shape
-
     # -- gradients (valid after the boundary backward, before engine.step) -------------------
 
     def grad(self, p: nn.Parameter) -> torch.Tensor | None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from models.moe.experts import GroupedExperts
-from parallel.zero import EXPERT_SHARD_DIM
+from parallel.zero import EXPERT_SHARD_DIM, experts_are_sharded
 
 NCCL_START_ALIGNMENT_FACTOR = 2  # DeepSpeed stage_1_and_2.py: flat buffers are padded to 2 x world elements
 FP32_BYTES = 4  # DeepSpeed's master copies and their AdamW moments are fp32
@@ -56,7 +56,7 @@ class Layout:
 
     @property
     def experts_sharded(self) -> bool:
-        return self.zero_stage >= 1 and self.edp > 1  # parallel/zero.py: experts_are_sharded
+        return experts_are_sharded(self, self.zero_stage)  # reads .edp, as ParallelDims has it
 
 
 @dataclass(frozen=True)
@@ -222,9 +222,9 @@ def check_even_expert_sharding(model: nn.Module, layout: Layout) -> None:
 def plan_all_ranks(model: nn.Module, layout: Layout, settings: DeepSpeedSettings | None = None
                    ) -> list[dict[str, dict[str, int]]]:
     """plan_model_states for every rank (ranks differ only in DeepSpeed's partitions of the
-    dense part under ZeRO >= 1)."""
+    dense part under ZeRO 1-2; ZeRO-3 pads every parameter to equal partitions)."""
     settings = settings or DeepSpeedSettings.for_model(model, layout.zero_stage)
-    if layout.zero_stage == 0 or layout.world_size == 1:
+    if layout.zero_stage in (0, 3) or layout.world_size == 1:
         return [plan_model_states(model, layout, 0, settings)] * layout.world_size
     return [plan_model_states(model, layout, rank, settings) for rank in range(layout.world_size)]
 
@@ -262,7 +262,7 @@ def plan_transients(model: nn.Module, layout: Layout, settings: DeepSpeedSetting
         out.append(Transient("experts all-gathered by FSDP2", DURING_COMPUTE, gathered * bpp))
         out.append(Transient("one MoE layer's expert gradients, before reduce-scatter",
                              DURING_COMPUTE, 2 * max(layers) * bpp))  # unsharded grads + FSDP2's reduce-scatter input
-    elif layers and layout.world_size > 1:
+    elif layers and layout.edp > 1:  # parallel/collectives.py: average_replicated_expert_gradients
         out.append(Transient("expert gradients flattened for their all-reduce", AT_STEP, sum(layers) * bpp))
     named = dense_parameters(model)
     if layout.zero_stage in (1, 2) and settings.contiguous_gradients:

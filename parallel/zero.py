@@ -86,6 +86,8 @@ def detach_experts(model: nn.Module) -> dict[str, GroupedExperts]:
 
 
 def experts_are_sharded(dims: ParallelDims, zero_stage: int) -> bool:
+    """FSDP2 shards the experts over their expert-data-parallel group from ZeRO-1 on, when it has
+    more than one rank (`dims`: anything with `.edp`, also the planner's Layout)."""
     return zero_stage >= 1 and dims.edp > 1
 
 
