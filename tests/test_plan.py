@@ -112,6 +112,7 @@ def test_plan_that_does_not_fit_exits_0_with_the_verdict(capsys):
     (["plan.world_size=two"], "plan.world_size must be an integer; got 'two'"),
     (["deepspeed.zero_stage=1", "plan.world_size=3"], "each expert is split over its 3 expert-data-parallel ranks"),
     (["moe.num_expert=4"], "Could not override 'moe.num_expert'"),
+    (["+train.stepz=50"], "train.stepz: no such setting"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, line):
     assert planner.main(argv) == 2

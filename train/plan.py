@@ -83,7 +83,7 @@ def compose_job(overrides: list[str]):
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from train.config import register_configs
+    from train.config import refuse_unknown_keys, register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -93,6 +93,7 @@ def compose_job(overrides: list[str]):
     except Exception as err:  # Hydra's override and schema errors: one line for the user
         raise ValueError(_first_line(err)) from None
     cfg.run_dir = "unused"  # ${hydra:runtime.output_dir} exists only inside a Hydra run
+    refuse_unknown_keys(cfg)  # `+train.stepz=50` is refused here as by python -m train
     return OmegaConf.to_object(cfg)
 
 
