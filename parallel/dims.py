@@ -50,11 +50,11 @@ class ParallelDims:
 
     @property
     def ep_group(self) -> Optional[dist.ProcessGroup]:
-        return self.mesh["ep"].get_group() if self.mesh is not None else None
+        return self.mesh.get_group("ep") if self.mesh is not None else None
 
     @property
     def edp_group(self) -> Optional[dist.ProcessGroup]:
-        return self.mesh["edp"].get_group() if self.mesh is not None else None
+        return self.mesh.get_group("edp") if self.mesh is not None else None
 
     @property
     def distributed(self) -> bool:
