@@ -26,6 +26,7 @@ WORKDIR /opt/switchyard
 COPY pyproject.toml README.md Makefile ./
 COPY models ./models
 COPY parallel ./parallel
+COPY planner ./planner
 COPY train ./train
 COPY conf ./conf
 COPY hydra_plugins ./hydra_plugins

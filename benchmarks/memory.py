@@ -10,7 +10,7 @@ A. ZeRO 0/1/2/3 with parallel.ep=2 on 4 spawned ranks (gloo, 1 torch thread each
    device and parallelizes it as the job does (parallel.parallelize), runs two steps, and measures
    its model states with parallel/memory.model_state_bytes -- gradients at the accumulation
    boundary of step 2, weights / optimizer state / buffers at rest after it -- next to the
-   planner's prediction (parallel/memory_plan.py). ZeRO-0 keeps every expert whole on both of its
+   planner's prediction (planner/model_states.py). ZeRO-0 keeps every expert whole on both of its
    ranks, as all stages did before the experts had ZeRO; the expert optimizer state of ZeRO >= 1
    is shown as a fraction of ZeRO-0's (1/EDP = 1/2 expected).
 B. train.activation_checkpointing none / full / moe with train.seq_len=1024 (model.max_seq_len
@@ -46,10 +46,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from models.gpt import GPT, count_parameters  # noqa: E402
 from models.moe.balance import router_losses  # noqa: E402
-from parallel.activation_memory import activation_peak  # noqa: E402
+from planner.activations import activation_peak  # noqa: E402
 from parallel.local_launch import run_local_ranks  # noqa: E402
 from parallel.memory import model_state_bytes, profiled_allocation_peak, total_bytes  # noqa: E402
-from parallel.memory_plan import Layout, plan_model_states  # noqa: E402
+from planner.model_states import Layout, plan_model_states  # noqa: E402
 from train.metrics import flops_per_token  # noqa: E402
 from train.plan import compose_job  # noqa: E402
 

@@ -136,7 +136,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    # Initial weights of a fresh run: null (random), "hf:<dir>" or "upcycle:<dir>" (train/init_from.py).
+    # Initial weights of a fresh run: null (random), "hf:<dir>" or "upcycle:<dir>" (train/hf/init_from.py).
     init_from: Optional[str] = None
 
     def validate(self) -> None:

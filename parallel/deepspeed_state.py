@@ -6,7 +6,7 @@ partitions each flattened parameter into equal ranges (`ds_tensor`, read through
 `safe_*_local_*` API); ZeRO-0 keeps everything whole on every rank. `DenseShards` hides the three
 behind one view: for each dense parameter, the range of its flattened elements held here, and the
 tensors for that range. Gradient clipping (parallel/grad_norm.py) and checkpoints
-(train/checkpoint.py) touch DeepSpeed's internals through this module only; the tests pin its
+(train/checkpoint/manager.py) touch DeepSpeed's internals through this module only; the tests pin its
 behaviour (one gradient norm and resharded optimizer state equal the single-process ones).
 """
 

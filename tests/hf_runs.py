@@ -108,7 +108,7 @@ def generate_with_ep2(rank: int, world_size: int, expected: list[int]) -> None:
     """Rank body for tests/test_hf_generate.py: sample from `random_model()` sharded with ep=2."""
     from parallel.dims import init_parallel
     from parallel.expert_parallel import apply_expert_parallel
-    from train.generate import generate_ids
+    from models.generate import generate_ids
 
     model = random_model()  # the same weights on every rank
     apply_expert_parallel(model, init_parallel(2, model.cfg.moe.num_experts, torch.device("cpu")))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from train.check import compose_job
-from train.checkpoint import CheckpointManager
+from train.checkpoint.manager import CheckpointManager
 from train.loop import train
 from train.setup import setup
 

@@ -14,7 +14,7 @@ import torch
 
 from parallel.dims import ParallelDims
 from tests.jobs import TINY, run_job
-from train.checkpoint import CheckpointError, CheckpointManager, read_tensors
+from train.checkpoint.manager import CheckpointError, CheckpointManager, read_tensors
 from train.config import JobConfig
 
 ONE_PROCESS = ParallelDims(world_size=1, rank=0, local_rank=0, ep=1, device=torch.device("cpu"))

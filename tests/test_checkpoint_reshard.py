@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.jobs import REPO, TINY, job_env, read_metrics, run_job, start_from_checkpoint, train_losses
-from train.checkpoint import read_tensors
+from train.checkpoint.manager import read_tensors
 
 # Same global batch on every layout: 16 rows per step as micro_batch 4 x ranks x grad_accum.
 COMMON = [*TINY, "train.steps=8", "train.eval_interval=100", "optim.warmup_steps=2", "moe.bias_update_rate=0.01"]

@@ -15,7 +15,7 @@ from train.data.tokenizer import Tokenizer
 from train.export_hf import main as export_main
 from train.export_hf import write_hf_model
 from train.import_hf import load_hf_weights
-from train.run_weights import load_run_weights
+from train.checkpoint.run_weights import load_run_weights
 
 import transformers  # noqa: E402  (the hf extra; `make test` installs it)
 

@@ -11,9 +11,9 @@ from tests.ranks import run_ranks
 from train.data.tokenizer import Tokenizer
 from train.export_hf import main as export_main
 from train.export_hf import write_hf_model
-from train.generate import generate, generate_ids
+from models.generate import generate, generate_ids
 from train.generate import main as generate_main
-from train.run_weights import load_run_weights
+from train.checkpoint.run_weights import load_run_weights
 
 
 def transformers_greedy(out_dir, prompt_ids: list[int], n: int) -> list[int]:

@@ -16,10 +16,10 @@ from tests.jobs import run_job
 from train.data.tokenizer import Tokenizer
 from train.export_hf import main as export_main
 from train.export_hf import write_hf_model
-from train.hf_io import byte_tokenizer_backend
+from train.hf.files import byte_tokenizer_backend
 from train.import_hf import load_hf_weights
 from train.import_hf import main as import_main
-from train.run_weights import load_run_weights
+from train.checkpoint.run_weights import load_run_weights
 
 TOLERANCE = 1e-4
 

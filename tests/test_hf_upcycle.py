@@ -10,8 +10,8 @@ from models.gpt import GPT
 from tests import hf_runs
 from tests.hf_runs import one_thread  # noqa: F401  (autouse)
 from train.config import JobConfig
-from train.hf_io import byte_tokenizer_backend
-from train.init_from import source_weights, upcycle_state_dict
+from train.hf.files import byte_tokenizer_backend
+from train.hf.init_from import source_weights, upcycle_state_dict
 
 
 def moe_like(dense: GPT, **moe) -> GPT:

@@ -13,11 +13,11 @@ from models.config import GPTConfig, ModelConfig, MoEConfig
 from models.gpt import GPT
 from models.moe.balance import router_losses
 from parallel.activation_checkpointing import apply_activation_checkpointing
-from parallel.activation_memory import activation_peak
+from planner.activations import activation_peak
 from parallel.memory import profiled_allocation_peak
 from tests.jobs import job_env
 from train import plan as planner
-from train.plan_report import build_report
+from planner.report import build_report
 
 MIXTRAL = ["model.n_layers=32", "model.d_model=4096", "model.n_heads=32", "moe.num_experts=8", "moe.top_k=2",
            "moe.expert_ffn_hidden=14336", "model.vocab_size=32000", "model.tie_embeddings=false",
@@ -30,7 +30,7 @@ def report_for(*argv: str):
     job = planner.compose_job([a for a in argv if not a.startswith("plan.")])
     job.validate()
     planner.check_layout(job, plan)
-    from parallel.memory_plan import Layout
+    from planner.model_states import Layout
 
     with torch.device("meta"):
         model = GPT(job.gpt_config())

@@ -28,7 +28,7 @@ from models.gpt import GPT
 from models.moe.balance import router_losses
 from parallel.dims import init_parallel
 from parallel.memory import count_model_states
-from parallel.memory_plan import Layout, plan_model_states
+from planner.model_states import Layout, plan_model_states
 from parallel.parallelize import parallelize
 from tests.ranks import run_ranks
 from train.config import JobConfig

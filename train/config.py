@@ -182,7 +182,7 @@ class JobConfig:
         validate_zero_stage(self.deepspeed.zero_stage)
         self.optim.validate()
         check_data_config(self.data)
-        from train.init_from import check_init_from  # local: it reads run directories through this module
+        from train.hf.init_from import check_init_from  # local: it reads run directories through this module
 
         check_init_from(self)
         require_choice("logging.wandb.mode", self.logging.wandb.mode, WANDB_MODES)

@@ -4,7 +4,7 @@ Hugging Face directory that `transformers.AutoModelForCausalLM.from_pretrained(O
 
 It holds config.json, generation_config.json, the weights as safetensors (sharded above
 --max-shard-mb, with model.safetensors.index.json) and the run's tokenizer. Which transformers
-class is chosen, and why it is exact, is in train/hf_mapping.py; a model without an exact
+class is chosen, and why it is exact, is in train/hf/mapping.py; a model without an exact
 counterpart is refused with one line naming the setting. Everything is written into a temporary
 sibling directory that is renamed to OUT_DIR at the end: after a failure OUT_DIR does not exist.
 """
@@ -22,9 +22,9 @@ import torch
 
 from models.config import GPTConfig
 from train.data.tokenizer import Tokenizer
-from train.hf_io import DEFAULT_MAX_SHARD_BYTES, fsync_tree, write_json, write_tokenizer, write_weights
-from train.hf_mapping import choose_model_type, has_selection_bias, hf_config, to_hf_tensors
-from train.run_weights import load_run_weights
+from train.hf.files import DEFAULT_MAX_SHARD_BYTES, fsync_tree, write_json, write_tokenizer, write_weights
+from train.hf.mapping import choose_model_type, has_selection_bias, hf_config, to_hf_tensors
+from train.checkpoint.run_weights import load_run_weights
 
 
 def export_hf(run_dir: Path | str, out_dir: Path | str, step: int | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:

@@ -4,7 +4,7 @@ Switchyard model, and print the overrides that start training from it:
     python -m train $(python -m train.import_hf HF_DIR)
 
 They set `model.init_from=hf:HF_DIR`, every model/MoE setting the weights fix, and the directory's
-tokenizer (`data.tokenizer.kind=file`). Supported: the classes train/hf_mapping.py maps exactly
+tokenizer (`data.tokenizer.kind=file`). Supported: the classes train/hf/mapping.py maps exactly
 (Llama, Arcee, Mixtral, Qwen2-MoE, Glm4-MoE) with options Switchyard computes identically; anything
 else (grouped-query attention, qkv biases, Qwen3-MoE's q/k norms, ...) is refused with one line.
 """
@@ -20,8 +20,8 @@ import torch
 
 from models.config import GPTConfig
 from train.data.tokenizer import Tokenizer
-from train.hf_io import read_json, read_tokenizer, read_weights
-from train.hf_mapping import from_hf_tensors, gpt_config_from_hf, moe_block_ids
+from train.hf.files import read_json, read_tokenizer, read_weights
+from train.hf.mapping import from_hf_tensors, gpt_config_from_hf, moe_block_ids
 
 
 @dataclass

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from train.files import write_atomic
+from train.checkpoint.files import write_atomic
 
 log = logging.getLogger("switchyard")
 METRICS = "metrics.jsonl"

@@ -16,7 +16,7 @@ from models.moe.layer import tokens_per_expert_LE
 from parallel.collectives import all_reduce_sum, any_rank
 from train.config import JobConfig
 from train.data import BatchSampler, val_batches
-from train.generate import generate
+from models.generate import generate
 from train.logging import RunLogger
 from train.metrics import MoEWindow
 from train.setup import Run

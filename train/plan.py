@@ -6,11 +6,11 @@ same `JobConfig.validate`); the planner's own settings start with `plan.` and ar
 job's schema (`PlanConfig` below). The model is built on the meta device (nothing is allocated),
 so it answers for Mixtral-sized models on a laptop. Per rank, for the dense part and the experts:
 
-- model states, exact (parallel/memory_plan.py mirrors DeepSpeed's and FSDP2's partitioning;
+- model states, exact (planner/model_states.py mirrors DeepSpeed's and FSDP2's partitioning;
   tests/test_plan_exact.py checks them byte for byte against live multi-rank jobs): weights,
   gradients (at the accumulation boundary), optimizer state, buffers;
 - activations of one micro-batch with each `train.activation_checkpointing` mode, an estimate
-  (parallel/activation_memory.py; within a few % of the torch profiler's peak on CPU, fp32);
+  (planner/activations.py; within a few % of the torch profiler's peak on CPU, fp32);
 - transients (gathered weights, gradient buckets; estimates) and the all-to-all bytes per step
   (dropless, uniform routing);
 - the peak per rank and a verdict against `plan.device_memory_gb` (GiB per rank).
@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
         return 0
     # The planner reads DeepSpeed's config defaults only: no accelerator probing (and its log line).
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from train.plan_report import build_report, render
+    from planner.report import build_report, render
 
     try:
         plan = parse_plan_settings([a for a in argv if a.startswith(PLAN_PREFIX)])
@@ -130,7 +130,7 @@ def main(argv: list[str]) -> int:
         job.validate()
         check_layout(job, plan)
         from models.gpt import GPT
-        from parallel.memory_plan import Layout, check_even_expert_sharding
+        from planner.model_states import Layout, check_even_expert_sharding
 
         with torch.device("meta"):  # shapes only: nothing is allocated
             model = GPT(job.gpt_config())

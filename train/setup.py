@@ -14,12 +14,12 @@ from models.gpt import GPT, count_parameters
 from parallel.dims import ParallelDims, init_parallel
 from parallel.parallelize import parallelize
 from parallel.trainer import Trainer
-from train.checkpoint import CheckpointManager
+from train.checkpoint.manager import CheckpointManager
 from train.config import JobConfig
 from train.data import PreparedData, prepare_data
-from train.init_from import load_initial_weights
+from train.hf.init_from import load_initial_weights
 from train.metrics import flops_per_token
-from train.run_weights import save_run_tokenizer
+from train.checkpoint.run_weights import save_run_tokenizer
 
 
 @dataclass

@@ -157,7 +157,7 @@ def labelled_documents(job, domain_field: str | None) -> tuple[list[tuple[str, s
 def specialization(run_dir: Path, step: int | None = None, domain_field: str | None = None,
                    max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
     """The report's figures for `run_dir` (what specialization.json holds)."""
-    from train.run_weights import load_run_weights
+    from train.checkpoint.run_weights import load_run_weights
 
     if max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1; got {max_tokens}")

@@ -37,7 +37,7 @@ def _poison_steps() -> None:
 
 
 def _kill_before_publishing() -> None:
-    from train.checkpoint import CheckpointManager
+    from train.checkpoint.manager import CheckpointManager
 
     publish = CheckpointManager._publish
 

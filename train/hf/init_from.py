@@ -30,8 +30,8 @@ import torch
 from models.config import GPTConfig
 from models.gpt import GPT
 from train.data.tokenizer import Tokenizer
-from train.hf_io import same_vocabulary
-from train.hf_mapping import moe_block_ids
+from train.hf.files import same_vocabulary
+from train.hf.mapping import moe_block_ids
 
 KINDS = ("hf", "upcycle")
 MODEL_KEYS = ("n_layers", "d_model", "n_heads", "activation", "tie_embeddings", "rope_theta", "norm_eps")
@@ -60,7 +60,7 @@ def source_config(kind: str, path: Path) -> GPTConfig:
 
         return read_hf_config(path).cfg
     if kind == "upcycle" and (path / ".hydra" / "config.yaml").is_file():
-        from train.run_weights import run_checkpoint_config
+        from train.checkpoint.run_weights import run_checkpoint_config
 
         return run_checkpoint_config(path)[0].gpt_config()
     if kind == "hf":
@@ -74,7 +74,7 @@ def source_weights(kind: str, path: Path) -> tuple[GPTConfig, dict[str, torch.Te
 
         model, state_dict = load_hf_weights(path)
         return model.cfg, state_dict, model.tokenizer
-    from train.run_weights import load_run_weights
+    from train.checkpoint.run_weights import load_run_weights
 
     weights = load_run_weights(path)
     return weights.job.gpt_config(), weights.state_dict, weights.tokenizer

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from models.gpt import GPT
-from train.checkpoint import complete_checkpoints, latest_checkpoint, read_model_weights
+from train.checkpoint.manager import complete_checkpoints, latest_checkpoint, read_model_weights
 from train.config import JobConfig
 from train.data.tokenizer import Tokenizer
 
@@ -107,7 +107,7 @@ def _checkpoint_folder(run_dir: Path, step: int | None) -> Path:
 
 def _read_checkpoint(folder: Path, job: JobConfig) -> dict[str, torch.Tensor]:
     """Every weight of the single-process model, read on this process alone from whatever layout
-    saved the checkpoint (train/checkpoint.py)."""
+    saved the checkpoint (train/checkpoint/manager.py)."""
     with torch.device("meta"):
         expected = GPT(job.gpt_config())
     return read_model_weights(folder, expected)

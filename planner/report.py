@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from models.gpt import count_parameters
 from parallel.activation_checkpointing import ACTIVATION_CHECKPOINTING
-from parallel.activation_memory import ActivationPeak, activation_peak
-from parallel.memory_plan import (AT_STEP, DURING_COMPUTE, DeepSpeedSettings, Layout, Transient,
+from planner.activations import ActivationPeak, activation_peak
+from planner.model_states import (AT_STEP, DURING_COMPUTE, DeepSpeedSettings, Layout, Transient,
                                   all_to_all_bytes_per_step, plan_all_ranks, plan_transients)
 
 GIB = 2**30

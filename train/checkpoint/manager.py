@@ -24,7 +24,7 @@ the resumed run continues bit for bit.
 Crash safety: every rank writes into `step_N.tmp/`; rank 0 then writes meta.json, renames the
 folder and only then replaces the `latest` marker atomically, so a crash never leaves a folder
 that resume would load. Loading checks every file's size and CRC first and never unpickles code
-(train/safe_dcp.py).
+(train/checkpoint/safe_dcp.py).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from parallel.deepspeed_state import ADAM_STATE_KEYS, Piece
 from parallel.dims import ParallelDims
 from parallel.trainer import Trainer
 from parallel.zero import expert_global_view, local_tensor
-from train.files import write_atomic
-from train.safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, UnsafeCheckpointError
+from train.checkpoint.files import write_atomic
+from train.checkpoint.safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, UnsafeCheckpointError
 
 FORMAT_VERSION = 2  # 1 was DeepSpeed's files + dense.pt + experts_ep*.pt
 LATEST = "latest"
@@ -239,7 +239,7 @@ def read_tensors(folder: Path, prefixes: tuple[str, ...] = ("model.",)) -> dict[
 
 
 def _read_metadata(folder: Path):
-    """DCP's index of the folder, unpickled with the allow-list of train/safe_dcp.py."""
+    """DCP's index of the folder, unpickled with the allow-list of train/checkpoint/safe_dcp.py."""
     try:
         return SafeFileSystemReader(str(folder)).read_metadata()
     except UnsafeCheckpointError as err:
