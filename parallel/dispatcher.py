@@ -61,15 +61,19 @@ class AllToAllDispatcher:
         # Experts are laid out peer by peer: peer p holds experts [p·L, (p+1)·L).
         send_counts_PL = plan.kept_per_expert_E.view(self.ep, self.num_local_experts)
         recv_counts, counts_work = all_to_all_async(send_counts_PL.flatten(), self.group)
-        x_ND = gather_tokens(x_TD, plan, self.top_k)  # sorted by expert = grouped by destination peer
+        # Every copy, sorted by expert (= grouped by destination peer), gathered while the counts
+        # travel; the kept ones are its first rows.
+        x_all_ND = gather_tokens(x_TD, plan, self.top_k)
         started = time.perf_counter()
         counts_work.wait()
         recv_counts_PL = recv_counts.view(self.ep, self.num_local_experts)
-
-        send_splits = send_counts_PL.sum(1).tolist()
-        recv_splits = recv_counts_PL.sum(1).tolist()
-        x_MD = all_to_all(x_ND, recv_splits, send_splits, self.group)  # (peer, local expert) order
-        regroup_M = peer_major_to_expert_major(recv_counts_PL.cpu()).to(x_MD.device)
+        # The layer's one device->host copy: the split sizes of both exchanges and the regrouping
+        # all derive from these counts on the host.
+        send_PL, recv_PL = torch.stack([send_counts_PL, recv_counts_PL]).cpu()
+        send_splits, recv_splits = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
+        plan = plan.keep_first(sum(send_splits))
+        x_MD = all_to_all(x_all_ND[: sum(send_splits)], recv_splits, send_splits, self.group)  # (peer, local expert) order
+        regroup_M = peer_major_to_expert_major(recv_PL).to(x_MD.device, non_blocking=True)
         state = AllToAllState(
             plan, x_TD.shape[0],
             bytes_sent=remote_rows(send_splits, self.ep_rank) * x_TD.shape[-1] * x_TD.element_size(),

@@ -13,7 +13,7 @@ The order is the documentation (torchtitan's `parallelize_*` functions are the m
 5. Optimizers and the DeepSpeed engine (ZeRO `deepspeed.zero_stage`) for the dense weights.
 
 `job` is the job config (train/config.py: JobConfig); read here: train.seed,
-train.activation_checkpointing, train.micro_batch, train.grad_accum, deepspeed.zero_stage, optim.*.
+train.activation_checkpointing, train.micro_batch, train.grad_accum, train.dtype, deepspeed.zero_stage, optim.*.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.deepspeed_state import DenseShards, ensure_adamw_state
 from parallel.dims import ParallelDims
 from parallel.expert_parallel import apply_expert_parallel
+from parallel.precision import autocast_dtype
 from parallel.trainer import Trainer
 from parallel.zero import deepspeed_config, detach_experts, shard_experts, skip_deepspeed_shm_op
 
@@ -34,7 +35,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
     materialize(model, dims.device, job.train.seed)  # 2
     apply_activation_checkpointing(model, job.train.activation_checkpointing)  # 3
     experts = detach_experts(model)  # 4
-    experts_sharded = shard_experts(experts, dims, job.deepspeed.zero_stage)
+    experts_sharded = shard_experts(experts, dims, job.deepspeed.zero_stage, autocast_dtype(job.train.dtype, dims.device))
 
     dense_optimizer = adamw(model.parameters(), job.optim)  # 5
     expert_params = [p for module in experts.values() for p in module.parameters()]

@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from models.moe.experts import GroupedExperts
 from parallel.dims import ParallelDims
+from parallel.precision import expert_mixed_precision
 
 ZERO_STAGES = (0, 1, 2, 3)
 EXPERT_SHARD_DIM = 1  # see the module docstring
@@ -91,15 +92,18 @@ def experts_are_sharded(dims: ParallelDims, zero_stage: int) -> bool:
     return zero_stage >= 1 and dims.edp > 1
 
 
-def shard_experts(experts: dict[str, GroupedExperts], dims: ParallelDims, zero_stage: int) -> bool:
-    """FSDP2 over each EDP group (see the table above); returns whether anything was sharded."""
+def shard_experts(experts: dict[str, GroupedExperts], dims: ParallelDims, zero_stage: int,
+                  compute_dtype: torch.dtype | None = None) -> bool:
+    """FSDP2 over each EDP group (see the table above); returns whether anything was sharded.
+    Under mixed precision the experts are gathered in `compute_dtype` and reduced in fp32."""
     if not experts_are_sharded(dims, zero_stage):
         return False
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mp_policy = expert_mixed_precision(compute_dtype) or MixedPrecisionPolicy()
     for module in experts.values():
         fully_shard(module, mesh=dims.mesh["edp"], reshard_after_forward=zero_stage == 3,
-                    shard_placement_fn=lambda _: Shard(EXPERT_SHARD_DIM))
+                    shard_placement_fn=lambda _: Shard(EXPERT_SHARD_DIM), mp_policy=mp_policy)
         # Sum over the EDP group divided by the world size: see parallel/collectives.py for why.
         # As a plain SUM with a separate division: gloo has no PREMUL_SUM.
         module.set_gradient_divide_factor(float(dims.world_size))

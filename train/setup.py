@@ -13,6 +13,7 @@ import torch
 from models.gpt import GPT, count_parameters
 from parallel.dims import ParallelDims, init_parallel
 from parallel.parallelize import parallelize
+from parallel.precision import autocast_dtype
 from parallel.trainer import Trainer
 from train.checkpoint.manager import CheckpointManager
 from train.config import JobConfig
@@ -52,13 +53,6 @@ def pick_device(job: JobConfig) -> torch.device:
     return torch.device("cuda")
 
 
-def pick_autocast_dtype(job: JobConfig, device: torch.device) -> torch.dtype | None:
-    """None = plain fp32. CPUs run bf16 matmuls slower than fp32, so `auto` keeps them in fp32."""
-    if job.train.dtype == "bf16" or (job.train.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return None
-
-
 def setup(job: JobConfig) -> Run:
     """Everything that can fail because of the user's input fails here, as a ValueError."""
     job.validate()
@@ -91,4 +85,4 @@ def setup(job: JobConfig) -> Run:
             f"{dims.world_size} process(es), ep={dims.ep}, ZeRO-{job.deepspeed.zero_stage}, device={dims.device}, "
             f"{len(data.train) / 1e6:.2f}M training tokens, vocab {data.vocab_size}"
         )
-    return Run(job, dims, pick_autocast_dtype(job, dims.device), data, trainer, checkpoints, start_step, fpt)
+    return Run(job, dims, autocast_dtype(job.train.dtype, dims.device), data, trainer, checkpoints, start_step, fpt)

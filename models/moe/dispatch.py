@@ -10,6 +10,7 @@ below. Both live here, in plain torch, because `models/` must not import `parall
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,12 +20,18 @@ import torch
 
 @dataclass
 class RoutingPlan:
-    """Which token copies go where, decided on the local tokens before any exchange."""
+    """Which token copies go where, decided on the local tokens before any exchange. Built on the
+    device without a host sync: how many copies are kept is learnt from the counts a dispatcher
+    copies to the host anyway (`keep_first`)."""
 
-    order_N: torch.Tensor  # indices into the flattened [T·K] assignments, sorted by expert (stable)
+    order_N: torch.Tensor  # indices into the flattened [T·K] assignments: kept copies sorted by expert (stable), then dropped ones
     kept_per_expert_E: torch.Tensor  # copies each expert will compute after capacity drops
     routed_per_expert_E: torch.Tensor  # copies the router asked each expert for (the load)
     num_dropped: torch.Tensor  # scalar int64: copies dropped by capacity (0 when dropless)
+
+    def keep_first(self, num_kept: int) -> RoutingPlan:
+        """The plan with only the kept copies in `order_N` (`num_kept` = kept_per_expert_E.sum(), a host int)."""
+        return dataclasses.replace(self, order_N=self.order_N[:num_kept])
 
 
 def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
@@ -32,10 +39,17 @@ def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: flo
     return math.ceil(capacity_factor * num_assignments / num_experts)
 
 
+def count_per_expert(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 assignments per expert. A scatter-add: `torch.bincount` synchronises a GPU (it
+    reads the largest id to size its output)."""
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=flat_ids.device)
+    return counts_E.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+
+
 def plan_routing(expert_ids_TK: torch.Tensor, num_experts: int, capacity_factor: float | None) -> RoutingPlan:
     flat_ids = expert_ids_TK.flatten()  # [T·K]
     order_N = torch.argsort(flat_ids, stable=True)  # stable: earlier tokens keep priority
-    routed_E = torch.bincount(flat_ids, minlength=num_experts)
+    routed_E = count_per_expert(flat_ids, num_experts)
     if capacity_factor is None:
         return RoutingPlan(order_N, routed_E, routed_E, torch.zeros((), dtype=torch.int64, device=flat_ids.device))
 
@@ -43,19 +57,22 @@ def plan_routing(expert_ids_TK: torch.Tensor, num_experts: int, capacity_factor:
     sorted_ids = flat_ids[order_N]
     first_slot_E = torch.cumsum(routed_E, 0) - routed_E
     rank_within_expert = torch.arange(flat_ids.numel(), device=flat_ids.device) - first_slot_E[sorted_ids]
-    keep = rank_within_expert < capacity
+    dropped_N = rank_within_expert >= capacity
+    # Dropped copies moved to the end (a stable sort keeps the rest by expert): the kept ones are a
+    # prefix, where a boolean mask would synchronise the device to size its result.
+    order_N = order_N[torch.argsort(dropped_N.to(torch.uint8), stable=True)]
     kept_E = routed_E.clamp(max=capacity)
-    return RoutingPlan(order_N[keep], kept_E, routed_E, (~keep).sum())
+    return RoutingPlan(order_N, kept_E, routed_E, dropped_N.sum())
 
 
 def gather_tokens(x_TD: torch.Tensor, plan: RoutingPlan, top_k: int) -> torch.Tensor:
-    """[T, D] tokens -> [N, D] copies grouped by expert."""
+    """[T, D] tokens -> [N, D] copies grouped by expert (every copy in `plan.order_N`)."""
     return x_TD[plan.order_N // top_k]
 
 
 def scatter_combine(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan, num_tokens: int) -> torch.Tensor:
-    """[N, D] expert outputs -> [T, D]: each token's weighted sum over its kept copies.
-    Dropped copies add nothing (the residual stream carries the token on)."""
+    """[N, D] expert outputs -> [T, D]: each token's weighted sum over its kept copies, in the
+    outputs' dtype. Dropped copies add nothing (the residual stream carries the token on)."""
     top_k = weights_TK.shape[-1]
     weights_N = weights_TK.flatten()[plan.order_N].to(y_ND.dtype)
     out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
@@ -100,6 +117,8 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         plan = plan_routing(expert_ids_TK, self.num_experts, self.capacity_factor)
+        if self.capacity_factor is not None:  # dropless keeps all T·K copies; with drops, one host copy says how many
+            plan = plan.keep_first(int(plan.kept_per_expert_E.sum()))
         return gather_tokens(x_TD, plan, self.top_k), plan.kept_per_expert_E, DispatchState(plan, x_TD.shape[0])
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, state: DispatchState) -> torch.Tensor:

@@ -15,7 +15,7 @@ from models.config import MoEConfig
 from models.ffn import FeedForward
 from models.moe.balance import routing_summary
 from models.moe.dispatch import Dispatcher, LocalDispatcher
-from models.moe.experts import GroupedExperts
+from models.moe.experts import GroupedExperts, compute_dtype
 from models.moe.router import TopKRouter
 
 
@@ -72,14 +72,18 @@ class MoELayer(nn.Module):
         D = x_BSD.shape[-1]
         x_TD = x_BSD.reshape(-1, D)
         B, S = (x_BSD.shape[0], x_BSD.shape[1]) if x_BSD.dim() == 3 else (1, x_TD.shape[0])  # [T, D]: one sequence
-        routing = self.router(x_TD)
+        routing = self.router(x_TD)  # fp32 logits, whatever the input's dtype
+        # Tokens are dispatched, exchanged and combined in the compute dtype: under autocast the
+        # RMSNorm before this layer still returns fp32, which would double the all-to-all's bytes.
+        x_TD = x_TD.to(compute_dtype(x_TD, x_TD))
         x_ND, counts_local, state = self.dispatcher.dispatch(x_TD, routing.expert_ids_TK)
         y_ND = self.experts(x_ND, counts_local)
         out_TD = self.dispatcher.combine(y_ND, routing.weights_TK, state)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
-        selected_BE, prob_mean_BE = routing_summary(routing.probs_TE.view(B, S, -1), routing.expert_ids_TK.view(B, S, -1),
-                                                    self.router.num_experts)
+        # Explicit sizes, not -1: a batch of 0 tokens has no size to infer.
+        selected_BE, prob_mean_BE = routing_summary(routing.probs_TE.view(B, S, self.router.num_experts),
+                                                    routing.expert_ids_TK.view(B, S, self.top_k), self.router.num_experts)
         stats = MoEStats(
             tokens_per_expert=state.plan.routed_per_expert_E.detach(),
             selected_BE=selected_BE,
@@ -90,4 +94,4 @@ class MoELayer(nn.Module):
             bytes_sent=state.bytes_sent,
             all_to_all_seconds=state.comm_seconds,
         )
-        return out_TD.view_as(x_BSD), stats
+        return out_TD.view(x_BSD.shape), stats
