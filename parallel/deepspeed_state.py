@@ -120,6 +120,20 @@ class DenseShards:
             else:
                 grad.mul_(factor)
 
+    @torch.no_grad()
+    def zero_grads(self) -> None:
+        """Zero this rank's gradients (also non-finite ones, which scaling by 0 would keep)."""
+        for _, p in self.named_parameters():
+            grad = self.grad(p)
+            if grad is None:
+                continue
+            if self.zero_stage == 3:
+                from deepspeed.utils import safe_set_local_grad
+
+                safe_set_local_grad(p, torch.zeros_like(p.ds_tensor, dtype=grad.dtype))
+            else:
+                grad.zero_()
+
     # -- weights and optimizer state ----------------------------------------------------------
 
     def master_weights(self, p: nn.Parameter) -> torch.Tensor | None:

@@ -62,6 +62,15 @@ class Trainer:
             self.expert_optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    @torch.no_grad()
+    def discard_gradients(self) -> None:
+        """Zero every gradient accumulated in this window (after the boundary's backward, before
+        `step`): a skipped step's, which may not be finite."""
+        self.dense.zero_grads()
+        for p in self.expert_parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+
     def persistent_buffers(self) -> list[tuple[str, torch.Tensor]]:
         """Buffers that belong with the weights (the routers' selection bias), not the recomputable
         ones (rotary tables)."""

@@ -2,6 +2,7 @@
 (also mid-save), and skipping non-finite steps. Resharding: tests/test_checkpoint_reshard.py."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -99,3 +100,20 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, data_cache):
                       extra_env=fault_env(SWITCHYARD_TEST_NAN_STEPS="1,2"))
     assert nothing.returncode == 3
     assert "every step of this run (2) had a non-finite loss" in nothing.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_non_finite_step_with_accumulation_discards_its_gradients(tmp_path, data_cache, stage):
+    # The step's losses are read once, before its last backward: the earlier micro-batch's gradients
+    # (non-finite here) are already accumulated and must be discarded, under EP and ZeRO.
+    common = [*TINY, "train.steps=4", "train.eval_interval=4", "train.ckpt_interval=100", "train.grad_accum=2",
+              "parallel.ep=2", f"deepspeed.zero_stage={stage}", "logging.sample_tokens=0"]
+    done = run_job(tmp_path, data_cache, *common, "run_name=accum", nproc=4, extra_env=fault_env(SWITCHYARD_TEST_NAN_STEPS="2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_metrics(tmp_path, "accum")
+    losses = train_losses(records)
+    assert sorted(losses) == [1, 3, 4] and {"step": 2, "train/skipped_steps": 1} in records
+    assert all(math.isfinite(v) for v in losses.values()), losses
+    norms = [r["train/grad_norm"] for r in records if "train/grad_norm" in r]
+    assert len(norms) == 3 and all(math.isfinite(n) and n > 0 for n in norms), norms
+    assert math.isfinite(next(r["val/loss"] for r in records if r["step"] == 4 and "val/loss" in r))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from models.moe.balance import router_losses
 from models.moe.layer import tokens_per_expert_LE
-from parallel.collectives import all_reduce_sum, any_rank
+from parallel.collectives import all_reduce_sum
 from train.config import JobConfig
 from train.data import BatchSampler, val_batches
 from models.generate import generate
@@ -54,7 +54,7 @@ def forward_loss(run: Run, x_BS: torch.Tensor, y_BS: torch.Tensor, step_selected
     if moe.aux_loss_scope == "global_batch" and step_selected_LE is None and stats:
         step_selected_LE = all_reduce_sum(tokens_per_expert_LE(stats), run.dims)
     losses = router_losses(stats, moe.aux_loss_coef, moe.z_loss_coef, moe.aux_loss_scope, step_selected_LE)
-    return ce + losses.total.to(ce.device), ce, stats, losses
+    return ce + losses.total.to(ce), ce, stats, losses
 
 
 @torch.no_grad()
@@ -107,46 +107,54 @@ class StepResult:
     applied: bool  # False: a non-finite loss on some rank, the step was skipped everywhere
     loss: float = float("nan")  # mean cross-entropy of this rank's micro-batches
     grad_norm: float = float("nan")  # global norm of all gradients, before clipping
-    load_LE: torch.Tensor | None = None  # [L, E] copies routed to each expert on this rank
+    load_LE: torch.Tensor | None = None  # [L, E] int64 copies routed to each expert on this rank (compute device)
 
 
 def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> StepResult:
     """One optimizer step over grad_accum micro-batches (`step` counts from 0). A non-finite loss
-    on any rank skips the step on every rank."""
+    on any rank skips the step on every rank.
+
+    Host syncs: the figures of the micro-batches (finite, cross-entropy, load) are summed on the
+    device, and read once, before the last backward (see README: the sync budget)."""
     t, dims = run.job.train, run.dims
     lr = lr_at(step, run.job)
-    ce_sum, grad_norm = 0.0, float("nan")
-    load_LE = torch.zeros(len(run.model.moe_layers()), run.job.moe.num_experts)
+    grad_norm = float("nan")
+    load_LE = torch.zeros(len(run.model.moe_layers()), run.job.moe.num_experts, dtype=torch.int64, device=run.device)
+    ce_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    num_bad = torch.zeros((), dtype=torch.float64, device=run.device)  # micro-batches with a non-finite loss
     step_selected_LE = None
     if run.job.moe.aux_loss_scope == "global_batch" and t.grad_accum > 1 and load_LE.numel():
         step_selected_LE = count_routing(run, sampler, step)
     for micro_step in range(t.grad_accum):
         x, y = sampler.get(step, micro_step)
         loss, ce, stats, losses = forward_loss(run, x, y, step_selected_LE)
-        if any_rank(not torch.isfinite(loss).item(), dims):
-            finish_skipped_window(run, x, micro_step)
-            return StepResult(applied=False)
+        num_bad += (~torch.isfinite(loss)).double()
+        ce_sum += ce.detach().double()
+        if micro_step == t.grad_accum - 1:
+            # The step's one look at its losses: non-finite anywhere (summed over ranks), and ours.
+            num_bad_world, ce_total = torch.stack([all_reduce_sum(num_bad, dims), ce_sum]).tolist()
+            if num_bad_world > 0:
+                skip_step(run, loss)
+                return StepResult(applied=False)
         run.trainer.backward(loss)
         norm = run.trainer.step(lr)
         grad_norm = norm if norm is not None else grad_norm
         window.add(stats, losses)
         if stats:
-            load_LE += tokens_per_expert_LE(stats).float().cpu()
-        ce_sum += ce.item()
-    return StepResult(True, ce_sum / t.grad_accum, grad_norm, load_LE)
+            load_LE += tokens_per_expert_LE(stats)
+    return StepResult(True, ce_total / t.grad_accum, grad_norm, load_LE)
 
 
-def finish_skipped_window(run: Run, x_BS: torch.Tensor, bad_micro_step: int) -> None:
-    """Leave DeepSpeed's accumulation window as if nothing happened. With nothing accumulated yet
-    (the usual grad_accum=1 case) there is nothing to undo. Otherwise the remaining micro-steps
-    run as zero-loss passes and the step is applied with lr 0, so no weight changes (Adam's
-    moments do see the earlier micro-batches)."""
-    if bad_micro_step == 0:
+def skip_step(run: Run, last_loss: torch.Tensor) -> None:
+    """Leave DeepSpeed's accumulation window as if no gradient had come. With grad_accum=1 nothing
+    was accumulated and nothing is done. Otherwise the earlier micro-batches' gradients (maybe
+    non-finite) are discarded after the boundary's backward, and the step is applied with lr 0: no
+    weight changes (Adam's moments decay by one step of zero gradients)."""
+    if run.job.train.grad_accum == 1:
         return
-    for _ in range(bad_micro_step, run.job.train.grad_accum):
-        logits, _ = run.trainer.forward(x_BS[:, :1].to(run.device))
-        run.trainer.backward(logits.nan_to_num().sum() * 0.0)
-        run.trainer.step(0.0)
+    run.trainer.backward(last_loss.nan_to_num() * 0.0)  # collective under EP and ZeRO: every rank runs it
+    run.trainer.discard_gradients()
+    run.trainer.step(0.0)
 
 
 def warn_dead_experts(logger: RunLogger, step: int, metrics: dict, window_steps: int) -> None:
@@ -160,7 +168,7 @@ def warn_dead_experts(logger: RunLogger, step: int, metrics: dict, window_steps:
 def train_steps(run: Run, logger: RunLogger) -> dict:
     job, dims, t = run.job, run.dims, run.job.train
     sampler = BatchSampler(run.data.train, t.seq_len, t.micro_batch, dims.world_size, dims.rank, t.grad_accum, t.seed)
-    window = MoEWindow(len(run.model.moe_layers()), job.moe.num_experts)
+    window = MoEWindow(len(run.model.moe_layers()), job.moe.num_experts, run.device)
     tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * dims.world_size
     loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()
     bad_in_a_row, bad_total, applied_total = 0, 0, 0

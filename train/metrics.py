@@ -14,31 +14,34 @@ from parallel.dims import ParallelDims
 
 
 class MoEWindow:
-    """Sums each MoE layer's stats over the micro-steps of one log window."""
+    """Sums each MoE layer's stats over the micro-steps of one log window.
 
-    def __init__(self, num_layers: int, num_experts: int):
-        # Host-side sums; `summarize` reduces them over ranks on the compute device.
-        self.tokens_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64, device="cpu")
-        # Per layer, summed over micro-steps: aux, z, entropy, dropped copies, bytes sent, all-to-all seconds.
-        self.sums_L6 = torch.zeros(num_layers, 6, dtype=torch.float64, device="cpu")
+    The sums of device figures stay on `device` (no host copy per micro-step: each would
+    synchronise a GPU); `summarize` reduces them over ranks and copies them to the host once."""
+
+    def __init__(self, num_layers: int, num_experts: int, device: torch.device | str = "cpu"):
+        self.tokens_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
+        # Per layer, summed over micro-steps: aux, z, entropy, dropped copies (device figures).
+        self.sums_L4 = torch.zeros(num_layers, 4, dtype=torch.float64, device=device)
+        # Per layer: bytes sent, all-to-all seconds (host figures, known without the device).
+        self.host_sums_L2 = torch.zeros(num_layers, 2, dtype=torch.float64, device="cpu")
         self.num_micro_steps = 0
 
     def add(self, stats: list[MoEStats], losses: RouterLosses) -> None:
         self.num_micro_steps += 1
         if not stats:
             return
-        # Two device-to-host copies per micro-step, not one per layer and figure.
-        self.tokens_LE += tokens_per_expert_LE(stats).double().cpu()
-        on_device_L4 = torch.stack([losses.aux_L.double(), losses.z_L.double(),
-                                    torch.stack([s.router_entropy for s in stats]).double(),
-                                    torch.stack([s.num_dropped for s in stats]).double()], dim=1).cpu()
-        on_host_L2 = torch.tensor([[s.bytes_sent, s.all_to_all_seconds] for s in stats], dtype=torch.float64, device="cpu")
-        self.sums_L6 += torch.cat([on_device_L4, on_host_L2], dim=1)
+        self.tokens_LE += tokens_per_expert_LE(stats).to(self.tokens_LE)
+        self.sums_L4 += torch.stack([losses.aux_L.double(), losses.z_L.double(),
+                                     torch.stack([s.router_entropy for s in stats]).double(),
+                                     torch.stack([s.num_dropped for s in stats]).double()], dim=1).to(self.sums_L4)
+        self.host_sums_L2 += torch.tensor([[s.bytes_sent, s.all_to_all_seconds] for s in stats], dtype=torch.float64, device="cpu")
 
     def summarize(self, dims: ParallelDims, elapsed_seconds: float) -> dict:
         """Global figures (identical on every rank): counts summed over ranks, losses averaged."""
-        tokens_LE = all_reduce_sum(self.tokens_LE.clone(), dims)
-        sums_L6 = all_reduce_sum(self.sums_L6.clone(), dims)
+        on_device = torch.cat([self.tokens_LE, self.sums_L4, self.host_sums_L2.to(self.sums_L4.device)], dim=1)
+        on_host = all_reduce_sum(on_device, dims).cpu()  # the window's one device->host copy
+        tokens_LE, sums_L6 = on_host[:, :-6], on_host[:, -6:]
         means_L3 = sums_L6[:, :3] / max(self.num_micro_steps * dims.world_size, 1)
         # Forward all-to-all wall time per rank, as a share of the window (CPU/gloo only).
         out = {"perf/all_to_all_time_share": float(sums_L6[:, 5].sum() / dims.world_size / max(elapsed_seconds, 1e-9))}
@@ -67,7 +70,8 @@ class MoEWindow:
 
     def reset(self) -> None:
         self.tokens_LE.zero_()
-        self.sums_L6.zero_()
+        self.sums_L4.zero_()
+        self.host_sums_L2.zero_()
         self.num_micro_steps = 0
 
 

@@ -61,7 +61,7 @@ def compute_dtype(x_ND: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 def run_experts_grouped(x_ND, counts_E, w1_EDF, w2_EFD, w3_EDF=None) -> torch.Tensor:
     """One grouped GEMM per weight over the variable-size expert groups (inputs share one dtype)."""
-    offsets_E = torch.cumsum(counts_E, dim=0).to(device=x_ND.device, dtype=torch.int32)
+    offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)  # on the device: no host sync
     h_NF = _contiguous_grad(F.grouped_mm(x_ND, w1_EDF, offs=offsets_E))
     gate_NF = _contiguous_grad(F.grouped_mm(x_ND, w3_EDF, offs=offsets_E)) if w3_EDF is not None else None
     return _contiguous_grad(F.grouped_mm(activate(h_NF, gate_NF).contiguous(), w2_EFD, offs=offsets_E))

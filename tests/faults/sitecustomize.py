@@ -6,6 +6,10 @@ job's processes, where it wraps the functions below. Nothing in train/ knows abo
     SWITCHYARD_TEST_KILL_IN_SAVE=8     rank 0 is SIGKILLed after every rank wrote step 8's files and
                                        before the checkpoint is published (first attempt only, so a
                                        torchrun restart can then finish the job)
+    SWITCHYARD_TEST_COUNT_SYNCS=DIR    the job computes on `cpu:0` and counts the device->host syncs
+                                       of its training steps (tests/sync_counter.py; evaluation,
+                                       samples and checkpoints not counted); each rank writes
+                                       DIR/rank<R>.json: {"steps": ..., "events": [[what, where], ...]}
 """
 
 import os
@@ -13,6 +17,7 @@ import signal
 
 _NAN_STEPS = {int(s) for s in os.environ.get("SWITCHYARD_TEST_NAN_STEPS", "").split(",") if s.strip()}
 _KILL_STEP = os.environ.get("SWITCHYARD_TEST_KILL_IN_SAVE")
+_COUNT_SYNCS = os.environ.get("SWITCHYARD_TEST_COUNT_SYNCS")
 
 
 def _poison_steps() -> None:
@@ -49,7 +54,50 @@ def _kill_before_publishing() -> None:
     CheckpointManager._publish = publish_or_die
 
 
+def _count_syncs(out_dir: str) -> None:
+    import functools
+    import gc
+    import json
+
+    import torch
+
+    import train.loop as loop
+    import train.setup as setup
+    from tests.sync_counter import COMPUTE_DEVICE, SyncCounter
+    from train.checkpoint.manager import CheckpointManager
+
+    counter = SyncCounter()
+    setup.pick_device = lambda job: COMPUTE_DEVICE
+
+    def paused(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with counter.pause():
+                return fn(*args, **kwargs)
+        return call
+
+    loop.evaluate, loop.sample = paused(loop.evaluate), paused(loop.sample)
+    CheckpointManager.save = paused(CheckpointManager.save)
+    train_steps = loop.train_steps
+
+    def counted_train_steps(run, logger):
+        # AdamW's step counters stay on the host on a GPU too (torch keeps them there unless capturable).
+        optimizers = [obj for obj in gc.get_objects() if isinstance(obj, torch.optim.Optimizer)]
+        host = [state["step"] for opt in optimizers for state in opt.state.values() if "step" in state]
+        counter.seed(host)
+        with counter.counting():
+            summary = train_steps(run, logger)
+        steps = min(run.job.train.steps, run.job.train.stop_at or run.job.train.steps) - run.start_step
+        with open(os.path.join(out_dir, f"rank{run.dims.rank}.json"), "w") as f:
+            json.dump({"steps": steps, "events": counter.events}, f)
+        return summary
+
+    loop.train_steps = counted_train_steps
+
+
 if _NAN_STEPS:
     _poison_steps()
 if _KILL_STEP:
     _kill_before_publishing()
+if _COUNT_SYNCS:
+    _count_syncs(_COUNT_SYNCS)
