@@ -178,3 +178,42 @@ def test_regroup_permutation_by_hand():
     perm = peer_major_to_expert_major(torch.tensor([[2, 1], [1, 3]]))
     assert perm.tolist() == [0, 1, 3, 2, 4, 5, 6]
     assert peer_major_to_expert_major(torch.zeros(2, 3, dtype=torch.int64)).tolist() == []
+
+
+def _empty_rank_worker(rank, world_size, out_dir):
+    """ep=2 on 2 ranks; rank 0 routes no token (forward and backward), rank 1 routes them all."""
+    dims = init_parallel(2, num_experts=4, device=torch.device("cpu"))
+    failures = []
+    for score, capacity_factor in (("softmax", None), ("sigmoid", None), ("softmax", 1.0)):
+        checks = Checks(f"score={score} cf={capacity_factor}")
+        torch.manual_seed(7)
+        cfg = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden=32, score=score, capacity_factor=capacity_factor)
+        layer = MoELayer(D, "swiglu", cfg)
+        layer.reset_parameters(0.3, 2)
+        x_all = torch.randn(6, D)
+        ref = copy.deepcopy(layer)
+        out_ref, _ = ref(x_all.unsqueeze(0))
+        out_ref.square().sum().backward()
+
+        shard_moe_layer(layer, dims)
+        x_mine = (x_all if rank == 1 else x_all[:0]).clone().requires_grad_()
+        out, stats = layer(x_mine.unsqueeze(0))
+        out.square().sum().backward()
+        checks.true(out.shape == (1, x_mine.shape[0], D), f"output shape {tuple(out.shape)}")
+        if rank == 1:
+            checks.close(out.squeeze(0), out_ref.squeeze(0), "output")
+        checks.true(stats.tokens_per_expert.sum().item() == 2 * x_mine.shape[0], "routed copies")
+        first = dims.ep_rank * 2
+        for name in ("w1_EDF", "w2_EFD", "w3_EDF"):
+            checks.close(getattr(layer.experts, name).grad, getattr(ref.experts, name).grad[first : first + 2], f"{name} grad")
+        try:
+            checks.raise_if_failed()
+        except AssertionError as err:
+            failures.append(f"rank {rank}: {err}")
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(failures))
+
+
+def test_a_rank_with_no_tokens_neither_hangs_nor_crashes(tmp_path):
+    run_ranks(2, _empty_rank_worker, str(tmp_path))
+    failures = [f for path in tmp_path.glob("rank*.json") for f in json.loads(path.read_text())]
+    assert len(list(tmp_path.glob("rank*.json"))) == 2 and not failures, failures

@@ -7,6 +7,8 @@ from models.config import MoEConfig
 from models.ffn import FeedForward
 from models.moe.layer import MoELayer
 from models.ffn import activate
+from models.moe import experts as experts_module
+from models.moe.dispatch import expert_capacity
 
 D = 16
 
@@ -20,17 +22,25 @@ def make_layer(**overrides):
 
 
 def per_token_oracle(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
-    """Each token through each of its k experts, one at a time: obviously correct, slow."""
+    """Each token through each of its k experts, one at a time: obviously correct, slow. Under a
+    capacity, each expert computes only its first `capacity` copies in (token, choice) order."""
     routing = layer.router(x_TD)
     ex = layer.experts
+    T, K = routing.expert_ids_TK.shape
+    cf = layer.dispatcher.capacity_factor
+    capacity = T * K if cf is None else expert_capacity(T * K, layer.router.num_experts, cf)
+    taken = [0] * layer.router.num_experts
     rows = []
-    for t in range(x_TD.shape[0]):
+    for t in range(T):
         acc = torch.zeros(D)
         for e, w in zip(routing.expert_ids_TK[t].tolist(), routing.weights_TK[t]):
+            taken[e] += 1
+            if taken[e] > capacity:
+                continue  # dropped: the residual stream carries the token on
             h = activate(x_TD[t] @ ex.w1_EDF[e], x_TD[t] @ ex.w3_EDF[e])
             acc = acc + w * (h @ ex.w2_EFD[e])
         rows.append(acc)
-    out = torch.stack(rows)
+    out = torch.stack(rows) if rows else x_TD.new_zeros(0, D)
     if layer.shared_experts is not None:
         out = out + layer.shared_experts(x_TD)
     return out
@@ -108,3 +118,26 @@ def test_layer_gradients_match_oracle():
     grads_oracle = torch.autograd.grad(per_token_oracle(layer, x).square().sum(), [x, *params])
     for a, b in zip(grads_fast, grads_oracle):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 7, 40])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+@pytest.mark.parametrize("kernel", ["grouped_mm", "loop"])
+def test_any_number_of_tokens_equals_the_oracle(num_tokens, score, capacity_factor, kernel, monkeypatch):
+    # Empty batches included (a caller with nothing to route must not crash), in both input shapes.
+    if kernel == "loop":
+        monkeypatch.setattr(experts_module, "grouped_mm_supported", lambda *args: False)
+    layer = make_layer(top_k=2, score=score, capacity_factor=capacity_factor, num_shared_experts=1).eval()
+    x_TD = torch.randn(num_tokens, D, requires_grad=True)
+    for x in (x_TD.unsqueeze(0), x_TD):
+        out, stats = layer(x)
+        assert out.shape == x.shape
+        torch.testing.assert_close(out.reshape(-1, D), per_token_oracle(layer, x_TD), rtol=1e-5, atol=1e-5)
+        assert stats.tokens_per_expert.sum().item() == 2 * num_tokens
+        assert stats.selected_BE.shape == (1, 4) and stats.prob_mean_BE.shape == (1, 4)
+        assert torch.isfinite(stats.z_loss) and torch.isfinite(stats.router_entropy)
+        grad_x, grad_w1 = torch.autograd.grad(out.square().sum() + stats.z_loss, [x_TD, layer.experts.w1_EDF])
+        assert grad_x.shape == x_TD.shape and torch.isfinite(grad_w1).all()
+    batched, _ = layer(torch.randn(3, 0, D))  # sequences of no token
+    assert batched.shape == (3, 0, D)
