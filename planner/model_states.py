@@ -43,12 +43,21 @@ FP32_BYTES = 4  # DeepSpeed's master copies and their AdamW moments are fp32
 STEP_BYTES = 4  # AdamW's `step`: one fp32 scalar per tensor it steps
 
 
+def element_bytes(train_dtype: str) -> tuple[int, int]:
+    """(bytes per weight and gradient element, bytes per activation and all-to-all element) of a
+    job's `train.dtype`. Weights, gradients and AdamW state stay fp32 masters (parallel/precision.py);
+    under bf16 the matmul outputs and the tokens that cross the all-to-all take 2 bytes. `auto` is
+    bf16 on the GPUs a plan is for (fp32 only on CPUs)."""
+    return FP32_BYTES, (FP32_BYTES if train_dtype == "fp32" else 2)
+
+
 @dataclass(frozen=True)
 class Layout:
     world_size: int
     ep: int
     zero_stage: int
-    bytes_per_param: int = 4  # weights and gradients; the job keeps them in fp32
+    bytes_per_param: int = 4  # weights and gradients: fp32 masters whatever train.dtype (see element_bytes)
+    bytes_per_compute: int = 4  # what FSDP2 gathers the experts in (their compute dtype): 2 under bf16
 
     @property
     def edp(self) -> int:
@@ -259,9 +268,10 @@ def plan_transients(model: nn.Module, layout: Layout, settings: DeepSpeedSetting
         # ZeRO 1-2 keep every layer's gathered experts from its forward to its backward
         # (reshard_after_forward=False); ZeRO-3 frees them after each use (this layer + one prefetched).
         gathered = sum(layers) if layout.zero_stage < 3 else sum(sorted(layers)[-2:])
-        out.append(Transient("experts all-gathered by FSDP2", DURING_COMPUTE, gathered * bpp))
+        out.append(Transient("experts all-gathered by FSDP2", DURING_COMPUTE, gathered * layout.bytes_per_compute))
+        # Unsharded gradients (compute dtype) + FSDP2's reduce-scatter input (fp32: reduce_dtype).
         out.append(Transient("one MoE layer's expert gradients, before reduce-scatter",
-                             DURING_COMPUTE, 2 * max(layers) * bpp))  # unsharded grads + FSDP2's reduce-scatter input
+                             DURING_COMPUTE, max(layers) * (layout.bytes_per_compute + FP32_BYTES)))
     elif layers and layout.edp > 1:  # parallel/collectives.py: average_replicated_expert_gradients
         out.append(Transient("expert gradients flattened for their all-reduce", AT_STEP, sum(layers) * bpp))
     named = dense_parameters(model)
@@ -283,14 +293,14 @@ def plan_transients(model: nn.Module, layout: Layout, settings: DeepSpeedSetting
 
 
 def all_to_all_bytes_per_step(num_moe_layers: int, tokens_per_micro_batch: int, top_k: int, d_model: int,
-                              layout: Layout, grad_accum: int, recompute: bool) -> dict[str, int]:
+                              layout: Layout, grad_accum: int, recompute: bool, bytes_per_element: int) -> dict[str, int]:
     """Bytes this rank sends per optimizer step, dropless, under uniform routing: of its k·T token
     copies per MoE layer, (ep−1)/ep go to other ranks, and as many results come back from it
-    (parallel/dispatcher.py). The tokens travel in the residual stream's dtype, the weights'
-    (fp32 in the job, also under autocast). Backward sends the same again; activation
-    checkpointing of the MoE layers (full or moe) repeats the forward exchanges."""
+    (parallel/dispatcher.py). The tokens travel in the compute dtype (`bytes_per_element`: 2 under
+    bf16, models/moe/layer.py). Backward sends the same again; activation checkpointing of the MoE
+    layers (full or moe) repeats the forward exchanges."""
     copies_leaving = round(tokens_per_micro_batch * top_k * (layout.ep - 1) / layout.ep)
-    per_exchange = copies_leaving * d_model * layout.bytes_per_param
+    per_exchange = copies_leaving * d_model * bytes_per_element
     forward = 2 * per_exchange * num_moe_layers * grad_accum  # dispatch + combine
     return {"forward": forward, "backward": forward, "recompute": forward if recompute else 0,
             "total": forward * (3 if recompute else 2)}

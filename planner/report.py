@@ -8,7 +8,7 @@ from models.gpt import count_parameters
 from parallel.activation_checkpointing import ACTIVATION_CHECKPOINTING
 from planner.activations import ActivationPeak, activation_peak
 from planner.model_states import (AT_STEP, DURING_COMPUTE, DeepSpeedSettings, Layout, Transient,
-                                  all_to_all_bytes_per_step, plan_all_ranks, plan_transients)
+                                  all_to_all_bytes_per_step, element_bytes, plan_all_ranks, plan_transients)
 
 GIB = 2**30
 KINDS = (("weights", "weights"), ("gradients", "gradients (at the accumulation boundary)"),
@@ -31,6 +31,7 @@ class Report:
     activations: dict[str, ActivationPeak]  # per activation-checkpointing mode
     all_to_all: dict[str, dict[str, int]]  # per mode
     peaks: dict[str, int]  # per mode: bytes per rank at the busiest moment
+    bytes_per_activation: int  # activations and all-to-all elements, from train.dtype (element_bytes)
 
     @property
     def ranks_differ(self) -> bool:
@@ -58,6 +59,7 @@ def build_report(job, plan, model, layout: Layout) -> Report:
     states, spread = per_rank[rank], max(totals) - min(totals)
     transients = plan_transients(model, layout, settings)
     t = job.train
+    _, bytes_per_activation = element_bytes(t.dtype)
     num_moe = len(model.moe_layers())
     activations, all_to_all, peaks = {}, {}, {}
     model_states = totals[rank]
@@ -65,12 +67,13 @@ def build_report(job, plan, model, layout: Layout) -> Report:
     at_step = sum(x.bytes for x in transients if x.when == AT_STEP)
     for mode in ACTIVATION_CHECKPOINTING:
         activations[mode] = activation_peak(job.gpt_config(), t.micro_batch, t.seq_len, layout.ep, mode,
-                                            plan.bytes_per_activation, layout.bytes_per_param)
+                                            bytes_per_activation, layout.bytes_per_param)
         all_to_all[mode] = all_to_all_bytes_per_step(num_moe, t.micro_batch * t.seq_len, job.moe.top_k,
-                                                     job.model.d_model, layout, t.grad_accum, recompute=mode != "none")
+                                                     job.model.d_model, layout, t.grad_accum, recompute=mode != "none",
+                                                     bytes_per_element=bytes_per_activation)
         peaks[mode] = model_states + max(activations[mode].peak + during, at_step)
     return Report(job, plan, layout, total, active, experts, rank, spread, states, transients,
-                  activations, all_to_all, peaks)
+                  activations, all_to_all, peaks, bytes_per_activation)
 
 
 def human(n: float) -> str:
@@ -122,8 +125,8 @@ def render(r: Report) -> str:
         f"layout: {layout.world_size} rank(s), parallel.ep={layout.ep}, {layout.edp} expert-data-parallel rank(s) per expert, "
         f"ZeRO-{layout.zero_stage} (dense: DeepSpeed; experts: {'FSDP2 shards' if layout.experts_sharded else 'whole'}); "
         f"micro-batch {t.micro_batch} x {t.seq_len} tokens, grad_accum {t.grad_accum}",
-        f"bytes: {layout.bytes_per_param} per weight/gradient element, {r.plan.bytes_per_activation} per activation value "
-        f"(logits and router scores fp32)",
+        f"bytes (train.dtype={t.dtype}): {layout.bytes_per_param} per weight/gradient element (fp32 masters), "
+        f"{r.bytes_per_activation} per activation value and all-to-all element (logits and router scores fp32)",
         "",
         ("model states per rank, exact" + (f" -- rank {r.rank}, the heaviest (ranks differ by up to {human(r.spread)}: "
                                            f"DeepSpeed's partition boundaries)" if r.ranks_differ else " (every rank alike)")),

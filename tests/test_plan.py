@@ -14,6 +14,8 @@ from models.gpt import GPT
 from models.moe.balance import router_losses
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from planner.activations import activation_peak
+from planner.model_states import element_bytes
+from parallel.precision import autocast_dtype
 from parallel.memory import profiled_allocation_peak
 from tests.jobs import job_env
 from train import plan as planner
@@ -22,7 +24,7 @@ from planner.report import build_report
 MIXTRAL = ["model.n_layers=32", "model.d_model=4096", "model.n_heads=32", "moe.num_experts=8", "moe.top_k=2",
            "moe.expert_ffn_hidden=14336", "model.vocab_size=32000", "model.tie_embeddings=false",
            "train.seq_len=4096", "train.micro_batch=1", "parallel.ep=8", "deepspeed.zero_stage=1",
-           "plan.world_size=64", "plan.bytes_per_activation=2", "plan.device_memory_gb=80"]
+           "plan.world_size=64", "train.dtype=bf16", "plan.device_memory_gb=80"]
 
 
 def report_for(*argv: str):
@@ -34,12 +36,13 @@ def report_for(*argv: str):
 
     with torch.device("meta"):
         model = GPT(job.gpt_config())
-    return build_report(job, plan, model, Layout(plan.world_size, job.parallel.ep, job.deepspeed.zero_stage, plan.bytes_per_param))
+    layout = Layout(plan.world_size, job.parallel.ep, job.deepspeed.zero_stage, *element_bytes(job.train.dtype))
+    return build_report(job, plan, model, layout)
 
 
 def test_default_config_by_hand():
     """conf/model/small.yaml + conf/moe/default.yaml on one process, ZeRO-0: every tensor whole."""
-    r = report_for()
+    r = report_for("train.dtype=fp32")
     D, V, L, E, F_ = 256, 8192, 4, 8, 512
     dense = V * D + L * (3 * D * D + D * D + E * D + 2 * D) + D  # tied embedding, 4 blocks, final norm
     experts = L * 3 * E * D * F_
@@ -83,7 +86,14 @@ def test_mixtral_shaped_on_64_ranks_by_hand():
     assert r.ranks_differ and r.spread > 0
     # Without checkpointing the activations of 4096 tokens do not fit in 80 GiB; `full` does.
     assert not r.fits("none") and r.fits("full")
-    assert r.all_to_all["none"]["forward"] == 2 * L * round(4096 * 2 * 7 / 8) * D * 4
+    # Tokens cross in bf16 (train.dtype=bf16): 2 bytes per element, half of what fp32 sends.
+    assert r.all_to_all["none"]["forward"] == 2 * L * round(4096 * 2 * 7 / 8) * D * 2
+    fp32 = report_for(*MIXTRAL, "train.dtype=fp32")
+    assert fp32.all_to_all["none"]["forward"] == 2 * r.all_to_all["none"]["forward"]
+    assert fp32.states == r.states  # fp32 master weights, gradients and AdamW state either way
+    assert fp32.activations["none"].saved > r.activations["none"].saved
+    gathered = {t.what: t.bytes for t in r.transients}["experts all-gathered by FSDP2"]  # in bf16 (FSDP2's param_dtype)
+    assert 2 * gathered == {t.what: t.bytes for t in fp32.transients}["experts all-gathered by FSDP2"] == 4 * L * 3 * D * F_
 
 
 def test_mixtral_command_prints_the_table_and_a_verdict(tmp_path):
@@ -107,8 +117,8 @@ def test_plan_that_does_not_fit_exits_0_with_the_verdict(capsys):
     (["parallel.ep=8", "plan.world_size=60"], "parallel.ep (8) must divide plan.world_size (60); allowed: divisors of 60"),
     (["moe.num_experts=6", "parallel.ep=4", "plan.world_size=8"], "parallel.ep (4) must divide moe.num_experts (6)"),
     (["train.activation_checkpointing=sometimes"], "train.activation_checkpointing must be one of 'none', 'full', 'moe'; got 'sometimes'"),
-    (["plan.wrld_size=4"], "plan.wrld_size is not a planner setting; allowed: plan.world_size, plan.bytes_per_param"),
-    (["plan.bytes_per_param=3"], "plan.bytes_per_param must be one of 2, 4; got 3"),
+    (["plan.wrld_size=4"], "plan.wrld_size is not a planner setting; allowed: plan.world_size, plan.device_memory_gb"),
+    (["plan.bytes_per_param=2"], "plan.bytes_per_param is not a planner setting"),  # train.dtype says it
     (["plan.world_size=two"], "plan.world_size must be an integer; got 'two'"),
     (["deepspeed.zero_stage=1", "plan.world_size=3"], "each expert is split over its 3 expert-data-parallel ranks"),
     (["moe.num_expert=4"], "Could not override 'moe.num_expert'"),
@@ -134,9 +144,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def measured_activation_peak(cfg: GPTConfig, micro_batch: int, seq_len: int, mode: str) -> int:
+def measured_activation_peak(cfg: GPTConfig, micro_batch: int, seq_len: int, mode: str, train_dtype: str = "fp32") -> int:
     """One forward + backward of the single-process model, with its gradients already allocated
-    (so the peak is the activations' and the backward's working set, not new gradient memory)."""
+    (so the peak is the activations' and the backward's working set, not new gradient memory),
+    under the job's autocast for `train_dtype` (fp32 master weights either way)."""
     torch.manual_seed(0)
     model = GPT(cfg)
     apply_activation_checkpointing(model, mode)
@@ -144,8 +155,11 @@ def measured_activation_peak(cfg: GPTConfig, micro_batch: int, seq_len: int, mod
         p.grad = torch.zeros_like(p)
     idx = torch.randint(0, cfg.model.vocab_size, (micro_batch, seq_len + 1))
 
+    compute_dtype = autocast_dtype(train_dtype, torch.device("cpu"))
+
     def step():
-        logits, stats = model(idx[:, :-1])
+        with torch.autocast("cpu", dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
+            logits, stats = model(idx[:, :-1])
         # micro_batch scope: the same memory as global_batch, without the step's count pre-pass
         router = router_losses(stats, cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef, "micro_batch").total
         loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()) + router
@@ -166,14 +180,17 @@ ACTIVATION_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("train_dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", ACTIVATION_CONFIGS)
-def test_activation_estimate_is_within_25_percent_of_the_profiled_peak(name, one_thread):
+def test_activation_estimate_is_within_25_percent_of_the_profiled_peak(name, train_dtype, one_thread):
     model_cfg, moe_cfg, micro_batch, seq_len = ACTIVATION_CONFIGS[name]
     cfg = GPTConfig(model_cfg, moe_cfg)
+    weight_bytes, activation_bytes = element_bytes(train_dtype)
     phases = set()
     for mode in ("none", "full", "moe"):
-        estimate = activation_peak(cfg, micro_batch, seq_len, ep=1, mode=mode, bytes_per_activation=4)
-        measured = measured_activation_peak(cfg, micro_batch, seq_len, mode)
-        assert estimate.peak == pytest.approx(measured, rel=0.25), (name, mode, estimate, measured)
+        estimate = activation_peak(cfg, micro_batch, seq_len, ep=1, mode=mode, bytes_per_activation=activation_bytes,
+                                   residual_bytes=weight_bytes)
+        measured = measured_activation_peak(cfg, micro_batch, seq_len, mode, train_dtype)
+        assert estimate.peak == pytest.approx(measured, rel=0.25), (name, train_dtype, mode, estimate, measured)
         phases.add(estimate.phase)
     assert len(phases) > 1 or name == "default"  # the backward phases are exercised, not only the cross-entropy

@@ -1,6 +1,7 @@
 """The memory planner's model states equal, byte for byte, what real jobs hold on every rank.
 
-For each layout (1 rank: ZeRO 0-3; 4 ranks: parallel.ep 1, 2, 4 x ZeRO 0-3) a tiny model is built
+For each layout (1 rank: ZeRO 0-3; 4 ranks: parallel.ep 1, 2, 4 x ZeRO 0-3; and train.dtype=bf16 on
+1 rank at ZeRO-2 and on 4 ranks with ep=2 at ZeRO 1 and 3) a tiny model is built
 on the meta device and parallelized exactly as the job does (parallel.parallelize), then trained
 for two steps. parallel/memory.model_state_bytes measures each rank at the two moments the plan
 describes (see its docstring):
@@ -28,7 +29,8 @@ from models.gpt import GPT
 from models.moe.balance import router_losses
 from parallel.dims import init_parallel
 from parallel.memory import count_model_states
-from planner.model_states import Layout, plan_model_states
+from parallel.precision import autocast_dtype
+from planner.model_states import Layout, element_bytes, plan_model_states
 from parallel.parallelize import parallelize
 from tests.ranks import run_ranks
 from train.config import JobConfig
@@ -36,12 +38,15 @@ from train.config import JobConfig
 # d_model 20 splits over 2 and 4 expert-data-parallel ranks (FSDP2 needs even shards); 18 only
 # runs where the experts are not sharded (ep=4 on 4 ranks).
 MODELS = {"even": dict(d_model=20, n_heads=2, tie=True), "uneven": dict(d_model=18, n_heads=3, tie=False)}
-LAYOUTS_4 = [(ep, stage, "even") for ep in (1, 2) for stage in range(4)] + [(4, stage, "uneven") for stage in range(4)]
-LAYOUTS_1 = [(1, stage, "even") for stage in range(4)]
+# (ep, ZeRO stage, model, train.dtype): bf16 gathers the FSDP-sharded experts in bf16 and keeps fp32 masters.
+LAYOUTS_4 = ([(ep, stage, "even", "fp32") for ep in (1, 2) for stage in range(4)]
+             + [(4, stage, "uneven", "fp32") for stage in range(4)] + [(2, stage, "even", "bf16") for stage in (1, 3)])
+LAYOUTS_1 = [(1, stage, "even", "fp32") for stage in range(4)] + [(1, 2, "even", "bf16")]
 
 
-def tiny_job(ep: int, stage: int, d_model: int, n_heads: int, tie: bool) -> JobConfig:
+def tiny_job(ep: int, stage: int, d_model: int, n_heads: int, tie: bool, train_dtype: str = "fp32") -> JobConfig:
     job = JobConfig()
+    job.train.dtype = train_dtype
     m = job.model
     m.vocab_size, m.max_seq_len, m.n_layers, m.ffn_hidden = 5003, 8, 2, 28
     m.d_model, m.n_heads, m.tie_embeddings = d_model, n_heads, tie
@@ -55,7 +60,9 @@ def tiny_job(ep: int, stage: int, d_model: int, n_heads: int, tie: bool) -> JobC
 def forward_backward(trainer, job: JobConfig, seed: int) -> None:
     torch.manual_seed(seed)
     idx = torch.randint(0, job.model.vocab_size, (job.train.micro_batch, job.train.seq_len + 1))
-    logits, stats = trainer.forward(idx[:, :-1])
+    compute_dtype = autocast_dtype(job.train.dtype, torch.device("cpu"))
+    with torch.autocast("cpu", dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
+        logits, stats = trainer.forward(idx[:, :-1])
     # micro_batch scope: the same memory as global_batch, without the step's count pre-pass
     router = router_losses(stats, job.moe.aux_loss_coef, job.moe.z_loss_coef, "micro_batch").total
     loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()) + router
@@ -102,10 +109,11 @@ def reachable_storages(trainer, max_depth: int = 8) -> dict[int, tuple[int, str]
     return found
 
 
-def check_layout(rank: int, world_size: int, ep: int, stage: int, model_name: str) -> None:
-    job = tiny_job(ep, stage, **MODELS[model_name])
+def check_layout(rank: int, world_size: int, ep: int, stage: int, model_name: str, train_dtype: str) -> None:
+    job = tiny_job(ep, stage, **MODELS[model_name], train_dtype=train_dtype)
+    layout = Layout(world_size, ep, stage, *element_bytes(train_dtype))
     with torch.device("meta"):
-        planned = plan_model_states(GPT(job.gpt_config()), Layout(world_size, ep, stage), rank)
+        planned = plan_model_states(GPT(job.gpt_config()), layout, rank)
         model = GPT(job.gpt_config())
     dims = init_parallel(ep, job.moe.num_experts, torch.device("cpu"))
     trainer = parallelize(model, dims, job)
@@ -116,7 +124,7 @@ def check_layout(rank: int, world_size: int, ep: int, stage: int, model_name: st
     trainer.step(1e-3)
     rest, rest_reachable = count_model_states(trainer), reachable_storages(trainer)
 
-    where = f"rank {rank}/{world_size}, ep={ep}, ZeRO-{stage}, {model_name} model"
+    where = f"rank {rank}/{world_size}, ep={ep}, ZeRO-{stage}, {model_name} model, {train_dtype}"
     for part in ("dense", "experts"):
         assert boundary.bytes[part]["gradients"] == planned[part]["gradients"], (where, part, boundary.bytes, planned)
         for kind in ("weights", "optimizer", "buffers"):
@@ -137,8 +145,8 @@ def _worker(process: int, num_processes: int) -> None:
     running side by side)."""
     world_size, rank, layouts = (1, 0, LAYOUTS_1) if process == 4 else (4, process, LAYOUTS_4)
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank))
-    for ep, stage, model_name in layouts:
-        check_layout(rank, world_size, ep, stage, model_name)
+    for ep, stage, model_name, train_dtype in layouts:
+        check_layout(rank, world_size, ep, stage, model_name, train_dtype)
 
 
 def test_planned_model_states_equal_what_each_rank_holds():

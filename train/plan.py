@@ -33,28 +33,25 @@ PLAN_PREFIX = "plan."
 USAGE = """usage: python -m train.plan [job overrides, as for python -m train] [plan.KEY=VALUE ...]
 
 plan.world_size=N            ranks (processes, one per GPU) the job runs on (default 1)
-plan.bytes_per_param=4|2     bytes of each weight and gradient element (default 4: the job keeps fp32 weights)
-plan.bytes_per_activation=4|2  bytes per activation value: 4 for fp32 (CPU), 2 for bf16 autocast (default 4)
 plan.device_memory_gb=X      memory per rank in GiB, 2^30 bytes ("80 GB" GPUs have 80 GiB) (default 80)
+
+bytes per element follow the job's train.dtype: weights, gradients and AdamW state fp32; activations
+and all-to-all tokens 2 bytes under bf16 (and auto, bf16 on a GPU), 4 under fp32
 
 example: python -m train.plan model.n_layers=32 model.d_model=4096 model.n_heads=32 moe.expert_ffn_hidden=14336 \\
            model.vocab_size=32000 model.tie_embeddings=false train.seq_len=4096 train.micro_batch=1 \\
-           parallel.ep=8 deepspeed.zero_stage=1 plan.world_size=64 plan.bytes_per_activation=2 plan.device_memory_gb=80"""
+           parallel.ep=8 deepspeed.zero_stage=1 plan.world_size=64 train.dtype=bf16 plan.device_memory_gb=80"""
 
 
 @dataclass
 class PlanConfig:
     world_size: int = 1
-    bytes_per_param: int = 4
-    bytes_per_activation: int = 4
     device_memory_gb: float = 80.0
 
     def validate(self) -> None:
-        from models.config import require_choice, require_positive_int
+        from models.config import require_positive_int
 
         require_positive_int("plan.world_size", self.world_size)
-        for name in ("bytes_per_param", "bytes_per_activation"):
-            require_choice(f"plan.{name}", getattr(self, name), (2, 4))
         if not self.device_memory_gb > 0:
             raise ValueError(f"plan.device_memory_gb must be a number > 0 (GiB per rank); got {self.device_memory_gb!r}")
 
@@ -130,11 +127,11 @@ def main(argv: list[str]) -> int:
         job.validate()
         check_layout(job, plan)
         from models.gpt import GPT
-        from planner.model_states import Layout, check_even_expert_sharding
+        from planner.model_states import Layout, check_even_expert_sharding, element_bytes
 
         with torch.device("meta"):  # shapes only: nothing is allocated
             model = GPT(job.gpt_config())
-        layout = Layout(plan.world_size, job.parallel.ep, job.deepspeed.zero_stage, plan.bytes_per_param)
+        layout = Layout(plan.world_size, job.parallel.ep, job.deepspeed.zero_stage, *element_bytes(job.train.dtype))
         check_even_expert_sharding(model, layout)
     except ValueError as err:
         print(f"switchyard: error: {err}", file=sys.stderr)
