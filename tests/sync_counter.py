@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import traceback
+import warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -78,9 +79,12 @@ class SyncCounter(TorchDispatchMode):
     def seed(self, host: list[torch.Tensor]) -> None:
         """Every tensor alive now is on the device, but for `host`."""
         keep_on_host = {id(t) for t in host}
-        for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor) and id(obj) not in keep_on_host:
-                self.mark(obj)
+        with warnings.catch_warnings():  # isinstance() on some live objects warns of their deprecation
+            warnings.simplefilter("ignore")
+            tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+        for t in tensors:
+            if id(t) not in keep_on_host:
+                self.mark(t)
 
     def record(self, what: str) -> None:
         if self.paused:

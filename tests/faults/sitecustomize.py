@@ -56,10 +56,7 @@ def _kill_before_publishing() -> None:
 
 def _count_syncs(out_dir: str) -> None:
     import functools
-    import gc
     import json
-
-    import torch
 
     import train.loop as loop
     import train.setup as setup
@@ -82,8 +79,8 @@ def _count_syncs(out_dir: str) -> None:
 
     def counted_train_steps(run, logger):
         # AdamW's step counters stay on the host on a GPU too (torch keeps them there unless capturable).
-        optimizers = [obj for obj in gc.get_objects() if isinstance(obj, torch.optim.Optimizer)]
-        host = [state["step"] for opt in optimizers for state in opt.state.values() if "step" in state]
+        optimizers = [run.trainer.dense.client_optimizer, run.trainer.expert_optimizer]
+        host = [state["step"] for opt in optimizers if opt is not None for state in opt.state.values() if "step" in state]
         counter.seed(host)
         with counter.counting():
             summary = train_steps(run, logger)
