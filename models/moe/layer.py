@@ -75,7 +75,7 @@ class MoELayer(nn.Module):
         routing = self.router(x_TD)  # fp32 logits, whatever the input's dtype
         # Tokens are dispatched, exchanged and combined in the compute dtype: under autocast the
         # RMSNorm before this layer still returns fp32, which would double the all-to-all's bytes.
-        x_TD = x_TD.to(compute_dtype(x_TD, x_TD))
+        x_TD = x_TD.to(compute_dtype(x_TD, x_TD))  # autocast's dtype, else the input's own
         x_ND, counts_local, state = self.dispatcher.dispatch(x_TD, routing.expert_ids_TK)
         y_ND = self.experts(x_ND, counts_local)
         out_TD = self.dispatcher.combine(y_ND, routing.weights_TK, state)
