@@ -139,15 +139,16 @@ def test_broken_directories_are_refused_with_one_line(tmp_path, capsys, how, fil
 
 def test_init_from_checks_the_settings_before_any_process_starts(tmp_path, exported):
     from train.config import JobConfig
+    from train.preflight import preflight
 
     _, out = exported
     job = JobConfig()
     job.model.init_from = f"hf:{out}"
     with pytest.raises(ValueError, match=r"model\.n_layers=2, this run model\.n_layers=4; set model\.n_layers=2"):
-        job.validate()
+        preflight(job)
     job.model.init_from = "hf"
     with pytest.raises(ValueError, match=r"model\.init_from must be null, 'hf:"):
-        job.validate()
+        preflight(job)
     job.model.init_from = f"hf:{tmp_path}"
     with pytest.raises(ValueError, match="not a transformers directory"):
-        job.validate()
+        preflight(job)

@@ -25,6 +25,7 @@ from train.data.tokenizer import Tokenizer
 from train.hf.files import DEFAULT_MAX_SHARD_BYTES, fsync_tree, write_json, write_tokenizer, write_weights
 from train.hf.mapping import choose_model_type, has_selection_bias, hf_config, to_hf_tensors
 from train.checkpoint.run_weights import load_run_weights
+from train.cli import run_tool
 
 
 def export_hf(run_dir: Path | str, out_dir: Path | str, step: int | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
@@ -75,13 +76,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--max-shard-mb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e6, help="largest safetensors file (MB)")
     args = parser.parse_args(argv)
-    try:
+    def export() -> None:
         model_type = export_hf(args.run_dir, args.out_dir, args.step, int(args.max_shard_mb * 1e6))
-    except ValueError as err:
-        print(f"switchyard: error: {err}", file=sys.stderr)
-        return 2
-    print(f"switchyard: exported {args.run_dir} as {model_type} to {Path(args.out_dir).resolve()}")
-    return 0
+        print(f"switchyard: exported {args.run_dir} as {model_type} to {Path(args.out_dir).resolve()}")
+
+    return run_tool(export)
 
 
 if __name__ == "__main__":

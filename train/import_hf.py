@@ -22,6 +22,7 @@ from models.config import GPTConfig
 from train.data.tokenizer import Tokenizer
 from train.hf.files import read_json, read_tokenizer, read_weights
 from train.hf.mapping import from_hf_tensors, gpt_config_from_hf, moe_block_ids
+from train.cli import run_tool
 
 
 @dataclass
@@ -85,13 +86,11 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m train.import_hf HF_DIR   (prints the overrides for python -m train)", file=sys.stderr)
         return 2
-    try:
+    def print_overrides() -> None:
         model, _ = load_hf_weights(argv[0])  # read everything once, so a broken file is found now
-    except ValueError as err:
-        print(f"switchyard: error: {err}", file=sys.stderr)
-        return 2
-    print(" ".join(shlex.quote(o) for o in training_overrides(model)))
-    return 0
+        print(" ".join(shlex.quote(o) for o in training_overrides(model)))
+
+    return run_tool(print_overrides)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from train.cli import run_tool  # noqa: E402
+
 LOAD_KEY = re.compile(r"moe/layer(\d+)/tokens_per_expert")
 
 
@@ -108,13 +110,11 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m train.report RUN_DIR", file=sys.stderr)
         return 2
-    try:
+    def report() -> None:
         for path in write_report(Path(argv[0])):
             print(path)
-    except ValueError as err:
-        print(f"switchyard: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_tool(report)
 
 
 if __name__ == "__main__":
