@@ -15,9 +15,9 @@ from models.gpt import GPT
 from tests.jobs import run_job
 from train.data.tokenizer import Tokenizer
 from train.export_hf import main as export_main
-from train.export_hf import write_hf_model
+from train.hf.exporting import write_hf_model
 from train.hf.files import byte_tokenizer_backend
-from train.import_hf import load_hf_weights
+from train.hf.importing import load_hf_weights
 from train.import_hf import main as import_main
 from train.checkpoint.run_weights import load_run_weights
 

@@ -55,7 +55,7 @@ def source_config(kind: str, path: Path) -> GPTConfig:
     if not path.is_dir():
         raise ValueError(f"{where}: no such directory")
     if _is_hf_dir(path):
-        from train.import_hf import read_hf_config
+        from train.hf.importing import read_hf_config
 
         return read_hf_config(path).cfg
     if kind == "upcycle" and (path / ".hydra" / "config.yaml").is_file():
@@ -69,7 +69,7 @@ def source_config(kind: str, path: Path) -> GPTConfig:
 
 def source_weights(kind: str, path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
     if _is_hf_dir(path):
-        from train.import_hf import load_hf_weights
+        from train.hf.importing import load_hf_weights
 
         model, state_dict = load_hf_weights(path)
         return model.cfg, state_dict, model.tokenizer
@@ -89,7 +89,7 @@ def _first_mismatch(have: dict[str, object], want: dict[str, object]) -> str | N
 
 def check_same_model(source: GPTConfig, target: GPTConfig, where: str) -> None:
     """hf: the run's settings must give the source's function exactly."""
-    from train.import_hf import shape_settings
+    from train.hf.importing import shape_settings
 
     hint = "(python -m train.import_hf HF_DIR prints every setting)"
     have, want = _settings(source, MODEL_KEYS), _settings(target, MODEL_KEYS)
