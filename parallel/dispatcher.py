@@ -72,7 +72,8 @@ class AllToAllDispatcher:
         send_PL, recv_PL = torch.stack([send_counts_PL, recv_counts_PL]).cpu()
         send_splits, recv_splits = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
         plan = plan.keep_first(sum(send_splits))
-        x_MD = all_to_all(x_all_ND[: sum(send_splits)], recv_splits, send_splits, self.group)  # (peer, local expert) order
+        # Received in (peer, local expert) order.
+        x_MD = all_to_all(x_all_ND[: sum(send_splits)], recv_splits, send_splits, self.group)
         regroup_M = peer_major_to_expert_major(recv_PL).to(x_MD.device, non_blocking=True)
         state = AllToAllState(
             plan, x_TD.shape[0],

@@ -35,7 +35,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
     materialize(model, dims.device, job.train.seed)  # 2
     apply_activation_checkpointing(model, job.train.activation_checkpointing)  # 3
     experts = detach_experts(model)  # 4
-    experts_sharded = shard_experts(experts, dims, job.deepspeed.zero_stage, autocast_dtype(job.train.dtype, dims.device))
+    compute_dtype = autocast_dtype(job.train.dtype, dims.device)
+    experts_sharded = shard_experts(experts, dims, job.deepspeed.zero_stage, compute_dtype)
 
     dense_optimizer = adamw(model.parameters(), job.optim)  # 5
     expert_params = [p for module in experts.values() for p in module.parameters()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+
 def autocast_dtype(train_dtype: str, device: torch.device) -> torch.dtype | None:
     """The compute dtype of `train.dtype` on `device`; None = plain fp32. CPUs run bf16 matmuls
     slower than fp32, so `auto` keeps them in fp32."""

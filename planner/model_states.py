@@ -292,7 +292,8 @@ def plan_transients(model: nn.Module, layout: Layout, settings: DeepSpeedSetting
 
 
 def all_to_all_bytes_per_step(num_moe_layers: int, tokens_per_micro_batch: int, top_k: int, d_model: int,
-                              layout: Layout, grad_accum: int, recompute: bool, bytes_per_element: int) -> dict[str, int]:
+                              layout: Layout, grad_accum: int, recompute: bool,
+                              bytes_per_element: int) -> dict[str, int]:
     """Bytes this rank sends per optimizer step, dropless, under uniform routing: of its k·T token
     copies per MoE layer, (ep−1)/ep go to other ranks, and as many results come back from it
     (parallel/dispatcher.py). The tokens travel in the compute dtype (`bytes_per_element`: 2 under

@@ -89,8 +89,9 @@ class SyncCounter(TorchDispatchMode):
     def record(self, what: str) -> None:
         if self.paused:
             return
-        frames = [f for f in traceback.extract_stack()[:-2] if "/tests/" not in f.filename and "site-packages/torch/" not in f.filename]
-        where = " <- ".join(f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in frames[::-1][:4])
+        frames = [f for f in traceback.extract_stack()[:-2]
+                  if "/tests/" not in f.filename and "site-packages/torch/" not in f.filename]
+        where = " <- ".join(f"{'/'.join(f.filename.rsplit('/', 2)[-2:])}:{f.lineno}" for f in frames[::-1][:4])
         self.events.append((what, where))
 
     @contextlib.contextmanager

@@ -108,7 +108,8 @@ def test_non_finite_step_with_accumulation_discards_its_gradients(tmp_path, data
     # (non-finite here) are already accumulated and must be discarded, under EP and ZeRO.
     common = [*TINY, "train.steps=4", "train.eval_interval=4", "train.ckpt_interval=100", "train.grad_accum=2",
               "parallel.ep=2", f"deepspeed.zero_stage={stage}", "logging.sample_tokens=0"]
-    done = run_job(tmp_path, data_cache, *common, "run_name=accum", nproc=4, extra_env=fault_env(SWITCHYARD_TEST_NAN_STEPS="2"))
+    done = run_job(tmp_path, data_cache, *common, "run_name=accum", nproc=4,
+                   extra_env=fault_env(SWITCHYARD_TEST_NAN_STEPS="2"))
     assert done.returncode == 0, done.stderr[-3000:]
     records = read_metrics(tmp_path, "accum")
     losses = train_losses(records)

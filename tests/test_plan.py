@@ -93,7 +93,8 @@ def test_mixtral_shaped_on_64_ranks_by_hand():
     assert fp32.states == r.states  # fp32 master weights, gradients and AdamW state either way
     assert fp32.activations["none"].saved > r.activations["none"].saved
     gathered = {t.what: t.bytes for t in r.transients}["experts all-gathered by FSDP2"]  # in bf16 (FSDP2's param_dtype)
-    assert 2 * gathered == {t.what: t.bytes for t in fp32.transients}["experts all-gathered by FSDP2"] == 4 * L * 3 * D * F_
+    fp32_gathered = {t.what: t.bytes for t in fp32.transients}["experts all-gathered by FSDP2"]
+    assert 2 * gathered == fp32_gathered == 4 * L * 3 * D * F_
 
 
 def test_mixtral_command_prints_the_table_and_a_verdict(tmp_path):
@@ -144,7 +145,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def measured_activation_peak(cfg: GPTConfig, micro_batch: int, seq_len: int, mode: str, train_dtype: str = "fp32") -> int:
+def measured_activation_peak(cfg: GPTConfig, micro_batch: int, seq_len: int, mode: str,
+                             train_dtype: str = "fp32") -> int:
     """One forward + backward of the single-process model, with its gradients already allocated
     (so the peak is the activations' and the backward's working set, not new gradient memory),
     under the job's autocast for `train_dtype` (fp32 master weights either way)."""

@@ -48,7 +48,8 @@ def test_training_step_syncs_within_the_budget(tmp_path, data_cache, nproc, n_la
                  f"parallel.ep={nproc}", "moe.aux_loss_scope=micro_batch"]
     if capacity_factor is not None:
         overrides.append(f"moe.capacity_factor={capacity_factor}")
-    done = run_job(tmp_path, data_cache, *overrides, nproc=nproc, extra_env=fault_env(SWITCHYARD_TEST_COUNT_SYNCS=str(out)))
+    done = run_job(tmp_path, data_cache, *overrides, nproc=nproc,
+                   extra_env=fault_env(SWITCHYARD_TEST_COUNT_SYNCS=str(out)))
     assert done.returncode == 0, done.stderr[-3000:]
     per_step = grad_accum * n_layers * per_layer_forward(nproc, capacity_factor) + FIXED_PER_STEP[nproc]
     for rank in range(nproc):
@@ -94,7 +95,8 @@ def test_counter_sees_what_would_sync_a_gpu():
 @pytest.mark.parametrize("capacity_factor,want", [(None, 0), (1.0, 1)])
 def test_moe_layer_forward_and_backward_sync_at_most_once(capacity_factor, want):
     torch.manual_seed(0)
-    layer = MoELayer(16, "swiglu", MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden=32, capacity_factor=capacity_factor))
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden=32, capacity_factor=capacity_factor)
+    layer = MoELayer(16, "swiglu", cfg)
     layer.reset_parameters(0.2, 2)
     x = torch.randn(2, 8, 16, requires_grad=True)
     counter = SyncCounter()

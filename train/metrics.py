@@ -35,7 +35,8 @@ class MoEWindow:
         self.sums_L4 += torch.stack([losses.aux_L.double(), losses.z_L.double(),
                                      torch.stack([s.router_entropy for s in stats]).double(),
                                      torch.stack([s.num_dropped for s in stats]).double()], dim=1).to(self.sums_L4)
-        self.host_sums_L2 += torch.tensor([[s.bytes_sent, s.all_to_all_seconds] for s in stats], dtype=torch.float64, device="cpu")
+        host_L2 = [[s.bytes_sent, s.all_to_all_seconds] for s in stats]
+        self.host_sums_L2 += torch.tensor(host_L2, dtype=torch.float64, device="cpu")
 
     def summarize(self, dims: ParallelDims, elapsed_seconds: float) -> dict:
         """Global figures (identical on every rank): counts summed over ranks, losses averaged."""

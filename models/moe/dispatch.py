@@ -24,7 +24,8 @@ class RoutingPlan:
     device without a host sync: how many copies are kept is learnt from the counts a dispatcher
     copies to the host anyway (`keep_first`)."""
 
-    order_N: torch.Tensor  # indices into the flattened [T·K] assignments: kept copies sorted by expert (stable), then dropped ones
+    # Indices into the flattened [T·K] assignments: kept copies sorted by expert (stable), then dropped ones.
+    order_N: torch.Tensor
     kept_per_expert_E: torch.Tensor  # copies each expert will compute after capacity drops
     routed_per_expert_E: torch.Tensor  # copies the router asked each expert for (the load)
     num_dropped: torch.Tensor  # scalar int64: copies dropped by capacity (0 when dropless)

@@ -82,8 +82,8 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         # Explicit sizes, not -1: a batch of 0 tokens has no size to infer.
-        selected_BE, prob_mean_BE = routing_summary(routing.probs_TE.view(B, S, self.router.num_experts),
-                                                    routing.expert_ids_TK.view(B, S, self.top_k), self.router.num_experts)
+        E, K = self.router.num_experts, self.top_k
+        selected_BE, prob_mean_BE = routing_summary(routing.probs_TE.view(B, S, E), routing.expert_ids_TK.view(B, S, K), E)
         stats = MoEStats(
             tokens_per_expert=state.plan.routed_per_expert_E.detach(),
             selected_BE=selected_BE,
