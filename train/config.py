@@ -188,7 +188,7 @@ class JobConfig:
         require_choice("logging.wandb.mode", self.logging.wandb.mode, WANDB_MODES)
         self.logging.validate()
         if self.moe.backend == "megablocks":
-            _check_megablocks_available()
+            _check_megablocks_available(self.train.device, self.train.dtype)
         self.check_writable_places()
 
     def check_writable_places(self) -> None:
@@ -230,17 +230,22 @@ def require_writable_dir(name: str, path: str, remedy: str) -> None:
         raise ValueError(f"{name}: cannot write to {target}: {problem} ({remedy} to a writable place)")
 
 
-def _check_megablocks_available() -> None:
-    import importlib.util
+def _check_megablocks_available(device: str, dtype: str) -> None:
+    """MegaBlocks' grouped GEMM runs on CUDA, in bf16, with the megablocks and grouped_gemm packages."""
+    from models.moe.megablocks_experts import megablocks_unavailable_reason
 
-    import torch
-
-    if not torch.cuda.is_available() or importlib.util.find_spec("megablocks") is None:
+    reason = megablocks_unavailable_reason()
+    if reason is not None:
         raise ValueError(
-            "moe.backend=megablocks needs CUDA and the megablocks package (make setup-gpu); "
-            "this machine lacks one of them: use moe.backend=torch"
+            f"moe.backend=megablocks needs CUDA and the megablocks package (make setup-gpu); {reason}: "
+            "use moe.backend=torch"
         )
-    raise ValueError("moe.backend=megablocks is not implemented in this version yet: use moe.backend=torch")
+    if device == "cpu":
+        raise ValueError("moe.backend=megablocks runs on CUDA only; got train.device='cpu': "
+                         "use train.device=cuda (or auto), or moe.backend=torch")
+    if dtype == "fp32":
+        raise ValueError("moe.backend=megablocks runs bf16 only (grouped_gemm's kernels); got train.dtype='fp32': "
+                         "use train.dtype=bf16 (or auto), or moe.backend=torch")
 
 
 def refuse_unknown_keys(cfg, schema: type | None = None, prefix: str = "") -> None:
