@@ -37,13 +37,13 @@ def megablocks_unavailable_reason() -> str | None:
 def run_experts_megablocks(x_ND, counts_E, w1_EDF, w2_EFD, w3_EDF=None) -> torch.Tensor:
     """The expert MLP as MegaBlocks computes it: gmm(x, w1) -> activation (x gmm(x, w3)) -> gmm(., w2).
     Inputs: CUDA bf16, rows grouped by expert with `counts_E` rows each (any device)."""
-    from megablocks import grouped_gemm_util as gg  # lazy: a CUDA-only package
-
-    gg.assert_grouped_gemm_is_available()
     tensors = [t for t in (x_ND, w1_EDF, w2_EFD, w3_EDF) if t is not None]
     if any(t.dtype != MEGABLOCKS_DTYPE or not t.is_cuda for t in tensors):
         raise ValueError(f"moe.backend=megablocks runs CUDA bf16 tensors only (train.dtype=bf16); got "
                          f"{sorted({f'{t.device.type} {t.dtype}' for t in tensors})}")
+    from megablocks import grouped_gemm_util as gg  # lazy: a CUDA-only package
+
+    gg.assert_grouped_gemm_is_available()
     batch_sizes_E = counts_E.to(device="cpu", dtype=torch.int64)  # gmm reads the group sizes on the host
     x_ND = x_ND.contiguous()  # gmm takes contiguous operands only
     h_NF = gg.ops.gmm(x_ND, w1_EDF.contiguous(), batch_sizes_E)
