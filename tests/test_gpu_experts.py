@@ -87,6 +87,20 @@ def test_grouped_mm_bf16_matches_loop_on_cuda(activation, counts):
     compare_with_oracle(run_experts_grouped, activation, counts)
 
 
+def test_grouped_mm_path_in_fp32_on_cuda_matches_loop():
+    """train.dtype=fp32 on a GPU: GroupedExperts lets fp32 through to grouped_mm (torch 2.11 documents
+    bf16 only), so the fp32 path must run and agree with the loop (tf32 may be on: 1e-3)."""
+    need_cuda()
+    torch.manual_seed(0)
+    experts = GroupedExperts(8, d_model=256, ffn_hidden=512, activation="swiglu", backend="torch").cuda()
+    experts.reset_parameters(0.05, 2, seed=1)
+    counts_E = torch.tensor(COUNTS[0], device="cuda")
+    x = torch.randn(int(counts_E.sum()), 256, device="cuda")
+    y = experts(x, counts_E)
+    weights = [w.detach().double() for w in (experts.w1_EDF, experts.w2_EFD, experts.w3_EDF)]
+    assert rel_err(y.detach(), run_experts_loop(x.double(), counts_E, *weights)) < 1e-3
+
+
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("counts", COUNTS)
 def test_megablocks_matches_loop(activation, counts):
