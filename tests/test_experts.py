@@ -96,24 +96,28 @@ def test_a_shard_built_on_meta_initialises_the_same_experts_as_the_whole_layer()
 
 
 def test_megablocks_backend_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
-    """moe.backend=megablocks: one line naming the setting and why, on this CUDA-less machine; and,
-    where MegaBlocks could run, for train.device=cpu and train.dtype=fp32 (its kernels are bf16)."""
+    """moe.backend=megablocks: one line naming the setting and why. The settings (train.device=cpu,
+    train.dtype=fp32: its kernels are CUDA bf16) in the pure validation; the machine (CUDA, the
+    packages) in the pre-flight, here on this CUDA-less machine and with the packages faked present."""
     import models.moe.megablocks_experts as megablocks_experts
     from tests.jobs import TINY
-    from train.check import compose_job
+    from train.cli import compose_job
+    from train.preflight import check_megablocks_available
 
     def job(*overrides):
         return compose_job([*TINY, "moe.backend=megablocks", f"hydra.run.dir={tmp_path}", *overrides])
 
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"^moe.backend=megablocks needs CUDA and the megablocks package .*"
-                                             r"this machine has no CUDA device: use moe.backend=torch$"):
-            job().validate()
-    monkeypatch.setattr(megablocks_experts, "megablocks_unavailable_reason", lambda: None)
     with pytest.raises(ValueError, match=r"^moe.backend=megablocks runs on CUDA only; got train.device='cpu'"):
         job("train.device=cpu").validate()
     with pytest.raises(ValueError, match=r"^moe.backend=megablocks runs bf16 only .* got train.dtype='fp32'"):
         job("train.device=cuda", "train.dtype=fp32").validate()
+    job("train.device=cuda", "train.dtype=bf16").validate()  # the settings alone are fine
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^moe.backend=megablocks needs CUDA and the megablocks package .*"
+                                             r"this machine has no CUDA device: use moe.backend=torch$"):
+            check_megablocks_available()
+    monkeypatch.setattr(megablocks_experts, "megablocks_unavailable_reason", lambda: None)
+    check_megablocks_available()
 
 
 def test_megablocks_kernels_take_cuda_bf16_only():

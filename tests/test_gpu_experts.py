@@ -60,8 +60,8 @@ def compare_with_oracle(fn, activation: str, counts: list[int], D: int = 256, F:
 
     bf16 = [w.bfloat16() if w is not None else None for w in weights]
     y, gx, gw = fwd_bwd(fn, x_ND.bfloat16(), counts_E, bf16, grad_ND)
-    y_ref, gx_ref, gw_ref = fwd_bwd(run_experts_loop, x_ND.bfloat16().double(), counts_E,
-                                    [w.bfloat16().double() if w is not None else None for w in weights], grad_ND.double())
+    f64 = [w.bfloat16().double() if w is not None else None for w in weights]  # the same bf16 values, in fp64
+    y_ref, gx_ref, gw_ref = fwd_bwd(run_experts_loop, x_ND.bfloat16().double(), counts_E, f64, grad_ND.double())
     assert y.dtype == torch.bfloat16 and y.shape == y_ref.shape
     if sum(counts) == 0:
         assert y.numel() == 0 and gx.numel() == 0
@@ -83,7 +83,8 @@ def compare_with_oracle(fn, activation: str, counts: list[int], D: int = 256, F:
 @pytest.mark.parametrize("counts", COUNTS)
 def test_grouped_mm_bf16_matches_loop_on_cuda(activation, counts):
     need_cuda()
-    assert grouped_mm_supported(torch.empty(1, 256, dtype=torch.bfloat16), torch.empty(1, 256, 512, dtype=torch.bfloat16))
+    bf16 = torch.bfloat16
+    assert grouped_mm_supported(torch.empty(1, 256, dtype=bf16), torch.empty(1, 256, 512, dtype=bf16))
     compare_with_oracle(run_experts_grouped, activation, counts)
 
 

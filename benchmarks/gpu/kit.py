@@ -71,7 +71,8 @@ def peak(args) -> None:
     a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))  # random data, never zeros
     times = time_ms(lambda: a @ b, warmup=3, iters=10 if CUDA else 3)
     tflops = 2 * n**3 / (statistics.median(times) / 1000) / 1e12
-    write(args.out, "peak", {"matmul": f"{n}x{n}x{n} bf16", "median_ms": statistics.median(times), "bf16_tflops": tflops})
+    write(args.out, "peak", {"matmul": f"{n}x{n}x{n} bf16", "median_ms": statistics.median(times),
+                             "bf16_tflops": tflops})
 
 
 def measured_peak(out: Path) -> float | None:
@@ -88,17 +89,18 @@ def sync_count(args) -> None:
     """Steps of the job as `python -m train` builds it; on CUDA each step runs under
     torch.cuda.set_sync_debug_mode('warn'), which warns once per synchronising call, and the
     warnings are counted with where they came from."""
+    from train.cli import compose_job
     from train.data import BatchSampler
     from train.loop import run_step
     from train.metrics import MoEWindow
-    from train.plan import compose_job
     from train.setup import setup
 
     job = compose_job([f"run_name={args.name}", *args.overrides])
     job.run_dir = str(args.out / "runs" / args.name)
     run = setup(job)
     t = job.train
-    sampler = BatchSampler(run.data.train, t.seq_len, t.micro_batch, run.dims.world_size, run.dims.rank, t.grad_accum, t.seed)
+    sampler = BatchSampler(run.data.train, t.seq_len, t.micro_batch, run.dims.world_size, run.dims.rank,
+                           t.grad_accum, t.seed)
     window = MoEWindow(len(run.model.moe_layers()), job.moe.num_experts)
     run_step(run, sampler, 0, window)  # warm-up: allocator, cuBLAS handles, DeepSpeed's first step
     per_step, where = [], Counter()
@@ -173,6 +175,17 @@ def step_dmoe(layer_and_args, x_SBD, g_SBD) -> None:
     clear_load_balancing_loss()  # MegaBlocks keeps the layer's balance loss in a module-level list
 
 
+def case_step(backend: str, D: int, F: int, E: int, K: int, x_BSD, g_BSD):
+    """One forward + backward of a freshly built layer, as a callable (the layer lives in its closure)."""
+    if backend == "dmoe":
+        layer = build_dmoe(D, F, E, K)
+        x_SBD = x_BSD.transpose(0, 1).bfloat16().requires_grad_()  # MegaBlocks takes [S, B, D]
+        return lambda: step_dmoe(layer, x_SBD, g_BSD.transpose(0, 1))
+    layer = build_switchyard(D, F, E, K, backend)
+    x_BSD = x_BSD.clone().requires_grad_()
+    return lambda: step_switchyard(layer, x_BSD, g_BSD)
+
+
 def moe_layer(args) -> None:
     D, T, F = (2048, 16384, args.ffn_hidden) if CUDA else (64, 256, 64)
     iters, warmup = (args.iters, 3) if CUDA else (2, 1)
@@ -187,21 +200,11 @@ def moe_layer(args) -> None:
             expert_flop = 3 * 2 * T * K * D * F * 3
             for backend in args.backends:
                 torch.manual_seed(0)
-                if backend == "dmoe":
-                    layer = build_dmoe(D, F, E, K)
-                    xb, gb = x.transpose(0, 1).bfloat16().requires_grad_(), g.transpose(0, 1)  # [S, B, D]
-                    fn = lambda: step_dmoe(layer, xb, gb)  # noqa: E731
-                else:
-                    layer = build_switchyard(D, F, E, K, backend)
-                    xr = x.clone().requires_grad_()
-                    fn = lambda: step_switchyard(layer, xr, g)  # noqa: E731
                 try:
-                    times = time_ms(fn, warmup, iters)
+                    times = time_ms(case_step(backend, D, F, E, K, x, g), warmup, iters)
                 except Exception as err:  # noqa: BLE001 - one failing case is a finding, not the end of the table
                     rows.append({"E": E, "K": K, "backend": backend, "error": f"{type(err).__name__}: {err}"[:300]})
                     continue
-                finally:
-                    del layer
                 ms = statistics.median(times)
                 tflops = expert_flop / (ms / 1000) / 1e12
                 rows.append({"E": E, "K": K, "backend": backend, "median_ms": ms, "times_ms": times,
@@ -220,7 +223,8 @@ def moe_layer(args) -> None:
 
 def summary(args) -> None:
     out = args.out
-    lines = [f"# GPU kit results ({'CPU rehearsal: no speed figures' if not CUDA else torch.cuda.get_device_name()})", ""]
+    machine = torch.cuda.get_device_name() if CUDA else "CPU rehearsal: no speed figures"
+    lines = [f"# GPU kit results ({machine})", ""]
     status = out / "status.tsv"
     if status.exists():
         lines += ["| step | status | seconds |", "|---|---|---|"]
@@ -231,7 +235,8 @@ def summary(args) -> None:
     for name in ("sync_count", "sync_count_accum2"):
         if (out / f"{name}.json").exists():
             r = json.loads((out / f"{name}.json").read_text())
-            lines.append(f"{name}: {r['moe_layers']} MoE layers, grad_accum {r['grad_accum']}: syncs per step {r['syncs_per_step']}\n")
+            lines.append(f"{name}: {r['moe_layers']} MoE layers, grad_accum {r['grad_accum']}: "
+                         f"syncs per step {r['syncs_per_step']}\n")
     for path in sorted(out.glob("moe_layer*.json")):
         r = json.loads(path.read_text())
         lines += [f"## {path.stem}: T={r['tokens']} D={r['d_model']} F={r['ffn_hidden']}", "",
@@ -252,9 +257,10 @@ def summary(args) -> None:
         if perf:
             tps = perf[-1]["perf/tokens_per_s"]
             mfu = perf[-1].get("perf/mfu")
-            lines.append(f"run {metrics.parent.name}: last window {tps:,.0f} tokens/s, MFU "
-                         f"{f'{mfu:.3f}' if mfu is not None else '-'} (over {round(peak_tflops) if peak_tflops else '-'} TFLOP/s measured), "
-                         f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+            mfu_text = f"{mfu:.3f}" if mfu is not None else "-"
+            peak_text = round(peak_tflops) if peak_tflops else "-"
+            lines.append(f"run {metrics.parent.name}: last window {tps:,.0f} tokens/s, MFU {mfu_text} "
+                         f"(over {peak_text} TFLOP/s measured), loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     print(text)

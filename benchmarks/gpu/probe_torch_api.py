@@ -140,7 +140,8 @@ def _process_group():
 def _collectives():
     import torch.distributed as dist
 
-    has_params(dist.all_to_all_single, "output", "input", "output_split_sizes", "input_split_sizes", "group", "async_op")
+    has_params(dist.all_to_all_single, "output", "input", "output_split_sizes", "input_split_sizes", "group",
+               "async_op")
     has_params(dist.all_reduce, "tensor", "op", "group", "async_op")
     has_attrs(dist, "barrier", "all_gather_object", "ReduceOp", "Work", "ProcessGroup")
 
@@ -274,7 +275,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     version_ok = torch_version() >= MIN_TORCH
-    print(f"{'ok' if version_ok else 'OLD':7} torch {torch.__version__} (Switchyard needs >= {'.'.join(map(str, MIN_TORCH))}); "
+    needed = ".".join(map(str, MIN_TORCH))
+    print(f"{'ok' if version_ok else 'OLD':7} torch {torch.__version__} (Switchyard needs >= {needed}); "
           f"cuda {torch.version.cuda}, cuda available: {torch.cuda.is_available()}")
     results = run_checks()
     for r in results:
@@ -285,7 +287,8 @@ def main(argv=None) -> int:
     missing = [r for r in results if not r["ok"]]
     print(f"{len(results) - len(missing)} of {len(results)} torch APIs present")
     if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "version_ok": version_ok, "checks": results}, indent=2))
+        record = {"torch": torch.__version__, "version_ok": version_ok, "checks": results}
+        args.json.write_text(json.dumps(record, indent=2))
     return 0 if version_ok and not missing else 1
 
 
