@@ -111,7 +111,9 @@ for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*/*.whl")):
     except md.PackageNotFoundError:
         print(f"carried: {wheel.name}")
 PY
-    "$PYTHON" -m pip install --quiet --no-deps --no-index --target "$SITE" "$WHEELS"/wheels/*.whl "$WHEELS"/built/*.whl
+    # --upgrade: a warm machine may hold an earlier install in $SITE, which --target would otherwise keep
+    "$PYTHON" -m pip install --quiet --no-deps --no-index --upgrade --target "$SITE" "$WHEELS"/wheels/*.whl \
+        "$WHEELS"/built/*.whl
     cp "$WHEELS"/corpus/*.whl "$SWITCHYARD_CACHE/wheels/"  # the classics corpus reads them as zips
 }
 export -f install_carried
