@@ -101,7 +101,7 @@ def sync_count(args) -> None:
     t = job.train
     sampler = BatchSampler(run.data.train, t.seq_len, t.micro_batch, run.dims.world_size, run.dims.rank,
                            t.grad_accum, t.seed)
-    window = MoEWindow(len(run.model.moe_layers()), job.moe.num_experts)
+    window = MoEWindow(len(run.model.moe_layers()), job.moe.num_experts, run.device)  # sums stay on the device
     run_step(run, sampler, 0, window)  # warm-up: allocator, cuBLAS handles, DeepSpeed's first step
     per_step, where = [], Counter()
     for step in range(1, 1 + args.steps):
