@@ -89,7 +89,13 @@ def sweep_figures(summary: dict) -> dict:
 
 
 def cli() -> None:
-    """Hydra's main, with Hydra's own errors (composition, run directory) as one line too."""
+    """Hydra's main, with Hydra's own errors (composition, run directory) as one line too. `--help`
+    is Switchyard's (every setting with its meaning, default and allowed values), not Hydra's."""
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        from train.help import job_help
+
+        print(job_help(), end="")
+        return
     # Hydra then raises its errors instead of printing a multi-line report and exiting with 1.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:

@@ -11,7 +11,6 @@ sibling directory that is renamed to OUT_DIR at the end: after a failure OUT_DIR
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -25,6 +24,7 @@ from train.data.tokenizer import Tokenizer
 from train.hf.files import DEFAULT_MAX_SHARD_BYTES, fsync_tree, write_json, write_tokenizer, write_weights
 from train.hf.mapping import choose_model_type, has_selection_bias, hf_config, to_hf_tensors
 from train.checkpoint.run_weights import load_run_weights
+from train.help import tool_parser
 
 
 def export_hf(run_dir: Path | str, out_dir: Path | str, step: int | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
@@ -69,9 +69,9 @@ def _check_out_dir(out_dir: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.export_hf", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", metavar="RUN_DIR")
-    parser.add_argument("out_dir", metavar="OUT_DIR")
+    parser = tool_parser("python -m train.export_hf", __doc__)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a checkpoint (outputs/<run_name>)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="the directory to create (must not exist, or be empty)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--max-shard-mb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e6, help="largest safetensors file (MB)")
     args = parser.parse_args(argv)

@@ -82,11 +82,14 @@ def training_overrides(model: HFModel) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m train.import_hf HF_DIR   (prints the overrides for python -m train)", file=sys.stderr)
-        return 2
+    from train.help import tool_parser
+
+    parser = tool_parser("python -m train.import_hf", __doc__)
+    parser.add_argument("hf_dir", metavar="HF_DIR", help="a transformers model directory (config.json, safetensors, "
+                        "tokenizer.json); the overrides for python -m train are printed")
+    args = parser.parse_args(argv)
     try:
-        model, _ = load_hf_weights(argv[0])  # read everything once, so a broken file is found now
+        model, _ = load_hf_weights(args.hf_dir)  # read everything once, so a broken file is found now
     except ValueError as err:
         print(f"switchyard: error: {err}", file=sys.stderr)
         return 2

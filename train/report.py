@@ -105,11 +105,14 @@ def write_report(run_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m train.report RUN_DIR", file=sys.stderr)
-        return 2
+    from train.help import tool_parser
+
+    parser = tool_parser("python -m train.report", __doc__)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a metrics.jsonl (outputs/<run_name>); "
+                        "the plots go to RUN_DIR/plots/")
+    args = parser.parse_args(argv)
     try:
-        for path in write_report(Path(argv[0])):
+        for path in write_report(Path(args.run_dir)):
             print(path)
     except ValueError as err:
         print(f"switchyard: error: {err}", file=sys.stderr)
