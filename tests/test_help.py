@@ -137,6 +137,8 @@ def test_each_tool_explains_itself(tool, capsys):
             assert f"  {s.key}={s.default}  (" in out
     if tool == "plan":
         assert "plan.device_memory_gb=80.0  (float; number > 0)" in out
+    if tool == "generate":  # defaults are shown, also falsy ones
+        assert " ".join(out.split()).count("(default: ") == 5 and "text (default: 0)" in " ".join(out.split())
     # every option of an argparse tool has a meaning
     blank = [line for line in out.splitlines() if line.startswith("  -") and len(line.split()) == 1]
     assert not blank, blank

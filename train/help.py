@@ -412,16 +412,18 @@ class ToolHelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text \
-                and "default" not in text:
+        no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not no_default and "default" not in text:
             text += " (default: %(default)s)"
         return text
 
 
 def tool_parser(prog: str, doc: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser of a user tool: its docstring's first paragraph, every option's default."""
-    return argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=epilog,
-                                   formatter_class=ToolHelpFormatter)
+    """The argument parser of a user tool: its docstring's first paragraph (and the example after it,
+    when the paragraph ends with a colon), every option's default."""
+    paragraphs = doc.strip().split("\n\n")
+    description = "\n\n".join(paragraphs[:2] if paragraphs[0].endswith(":") and len(paragraphs) > 1 else paragraphs[:1])
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=ToolHelpFormatter)
 
 
 def job_settings_epilog() -> str:
