@@ -103,8 +103,9 @@ def test_a_value_outside_the_listed_choices_is_refused(setting, tmp_path):
 def test_readme_table_is_the_generated_one():
     table = schema_help.readme_table((ROOT / "README.md").read_text())
     assert table is not None, "README.md lost the settings table's markers"
-    assert table == schema_help.render_markdown(), \
+    assert table == schema_help.render_markdown(), (
         "README.md's settings table is out of date: run `python -m train.help --write-readme`"
+    )
 
 
 def test_write_readme_replaces_only_the_table(tmp_path):
@@ -146,8 +147,9 @@ def test_each_tool_explains_itself(tool, capsys):
 
 def test_python_m_train_help_is_switchyards_not_hydras():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "train", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert "powered by Hydra" not in done.stdout and done.stderr == ""
     assert done.stdout == schema_help.job_help()

@@ -19,8 +19,13 @@ from tests.jobs import TINY, job_env, run_job
 from train.logging import progress_line
 
 QUIET_RUN = [o for o in TINY if o not in ("logging.progress_bar=false", "train.log_interval=1")] + [
-    "logging.progress_bar=true", "train.log_interval=2", "train.steps=6", "train.eval_interval=6", "train.ckpt_interval=6",
-    "logging.sample_tokens=0", "run_name=quiet",
+    "logging.progress_bar=true",
+    "train.log_interval=2",
+    "train.steps=6",
+    "train.eval_interval=6",
+    "train.ckpt_interval=6",
+    "logging.sample_tokens=0",
+    "run_name=quiet",
 ]
 
 
@@ -36,8 +41,13 @@ def _modes(root):
 
 def test_a_run_into_a_log_file_is_plain_and_its_files_follow_the_umask(tmp_path, data_cache):
     done = subprocess.run(
-        [sys.executable, "-m", "train", *QUIET_RUN], cwd=tmp_path, env=job_env(data_cache),
-        capture_output=True, text=True, timeout=600, preexec_fn=lambda: os.umask(0o002),
+        [sys.executable, "-m", "train", *QUIET_RUN],
+        cwd=tmp_path,
+        env=job_env(data_cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: os.umask(0o002),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
@@ -45,7 +55,11 @@ def test_a_run_into_a_log_file_is_plain_and_its_files_follow_the_umask(tmp_path,
     assert "Setting accelerator to CPU" not in output
     assert "got no token" not in output  # 6 steps are inside the default 30-step warm-up
     progress = [line for line in done.stdout.splitlines() if line.startswith("train: step ")]
-    assert [line.split(",")[0] for line in progress] == ["train: step 2/6 (33%)", "train: step 4/6 (66%)", "train: step 6/6 (100%)"]
+    assert [line.split(",")[0] for line in progress] == [
+        "train: step 2/6 (33%)",
+        "train: step 4/6 (66%)",
+        "train: step 6/6 (100%)",
+    ]
     assert "loss=" in progress[0] and "eta" in progress[0]
     assert done.stderr.strip() == "", done.stderr[-3000:]  # nothing on stderr when all is well
 
@@ -91,7 +105,8 @@ def test_a_bad_jsonl_gets_switchyards_line_only(tmp_path, data_cache):
     rows.write_text("".join(f'{{"text": "row {i}"}}\n' for i in range(6)) + '{"text": \n')
     done = run_job(tmp_path, data_cache, *TINY, "data=files", f"data.paths=[{rows}]", timeout=300)
     assert done.returncode == 2
-    line = f"switchyard: error: data.paths: {rows}: line 7: not JSON (Expecting value at column 10); expected one JSON object per line"
+    line = (f"switchyard: error: data.paths: {rows}: line 7: not JSON (Expecting value at column 10); "
+            "expected one JSON object per line")
     assert done.stderr.strip() == line
     assert "ERROR" not in done.stdout and "row 6" not in done.stdout and "\r" not in done.stdout
 
@@ -104,13 +119,20 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path, data_cache):
         port = s.getsockname()[1]
     env = {k: v for k, v in job_env(data_cache).items() if "proxy" not in k.lower() and not k.endswith("_OFFLINE")}
     env["HF_ENDPOINT"] = f"http://127.0.0.1:{port}"
-    done = subprocess.run([sys.executable, "-m", "train", *TINY, "data.corpus=hub", "data.hub_name=someone/stories"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "train", *TINY, "data.corpus=hub", "data.hub_name=someone/stories"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert done.stderr.strip() == (
         f"switchyard: error: data.hub_name='someone/stories': cannot reach the Hugging Face Hub at 127.0.0.1:{port} "
-        "(Connection refused); it needs network access (or use data.corpus=files, or set HF_HUB_OFFLINE=1 to use a copy "
-        "already downloaded)")
+        "(Connection refused); it needs network access (or use data.corpus=files, or set HF_HUB_OFFLINE=1 to use a "
+        "copy already downloaded)"
+    )
     assert "Retrying" not in done.stdout
 
 
@@ -134,6 +156,7 @@ def test_sacct_failures_are_said_once():
         logger.warning(f"Call #{call} - Bypassing sacct error boom, status may be inaccurate.")
     logger.warning("something else")
     assert [r.getMessage() for r in records] == [
-        "Call #1 - Bypassing sacct error boom, status may be inaccurate. (said once; submitit still collects every job's result)",
+        "Call #1 - Bypassing sacct error boom, status may be inaccurate. "
+        "(said once; submitit still collects every job's result)",
         "something else",
     ]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
 import re
 import shlex
 import subprocess
@@ -35,9 +34,17 @@ README = REPO / "README.md"
 RUN_NAMES = {"smoke", "mix", "long", "hf_demo", "from_hf", "dense", "upcycled"}
 # Appended to every run of `python -m train` unless the command sets the key itself.
 SMALL = {
-    "model.n_layers": "2", "model.d_model": "64", "train.seq_len": "32", "train.micro_batch": "2",
-    "train.eval_batches": "1", "train.log_interval": "1", "data.tokenizer.kind": "bytes", "data.num_proc": "1",
-    "logging.wandb.mode": "disabled", "logging.progress_bar": "false", "logging.sample_tokens": "0",
+    "model.n_layers": "2",
+    "model.d_model": "64",
+    "train.seq_len": "32",
+    "train.micro_batch": "2",
+    "train.eval_batches": "1",
+    "train.log_interval": "1",
+    "data.tokenizer.kind": "bytes",
+    "data.num_proc": "1",
+    "logging.wandb.mode": "disabled",
+    "logging.progress_bar": "false",
+    "logging.sample_tokens": "0",
 }
 # Replaced in every run, whatever the command says: the recipes keep their shape (stop, then resume).
 FORCED = {"train.steps": "2", "train.stop_at": "1"}
@@ -64,7 +71,7 @@ def readme_commands(text: str | None = None) -> list[Command]:
     text = README.read_text() if text is None else text
     commands = []
     for block in re.finditer(r"^```bash\n(.*?)^```", text, re.M | re.S):
-        first = text[:block.start()].count("\n") + 2  # the block's first line
+        first = text[: block.start()].count("\n") + 2  # the block's first line
         pending, start = "", None
         for number, raw in enumerate(block.group(1).splitlines(), first):
             start = number if start is None else start
@@ -109,8 +116,10 @@ def small(overrides: list[str]) -> list[str]:
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """Hydra's basic sweep: comma-separated values of a key -> every combination."""
-    choices = [[f"{key_of(o)}={v}" for v in o.partition("=")[2].split(",")] if "," in o and "[" not in o else [o]
-               for o in overrides]
+    choices = [
+        [f"{key_of(o)}={v}" for v in o.partition("=")[2].split(",")] if "," in o and "[" not in o else [o]
+        for o in overrides
+    ]
     return [list(c) for c in itertools.product(*choices)]
 
 
@@ -131,18 +140,25 @@ def fresh_layout(tmp_path, data_cache, monkeypatch):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text("It was the best of times, it was the worst of times.\n" * 40)
-    (corpus / "b.jsonl").write_text("".join(f'{{"text": "row {i}: the quick brown fox jumps over the lazy dog."}}\n'
-                                            for i in range(40)))
-    rows = [f'{{"text": "{"to be or not to be, " * 8}", "source": "plays"}}\n',
-            f'{{"text": "{"in the beginning was the word, " * 8}", "source": "scripture"}}\n']
+    (corpus / "b.jsonl").write_text(
+        "".join(f'{{"text": "row {i}: the quick brown fox jumps over the lazy dog."}}\n' for i in range(40))
+    )
+    rows = [
+        f'{{"text": "{"to be or not to be, " * 8}", "source": "plays"}}\n',
+        f'{{"text": "{"in the beginning was the word, " * 8}", "source": "scripture"}}\n',
+    ]
     # interleaved, so that the validation split (the last 1% of the rows) holds both domains, 3 rows each
     (corpus / "mix.jsonl").write_text("".join(rows[i % 2] for i in range(600)))
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tokenizer.train_from_iterator(["to be or not to be"] * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train_from_iterator(
+        ["to be or not to be"] * 20,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tokenizer.save(str(corpus / "tokenizer.json"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SWITCHYARD_CACHE", str(data_cache))
@@ -171,7 +187,7 @@ def test_every_readme_command_runs_or_checks(fresh_layout, data_cache):
             done = run(shlex.split(inner), fresh_layout, env)
             assert done.returncode == 0, f"{where}\n{done.stderr[-3000:]}"
             at = argv.index(f"__SUBST{i}__")
-            argv = argv[:at] + shlex.split(done.stdout) + argv[at + 1:]
+            argv = argv[:at] + shlex.split(done.stdout) + argv[at + 1 :]
         if argv[:2] == ["make", "train"]:
             check(argv[2:], 1)
         elif argv[0] in ("python", ".venv/bin/python") and argv[1] == "-m" and argv[2] == "train":
@@ -200,9 +216,9 @@ def test_every_readme_command_runs_or_checks(fresh_layout, data_cache):
         elif argv[0] == "torchrun":
             launcher = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--") and "=" in a)
             nproc = int(launcher.get("nnodes", 1)) * int(launcher["nproc_per_node"])
-            check(argv[argv.index("train") + 1:], nproc)
+            check(argv[argv.index("train") + 1 :], nproc)
         elif argv[0] == "sbatch":
-            check(argv[argv.index("launch/slurm.sbatch") + 1:], sbatch_processes(argv, cmd.env))
+            check(argv[argv.index("launch/slurm.sbatch") + 1 :], sbatch_processes(argv, cmd.env))
         else:
             pytest.fail(f"{where}: tests/test_readme.py does not know how to run or check this command: classify it")
         handled.append(("ok", cmd.text))
@@ -216,16 +232,21 @@ def test_every_readme_command_runs_or_checks(fresh_layout, data_cache):
 
 
 def test_readme_commands_are_parsed_as_a_shell_would():
-    text = "\n".join([
-        "```bash",
-        "python -m train run_name=a 'data.paths=[x.txt]'   # a comment",
-        "# a comment line",
-        "SWITCHYARD_PROCS_PER_NODE=1 sbatch --nodes=2 launch/slurm.sbatch run_name=b",
-        "python -m train.plan a=1 \\",
-        "  b=2",
-        "python -m train run_name=c $(python -m train.import_hf hf/x)  # spliced",
-        "```",
-    ]) + "\n"
+    text = (
+        "\n".join(
+            [
+                "```bash",
+                "python -m train run_name=a 'data.paths=[x.txt]'   # a comment",
+                "# a comment line",
+                "SWITCHYARD_PROCS_PER_NODE=1 sbatch --nodes=2 launch/slurm.sbatch run_name=b",
+                "python -m train.plan a=1 \\",
+                "  b=2",
+                "python -m train run_name=c $(python -m train.import_hf hf/x)  # spliced",
+                "```",
+            ]
+        )
+        + "\n"
+    )
     got = readme_commands(text)
     assert [c.argv for c in got] == [
         ["python", "-m", "train", "run_name=a", "data.paths=[x.txt]"],
@@ -238,7 +259,13 @@ def test_readme_commands_are_parsed_as_a_shell_would():
     assert sbatch_processes(got[1].argv, got[1].env) == 2
     assert sbatch_processes(["sbatch", "launch/slurm.sbatch"], {}) == 16  # the script's 2 nodes x 8 GPUs
     assert small(["run_name=x", "train.steps=50", "train.stop_at=200", "model.d_model=128"]) == [
-        "run_name=x", "train.steps=2", "train.stop_at=1", "model.d_model=128",
-        *(f"{k}={v}" for k, v in SMALL.items() if k != "model.d_model")]
+        "run_name=x",
+        "train.steps=2",
+        "train.stop_at=1",
+        "model.d_model=128",
+        *(f"{k}={v}" for k, v in SMALL.items() if k != "model.d_model"),
+    ]
     assert expand_sweep(["moe.num_experts=4,8", "moe.top_k=1,2", "'x=[a,b]'"])[:2] == [
-        ["moe.num_experts=4", "moe.top_k=1", "'x=[a,b]'"], ["moe.num_experts=4", "moe.top_k=2", "'x=[a,b]'"]]
+        ["moe.num_experts=4", "moe.top_k=1", "'x=[a,b]'"],
+        ["moe.num_experts=4", "moe.top_k=2", "'x=[a,b]'"],
+    ]
