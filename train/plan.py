@@ -82,7 +82,8 @@ def check_layout(job, plan: PlanConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from train.help import job_settings_epilog, render_text, settings, wants_help
+    from train.cli import wants_help
+    from train.help import job_settings_epilog, render_text, settings
 
     if wants_help(argv):
         print(f"usage: {USAGE}\n\n{__doc__.split(chr(10) * 2)[0]}\n")
