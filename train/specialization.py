@@ -226,7 +226,7 @@ def within_text(layer: dict) -> str:
 
 
 def plot_heatmaps(result: dict, out: Path) -> None:
-    from train.report import plt  # matplotlib, set up for files only
+    from train.plots import plt  # matplotlib, set up for files only
 
     domains, layers = result["domains"], result["layers"]
     num_experts = result["num_experts"]
