@@ -103,7 +103,7 @@ class MoEConfig:
     jitter: float = 0.0  # multiplicative input noise U(1-j, 1+j) on the router input, training only
     bias_update_rate: float = 0.0  # aux-loss-free balancing step (DeepSeek-V3); 0 = off
     capacity_factor: Optional[float] = None  # None = dropless; else per-expert capacity, overflow dropped
-    backend: str = "torch"  # expert GEMMs: "torch" (grouped_mm, else a loop) | "megablocks" (CUDA, bf16; make setup-gpu)
+    backend: str = "torch"  # expert GEMMs: "torch" (grouped_mm, else a loop) | "megablocks" (CUDA, bf16)
 
     def validate(self) -> None:
         require_positive_int("moe.num_experts", self.num_experts, MAX_EXPERTS)
