@@ -31,30 +31,26 @@ from train.cli import compose_job, run_tool
 from train.preflight import preflight
 
 PLAN_PREFIX = "plan."
-USAGE = """usage: python -m train.plan [job overrides, as for python -m train] [plan.KEY=VALUE ...]
-
-plan.world_size=N            ranks (processes, one per GPU) the job runs on (default 1)
-plan.device_memory_gb=X      memory per rank in GiB, 2^30 bytes ("80 GB" GPUs have 80 GiB) (default 80)
-
-bytes per element follow the job's train.dtype: weights, gradients and AdamW state fp32; activations
-and all-to-all tokens 2 bytes under bf16 (and auto, bf16 on a GPU), 4 under fp32
-
-example: python -m train.plan model.n_layers=32 model.d_model=4096 model.n_heads=32 moe.expert_ffn_hidden=14336 \\
+USAGE = "python -m train.plan [job overrides, as for python -m train] [plan.KEY=VALUE ...]"
+EXAMPLE = """example: python -m train.plan model.n_layers=32 model.d_model=4096 model.n_heads=32 moe.expert_ffn_hidden=14336 \\
            model.vocab_size=32000 model.tie_embeddings=false train.seq_len=4096 train.micro_batch=1 \\
            parallel.ep=8 deepspeed.zero_stage=1 plan.world_size=64 train.dtype=bf16 plan.device_memory_gb=80"""
 
 
 @dataclass
 class PlanConfig:
-    world_size: int = 1
-    device_memory_gb: float = 80.0
+    """The planner's own settings. Bytes per element are not among them: they follow the job's
+    train.dtype (planner/model_states.py: element_bytes): fp32 weights, gradients and AdamW state;
+    2-byte activations and all-to-all tokens under bf16 (and auto, bf16 on a GPU), 4 under fp32."""
+
+    world_size: int = 1  # ranks (processes, one per GPU) the job runs on
+    device_memory_gb: float = 80.0  # memory per rank in GiB (2^30 bytes: an "80 GB" GPU has 80 GiB)
 
     def validate(self) -> None:
-        from models.config import require_positive_int
+        from models.config import require_positive_int, require_positive_number
 
         require_positive_int("plan.world_size", self.world_size)
-        if not self.device_memory_gb > 0:
-            raise ValueError(f"plan.device_memory_gb must be a number > 0 (GiB per rank); got {self.device_memory_gb!r}")
+        require_positive_number("plan.device_memory_gb", self.device_memory_gb)
 
 
 def parse_plan_settings(overrides: list[str]) -> PlanConfig:
@@ -86,8 +82,14 @@ def check_layout(job, plan: PlanConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+    from train.cli import wants_help
+    from train.help import job_settings_epilog, render_text, settings
+
+    if wants_help(argv):
+        print(f"usage: {USAGE}\n\n{__doc__.split(chr(10) * 2)[0]}\n")
+        print(render_text(settings(PlanConfig, PLAN_PREFIX), usage=None))
+        print(job_settings_epilog())
+        print(EXAMPLE)
         return 0
     # The planner reads DeepSpeed's config defaults only: no accelerator probing (and its log line).
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
