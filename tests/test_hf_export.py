@@ -10,7 +10,7 @@ import torch
 
 from tests import hf_runs
 from tests.hf_runs import one_thread  # noqa: F401  (autouse)
-from train import hf_mapping
+from train.hf import mapping as hf_mapping
 from train.data.tokenizer import Tokenizer
 from train.export_hf import main as export_main
 from train.export_hf import write_hf_model

@@ -5,8 +5,9 @@ Switchyard model, and print the overrides that start training from it:
 
 They set `model.init_from=hf:HF_DIR`, every model/MoE setting the weights fix, and the directory's
 tokenizer (`data.tokenizer.kind=file`). Supported: the classes train/hf/mapping.py maps exactly
-(Llama, Arcee, Mixtral, Qwen2-MoE, Glm4-MoE) with options Switchyard computes identically; anything
-else (grouped-query attention, qkv biases, Qwen3-MoE's q/k norms, ...) is refused with one line.
+(Llama, Qwen2, Arcee, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Glm4-MoE: grouped-query attention, q/k
+norms, qkv biases and Llama-3's RoPE scaling included) with options Switchyard computes identically;
+anything else (sliding windows, latent attention, other RoPE scalings, ...) is refused with one line.
 """
 
 from __future__ import annotations
@@ -56,21 +57,38 @@ def load_hf_weights(hf_dir: Path | str) -> tuple[HFModel, dict[str, torch.Tensor
     return model, from_hf_tensors(tensors, model.cfg, model.model_type, str(model.path))
 
 
+MODEL_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "qk_norm", "qkv_bias", "activation", "tie_embeddings",
+              "rope_theta", "norm_eps")
+ROPE_SCALING_KEYS = ("type", "factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
+
+
+def model_settings(cfg: GPTConfig) -> dict[str, object]:
+    """The model.* settings (not the FFN widths) that must equal the source's for its weights to
+    compute the same function; rope_scaling flattened, its fields only when it is on."""
+    m = cfg.model
+    settings = {f"model.{k}": getattr(m, k) for k in MODEL_KEYS}
+    keys = ROPE_SCALING_KEYS if m.rope_scaling.type != "none" else ("type",)
+    settings.update({f"model.rope_scaling.{k}": getattr(m.rope_scaling, k) for k in keys})
+    return settings
+
+
 def shape_settings(cfg: GPTConfig) -> dict[str, object]:
     """The Hydra settings that must equal the source's for its weights to compute the same function."""
     m, moe = cfg.model, cfg.moe
-    settings = {f"model.{k}": getattr(m, k) for k in ("n_layers", "d_model", "n_heads", "activation", "tie_embeddings", "rope_theta", "norm_eps")}
+    settings = model_settings(cfg)
     moe_blocks = moe_block_ids(cfg)
     if len(moe_blocks) < m.n_layers:  # dense blocks exist
         settings["model.ffn_hidden"] = m.ffn_hidden
     if moe_blocks:
-        settings.update({f"moe.{k}": getattr(moe, k) for k in ("num_experts", "top_k", "every", "expert_ffn_hidden", "num_shared_experts", "score", "normalize_topk")})
+        settings.update({f"moe.{k}": getattr(moe, k) for k in ("num_experts", "top_k", "every", "expert_ffn_hidden", "num_shared_experts", "shared_expert_gate", "score", "normalize_topk")})
     else:
         settings["moe.every"] = m.n_layers + 1  # no MoE block
     return settings
 
 
 def _hydra_value(value: object) -> str:
+    if value is None:
+        return "null"
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

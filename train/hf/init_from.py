@@ -34,7 +34,6 @@ from train.hf.files import same_vocabulary
 from train.hf.mapping import moe_block_ids
 
 KINDS = ("hf", "upcycle")
-MODEL_KEYS = ("n_layers", "d_model", "n_heads", "activation", "tie_embeddings", "rope_theta", "norm_eps")
 
 
 def parse_init_from(value: str | None) -> tuple[str, Path] | None:
@@ -80,8 +79,10 @@ def source_weights(kind: str, path: Path) -> tuple[GPTConfig, dict[str, torch.Te
     return weights.job.gpt_config(), weights.state_dict, weights.tokenizer
 
 
-def _settings(cfg: GPTConfig, keys: tuple[str, ...]) -> dict[str, object]:
-    return {f"model.{k}": getattr(cfg.model, k) for k in keys}
+def _settings(cfg: GPTConfig) -> dict[str, object]:
+    from train.import_hf import model_settings
+
+    return model_settings(cfg)
 
 
 def _first_mismatch(have: dict[str, object], want: dict[str, object]) -> str | None:
@@ -93,7 +94,7 @@ def check_same_model(source: GPTConfig, target: GPTConfig, where: str) -> None:
     from train.import_hf import shape_settings
 
     hint = "(python -m train.import_hf HF_DIR prints every setting)"
-    have, want = _settings(source, MODEL_KEYS), _settings(target, MODEL_KEYS)
+    have, want = _settings(source), _settings(target)
     if key := _first_mismatch(have, want):
         raise ValueError(f"{where}: the source has {key}={have[key]}, this run {key}={want[key]}; set {key}={have[key]} {hint}")
     if moe_block_ids(source) != moe_block_ids(target):
@@ -111,7 +112,7 @@ def check_upcycle(source: GPTConfig, target: GPTConfig, where: str) -> None:
     target_moe = moe_block_ids(target)
     if not target_moe:
         raise ValueError(f"{where}: this run has no MoE block to upcycle into; set moe.every <= model.n_layers ({target.model.n_layers})")
-    have, want = _settings(source, MODEL_KEYS), _settings(target, MODEL_KEYS)
+    have, want = _settings(source), _settings(target)
     if len(target_moe) < target.model.n_layers:  # dense blocks are copied as they are
         have["model.ffn_hidden"], want["model.ffn_hidden"] = source.model.ffn_hidden, target.model.ffn_hidden
     if key := _first_mismatch(have, want):
