@@ -44,10 +44,47 @@ def randomized(model):
     return model.eval()
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}  # 16 < the 40 positions tested: the scaled band is exercised
+# Real ratios: grouped-query attention 4:1 (Mixtral, Qwen3-30B-A3B ~ 32:4 = 8:1, Llama-3 8B 32:8) and 8:1, head_dim
+# unlike hidden_size / num_attention_heads (Qwen3-MoE: 128 vs 2048 / 32 = 64).
+GQA_4 = dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8)
+GQA_8 = dict(num_attention_heads=8, num_key_value_heads=1, head_dim=6)
 MADE_BY_TRANSFORMERS = {
     "mixtral": lambda: transformers.MixtralForCausalLM(tiny(transformers.MixtralConfig, num_local_experts=4, num_experts_per_tok=2)),
+    "mixtral gqa": lambda: transformers.MixtralForCausalLM(tiny(transformers.MixtralConfig, num_local_experts=4, num_experts_per_tok=2, **GQA_4)),
     "llama": lambda: transformers.LlamaForCausalLM(tiny(transformers.LlamaConfig, tie_word_embeddings=True)),
+    "llama3": lambda: transformers.LlamaForCausalLM(tiny(transformers.LlamaConfig, rope_parameters=LLAMA3_ROPE, **GQA_4)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(tiny(transformers.Qwen2Config, **GQA_8)),
+    "qwen2_moe": lambda: transformers.Qwen2MoeForCausalLM(tiny(
+        transformers.Qwen2MoeConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=16,
+        decoder_sparse_step=2, **GQA_4)),  # qkv biases, a gated shared expert, dense and MoE blocks
+    "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(tiny(
+        transformers.Qwen3MoeConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, norm_topk_prob=True, **GQA_8)),
+    "olmoe": lambda: transformers.OlmoeForCausalLM(tiny(transformers.OlmoeConfig, num_experts=4, num_experts_per_tok=2,
+                                                        num_attention_heads=8, num_key_value_heads=2, head_dim=4)),
+    "glm4_moe": lambda: transformers.Glm4MoeForCausalLM(tiny(
+        transformers.Glm4MoeConfig, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, first_k_dense_replace=1,
+        use_qk_norm=True, attention_bias=True, partial_rotary_factor=1.0, n_group=1, topk_group=1, **GQA_4)),
 }
+EXPECTED_SETTINGS = {  # what each import must set (a mapping that ignored the option would fail the logits, too)
+    "mixtral gqa": {"n_kv_heads": 2, "head_dim": 8},
+    "llama3": {"n_kv_heads": 2, "rope_scaling.type": "llama3"},
+    "qwen2": {"n_kv_heads": 1, "head_dim": 6, "qkv_bias": True},
+    "qwen2_moe": {"qkv_bias": True, "shared_expert_gate": True},
+    "qwen3_moe": {"qk_norm": "head", "n_kv_heads": 1},
+    "olmoe": {"qk_norm": "projection", "n_kv_heads": 2},
+    "glm4_moe": {"qk_norm": "head", "qkv_bias": True},
+}
+
+
+def _setting(cfg, key: str):
+    if key == "shared_expert_gate":
+        return cfg.moe.shared_expert_gate
+    value = cfg.model
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 @pytest.mark.parametrize("name", sorted(MADE_BY_TRANSFORMERS))
@@ -55,6 +92,8 @@ def test_directories_saved_by_transformers_give_the_same_logits(tmp_path, name):
     hf_model = randomized(MADE_BY_TRANSFORMERS[name]())
     save_hf(hf_model, tmp_path)
     imported, state_dict = load_hf_weights(tmp_path)
+    for key, value in EXPECTED_SETTINGS.get(name, {}).items():
+        assert _setting(imported.cfg, key) == value, key
     model = GPT(imported.cfg)
     model.load_state_dict(state_dict)
     ids_BS = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(3))
@@ -63,13 +102,23 @@ def test_directories_saved_by_transformers_give_the_same_logits(tmp_path, name):
     assert diff <= TOLERANCE, diff
 
 
+def _deepseek_v3():
+    config = transformers.DeepseekV3Config(vocab_size=257, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                                           intermediate_size=24, moe_intermediate_size=8, n_routed_experts=4, num_experts_per_tok=2,
+                                           q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+                                           n_group=1, topk_group=1, first_k_dense_replace=0)
+    return transformers.DeepseekV3ForCausalLM(config)
+
+
 REFUSED = {  # what transformers saves, and the words of the refusal
-    "gqa": (lambda: transformers.MixtralForCausalLM(tiny(transformers.MixtralConfig, num_key_value_heads=2, num_local_experts=4)), "num_key_value_heads=2"),
-    "qwen2 qkv bias": (lambda: transformers.Qwen2MoeForCausalLM(tiny(transformers.Qwen2MoeConfig, num_experts=4, moe_intermediate_size=8,
-                                                                     shared_expert_intermediate_size=8)), "qkv_bias"),
-    "qwen2 gated shared expert": (lambda: transformers.Qwen2MoeForCausalLM(tiny(transformers.Qwen2MoeConfig, num_experts=4, moe_intermediate_size=8,
-                                                                                shared_expert_intermediate_size=8, qkv_bias=False)), "shared_expert_gate"),
-    "qwen3 q/k norms": (lambda: transformers.Qwen3MoeForCausalLM(tiny(transformers.Qwen3MoeConfig, num_experts=4, moe_intermediate_size=8)), "qwen3_moe"),
+    "deepseek latent attention": (_deepseek_v3, "multi-head latent attention"),
+    "mistral sliding window": (lambda: transformers.MistralForCausalLM(tiny(transformers.MistralConfig, sliding_window=16)), "sliding-window"),
+    "qwen2 sliding window": (lambda: transformers.Qwen2ForCausalLM(tiny(transformers.Qwen2Config, use_sliding_window=True, sliding_window=16,
+                                                                        max_window_layers=0)), "sliding-window"),
+    "olmoe clipped qkv": (lambda: transformers.OlmoeForCausalLM(tiny(transformers.OlmoeConfig, num_experts=4, clip_qkv=8.0)), "clip_qkv"),
+    "yarn rope": (lambda: transformers.LlamaForCausalLM(tiny(transformers.LlamaConfig, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16})), "'yarn'"),
+    "llama attention bias": (lambda: transformers.LlamaForCausalLM(tiny(transformers.LlamaConfig, attention_bias=True)), "attention_bias=true"),
     "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=257, n_embd=32, n_layer=1, n_head=4, bos_token_id=None, eos_token_id=None)), "'gpt2'"),
 }
 
