@@ -200,3 +200,43 @@ def test_init_from_checks_the_settings_before_any_process_starts(tmp_path, expor
     job.model.init_from = f"hf:{tmp_path}"
     with pytest.raises(ValueError, match="not a transformers directory"):
         job.validate()
+
+
+ROUND_TRIPS = {  # family -> (ranks, extra overrides): each under parallel.ep=2
+    "qwen2_moe": (4, ("deepspeed.zero_stage=3",)),  # GQA 4:1, qkv biases, gated shared expert; ZeRO-3 over 4 ranks
+    "qwen3_moe": (2, ()),  # GQA 8:1, head_dim 6 (d_model 32 / 8 heads = 4), per-head q/k norms
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIPS))
+def test_import_train_export_gives_transformers_the_same_loss(tmp_path, tmp_path_factory, data_cache, capsys, name):
+    """A checkpoint made by transformers -> import -> 3 training steps under ep=2 -> export -> transformers
+    loads it, and its loss on a batch is Switchyard's."""
+    nproc, extra = ROUND_TRIPS[name]
+    source = randomized(MADE_BY_TRANSFORMERS[name]())
+    save_hf(source, tmp_path / "source")
+    capsys.readouterr()
+    assert import_main([str(tmp_path / "source")]) == 0
+    overrides = capsys.readouterr().out.split()
+    root = hf_runs.workdir(tmp_path_factory)
+    done = run_job(root, data_cache, *hf_runs.base_overrides(root), f"run_name=round_trip_{name}", "train.steps=3",
+                   "train.eval_interval=3", "parallel.ep=2", "train.micro_batch=2", *extra, *overrides, nproc=nproc)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = root / "outputs" / f"round_trip_{name}"
+    assert export_main([str(run), str(tmp_path / "out")]) == 0
+    weights = load_run_weights(run)
+    assert weights.step == 3
+    # Training moved the weights (so the comparison below is of the trained model, not the source).
+    source_sd = load_hf_weights(tmp_path / "source")[1]
+    assert not torch.equal(weights.state_dict["blocks.1.attn.qkv.weight"], source_sd["blocks.1.attn.qkv.weight"])
+
+    ids = weights.tokenizer.encode("The king shall speak upon the sea, and the old bird will rise.")
+    ids_BS = torch.tensor([ids[:32], ids[-32:]])  # model.max_seq_len = train.seq_len = 32
+    model = weights.build_model().eval()
+    with torch.no_grad():
+        logits = model(ids_BS)[0]
+        ours = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids_BS[:, 1:].flatten()).item()
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        assert type(hf_model).__name__ == type(source).__name__
+        theirs = hf_model(ids_BS, labels=ids_BS).loss.item()
+    assert theirs == pytest.approx(ours, rel=1e-5)
