@@ -58,9 +58,13 @@ LATEST = "latest"
 KEEP_LAST = 2
 META = "meta.json"
 SHAPE_KEYS = {
-    "model": ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "activation", "tie_embeddings"),
-    "moe": ("num_experts", "every", "expert_ffn_hidden", "num_shared_experts"),
+    "model": ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "activation", "tie_embeddings",
+              "n_kv_heads", "head_dim", "qk_norm", "qkv_bias"),
+    "moe": ("num_experts", "every", "expert_ffn_hidden", "num_shared_experts", "shared_expert_gate"),
 }
+# Keys added after checkpoints were written without them: those checkpoints had the default.
+SIGNATURE_DEFAULTS = {"model.n_kv_heads": None, "model.head_dim": None, "model.qk_norm": "none", "model.qkv_bias": False,
+                      "moe.shared_expert_gate": False}
 
 
 class CheckpointError(ValueError):
@@ -125,7 +129,7 @@ class CheckpointManager:
             raise CheckpointError(f"{folder} has checkpoint format {meta.get('format', 1)!r}; this Switchyard reads format "
                                   f"{FORMAT_VERSION} only: resume it with the version that wrote it")
         for key, want in model_signature(self.job).items():
-            have = meta["model_signature"].get(key)
+            have = meta["model_signature"].get(key, SIGNATURE_DEFAULTS.get(key))
             if have != want:
                 raise CheckpointError(f"train.resume=true: checkpoint {folder} was saved with {key}={have!r}, this run has {key}={want!r}")
         return meta
