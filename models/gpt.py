@@ -47,6 +47,38 @@ def apply_rotary(x_BHSDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return rotated.flatten(-2).to(x_BHSDh.dtype)
 
 
+class LayerKV:
+    """One block's keys and values for generation: [B, Hkv, max_seq_len, Dh] each (allocated at the
+    first write, in the keys' dtype), filled up to `start` before the current forward."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k_BHSDh: torch.Tensor | None = None
+        self.v_BHSDh: torch.Tensor | None = None
+        self.start = 0
+
+    def append(self, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions; return every key and value so far."""
+        if self.k_BHSDh is None:
+            B, Hkv, _, Dh = k_BHSDh.shape
+            self.k_BHSDh = k_BHSDh.new_zeros(B, Hkv, self.max_len, Dh)
+            self.v_BHSDh = v_BHSDh.new_zeros(B, Hkv, self.max_len, Dh)
+        end = self.start + k_BHSDh.shape[2]
+        self.k_BHSDh[:, :, self.start:end] = k_BHSDh
+        self.v_BHSDh[:, :, self.start:end] = v_BHSDh
+        return self.k_BHSDh[:, :, :end], self.v_BHSDh[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every block for incremental decoding (`GPT.forward(idx, cache)`): each
+    forward appends its positions, which continue from `length`."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.max_len = cfg.max_seq_len
+        self.layers = [LayerKV(cfg.max_seq_len) for _ in range(cfg.n_layers)]
+        self.length = 0
+
+
 class CausalSelfAttention(nn.Module):
     """One fused projection to q | k | v (rows [H·Dh | Hkv·Dh | Hkv·Dh], head-major), optional q/k
     RMSNorm (model.qk_norm), RoPE, causal SDPA; K/V heads are shared by H/Hkv query heads without
@@ -64,7 +96,7 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = nn.RMSNorm(self.head_size if per_head else self.q_width, eps=cfg.norm_eps)
             self.k_norm = nn.RMSNorm(self.head_size if per_head else self.kv_width, eps=cfg.norm_eps)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q, k, v = self.qkv(x_BSD).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
         if self.qk_norm == "projection":  # over all heads at once (OLMoE)
@@ -76,18 +108,25 @@ class CausalSelfAttention(nn.Module):
         q_BHSDh = apply_rotary(q_BSHDh.transpose(1, 2), cos, sin)
         k_BHSDh = apply_rotary(k_BSHDh.transpose(1, 2), cos, sin)
         v_BHSDh = v.view(B, S, self.n_kv_heads, self.head_size).transpose(1, 2)
-        y_BHSDh = attend(q_BHSDh, k_BHSDh, v_BHSDh, causal=True)
+        if kv is None:
+            y_BHSDh = attend(q_BHSDh, k_BHSDh, v_BHSDh, is_causal=True)
+        else:
+            start = kv.start
+            k_BHLDh, v_BHLDh = kv.append(k_BHSDh, v_BHSDh)
+            if start == 0 or S == 1:  # a prompt from position 0, or one new token that sees everything
+                y_BHSDh = attend(q_BHSDh, k_BHLDh, v_BHLDh, is_causal=start == 0)
+            else:  # new token i (position start + i) sees positions 0 .. start + i
+                mask_SL = torch.ones(S, start + S, dtype=torch.bool, device=x_BSD.device).tril(start)
+                y_BHSDh = attend(q_BHSDh, k_BHLDh, v_BHLDh, attn_mask=mask_SL)
         return self.proj(y_BHSDh.transpose(1, 2).reshape(B, S, self.q_width))
 
 
-def attend(q_BHSDh: torch.Tensor, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor, causal: bool) -> torch.Tensor:
-    """SDPA (flash/fused kernel on CUDA); with fewer K/V heads than query heads, grouped-query
-    attention without materialising the repeated K/V. `causal` false: every query sees every key
-    (one new token against a KV cache)."""
-    gqa = k_BHSDh.shape[1] != q_BHSDh.shape[1]
-    if gqa:
-        return F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, is_causal=causal, enable_gqa=True)
-    return F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, is_causal=causal)
+def attend(q_BHSDh: torch.Tensor, k_BHLDh: torch.Tensor, v_BHLDh: torch.Tensor, **mask) -> torch.Tensor:
+    """SDPA (flash/fused kernel on CUDA) with `is_causal` or `attn_mask`; with fewer K/V heads than
+    query heads, grouped-query attention without materialising the repeated K/V."""
+    if k_BHLDh.shape[1] != q_BHSDh.shape[1]:
+        return F.scaled_dot_product_attention(q_BHSDh, k_BHLDh, v_BHLDh, enable_gqa=True, **mask)
+    return F.scaled_dot_product_attention(q_BHSDh, k_BHLDh, v_BHLDh, **mask)
 
 
 class Block(nn.Module):
@@ -99,8 +138,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.ffn = MoELayer(m.d_model, m.activation, cfg.moe) if use_moe else FeedForward(m.d_model, m.ffn_hidden, m.activation)
 
-    def forward(self, x_BSD, cos, sin) -> tuple[torch.Tensor, MoEStats | None]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+    def forward(self, x_BSD, cos, sin, kv: LayerKV | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, kv)
         h = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoELayer):
             out, stats = self.ffn(h)
@@ -156,18 +195,27 @@ class GPT(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
-    def forward(self, idx_BS: torch.Tensor) -> tuple[torch.Tensor, list[MoEStats]]:
-        """Returns logits [B, S, V] (fp32) and the stats of every MoE layer, in depth order."""
+    def forward(self, idx_BS: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, list[MoEStats]]:
+        """Returns logits [B, S, V] (fp32) and the stats of every MoE layer, in depth order. With a
+        `cache` (generation), idx_BS holds the positions after the cached ones, whose keys and values
+        are reused, and the cache grows by S."""
         S = idx_BS.shape[1]
-        if S > self.cfg.model.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds model.max_seq_len ({self.cfg.model.max_seq_len})")
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        start = 0 if cache is None else cache.length
+        if start + S > self.cfg.model.max_seq_len:
+            raise ValueError(f"sequence length {start + S} exceeds model.max_seq_len ({self.cfg.model.max_seq_len})")
+        cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         x_BSD = self.embed(idx_BS)
         all_stats = []
-        for block in self.blocks:
-            x_BSD, stats = block(x_BSD, cos, sin)
+        for i, block in enumerate(self.blocks):
+            if cache is None:
+                x_BSD, stats = block(x_BSD, cos, sin)
+            else:  # positionally: activation checkpointing's wrapper takes no keywords
+                cache.layers[i].start = start
+                x_BSD, stats = block(x_BSD, cos, sin, cache.layers[i])
             if stats is not None:
                 all_stats.append(stats)
+        if cache is not None:
+            cache.length = start + S
         return self.lm_head(self.norm(x_BSD)).float(), all_stats
 
     @torch.no_grad()
