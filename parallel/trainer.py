@@ -75,7 +75,9 @@ class Trainer:
     @torch.no_grad()
     def load_model_state(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Weights named as in the single-process model (`GPT.state_dict()`, experts as the global
-        [E, ...] tensors) into this rank's shards. Names not in `state_dict` keep their values."""
+        [E, ...] tensors, or anything whose [first:first + n] gives those experts' rows, as
+        train.hf.mapping.ExpertRows reads them from a file) into this rank's shards. Names not in
+        `state_dict` keep their values."""
         for name, p in self.dense.named_parameters():
             if name in state_dict:
                 flat = state_dict[name].reshape(-1)

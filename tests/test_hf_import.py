@@ -4,6 +4,7 @@ with the same logits; an exported run reads back bit for bit and training starte
 Switchyard cannot compute exactly are refused with one line."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from tests.jobs import run_job
 from train.data.tokenizer import Tokenizer
 from train.export_hf import main as export_main
 from train.export_hf import write_hf_model
-from train.hf.files import byte_tokenizer_backend
+from train.hf.files import SafetensorsWeights, byte_tokenizer_backend
 from train.import_hf import load_hf_weights
 from train.import_hf import main as import_main
 from train.checkpoint.run_weights import load_run_weights
@@ -240,3 +241,19 @@ def test_import_train_export_gives_transformers_the_same_loss(tmp_path, tmp_path
         assert type(hf_model).__name__ == type(source).__name__
         theirs = hf_model(ids_BS, labels=ids_BS).loss.item()
     assert theirs == pytest.approx(ours, rel=1e-5)
+
+
+def test_each_of_4_ranks_with_ep4_reads_only_its_experts_and_stays_below_the_checkpoints_bytes(tmp_path):
+    """Imports at real size: under ep=4 every rank reads the dense weights and its quarter of the
+    experts (safetensors tensor by tensor), so its peak memory during the import is below the whole
+    checkpoint's bytes; reading the whole checkpoint, as before, exceeds them."""
+    from tests.ranks import run_ranks
+
+    # Experts are ~95% of the bytes, as in real MoE checkpoints (Mixtral-8x7B: 96%).
+    model = hf_runs.random_model(model_d_model=256, model_n_layers=2, moe_num_experts=8, moe_expert_ffn_hidden=1024)
+    write_hf_model(model.cfg, model.state_dict(), Tokenizer(), tmp_path / "hf")
+    shapes = SafetensorsWeights(tmp_path / "hf").shapes  # fp32 tensors, as the file headers say
+    checkpoint_bytes = sum(4 * math.prod(shape) for shape in shapes.values())
+    expert_bytes = sum(4 * math.prod(shape) for name, shape in shapes.items() if ".experts." in name)
+    assert expert_bytes > 0.9 * checkpoint_bytes
+    run_ranks(4, hf_runs.import_with_ep4, str(tmp_path / "hf"), checkpoint_bytes, expert_bytes)

@@ -21,7 +21,7 @@ import torch
 
 from models.config import GPTConfig
 from train.data.tokenizer import Tokenizer
-from train.hf.files import read_json, read_tokenizer, read_weights
+from train.hf.files import SafetensorsWeights, read_json, read_tokenizer
 from train.hf.mapping import from_hf_tensors, gpt_config_from_hf, moe_block_ids
 
 
@@ -50,11 +50,13 @@ def read_hf_config(hf_dir: Path | str) -> HFModel:
     return HFModel(cfg, model_type, tokenizer, hf_dir)
 
 
-def load_hf_weights(hf_dir: Path | str) -> tuple[HFModel, dict[str, torch.Tensor]]:
-    """The model and its Switchyard state dict (fp32, experts stacked [E, ...])."""
+def load_hf_weights(hf_dir: Path | str, lazy_experts: bool = False) -> tuple[HFModel, dict[str, torch.Tensor]]:
+    """The model and its Switchyard state dict (fp32, experts stacked [E, ...]). With `lazy_experts`
+    the routed experts are train.hf.mapping.ExpertRows, read from the files only for the experts a
+    rank slices out (the job's import under expert parallelism)."""
     model = read_hf_config(hf_dir)
-    tensors = read_weights(model.path)
-    return model, from_hf_tensors(tensors, model.cfg, model.model_type, str(model.path))
+    weights = SafetensorsWeights(model.path)
+    return model, from_hf_tensors(weights, model.cfg, model.model_type, str(model.path), lazy_experts)
 
 
 MODEL_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "qk_norm", "qkv_bias", "activation", "tie_embeddings",

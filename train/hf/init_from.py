@@ -16,7 +16,9 @@ first step, so the copies diverge), shared experts start with a zero output proj
 
 `check_init_from` runs in JobConfig.validate (configs only, before any process exists);
 `load_initial_weights` runs in the set-up of a fresh run on every rank, after parallelize: each
-rank copies its own shards out of the source's weights (which it reads whole). A resumed run
+rank copies its own shards out of the source's weights. From a transformers directory a rank reads
+the dense weights and only its own experts (train.hf.mapping.ExpertRows); upcycled experts are
+views of the dense FFN (`expand`), never E copies. A resumed run
 loads its checkpoint instead and never reads the source.
 """
 
@@ -67,11 +69,11 @@ def source_config(kind: str, path: Path) -> GPTConfig:
     raise ValueError(f"{where}: neither a transformers directory (config.json) nor a Switchyard run directory (.hydra/config.yaml)")
 
 
-def source_weights(kind: str, path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
+def source_weights(kind: str, path: Path, lazy_experts: bool = False) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
     if _is_hf_dir(path):
         from train.import_hf import load_hf_weights
 
-        model, state_dict = load_hf_weights(path)
+        model, state_dict = load_hf_weights(path, lazy_experts)
         return model.cfg, state_dict, model.tokenizer
     from train.checkpoint.run_weights import load_run_weights
 
@@ -155,7 +157,8 @@ def upcycle_state_dict(dense_sd: dict[str, torch.Tensor], target: GPTConfig) -> 
             out[key] = value
             continue
         # nn.Linear weights are [out, in]; experts are stored [E, in, out].
-        out[f"blocks.{ffn[1]}.ffn.{to_experts[ffn[2]]}"] = value.T.unsqueeze(0).repeat(target.moe.num_experts, 1, 1)
+        # A view (no copy): each rank copies only its experts out of it.
+        out[f"blocks.{ffn[1]}.ffn.{to_experts[ffn[2]]}"] = value.T.unsqueeze(0).expand(target.moe.num_experts, -1, -1)
     if target.moe.num_shared_experts:
         shared_width = target.moe.num_shared_experts * target.moe.expert_ffn_hidden
         for block in moe_blocks:  # shared experts add nothing until they have learnt something
@@ -171,7 +174,7 @@ def load_initial_weights(trainer, job, tokenizer: Tokenizer) -> None:
         return
     kind, path = spec
     where = f"model.init_from={job.model.init_from}"
-    source, state_dict, source_tokenizer = source_weights(kind, path)
+    source, state_dict, source_tokenizer = source_weights(kind, path, lazy_experts=True)
     if source.model.vocab_size != job.model.vocab_size:
         raise ValueError(f"{where}: mismatched vocab sizes: the source has {source.model.vocab_size} tokens, this run's "
                          f"data.tokenizer {job.model.vocab_size}; train with the source's tokenizer (data.tokenizer.kind=file)")

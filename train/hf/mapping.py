@@ -496,19 +496,49 @@ def expected_hf_shapes(cfg: GPTConfig, model_type: str) -> dict[str, torch.Size]
         return {k: v.shape for k, v in to_hf_tensors(GPT(cfg).state_dict(), cfg, model_type).items()}
 
 
-def from_hf_tensors(hf: dict[str, torch.Tensor], cfg: GPTConfig, model_type: str, where: str) -> dict[str, torch.Tensor]:
-    """HF weights -> Switchyard state dict (fp32). The names and shapes are checked against what
-    `to_hf_tensors` writes for this config: a missing, extra or misshapen weight is refused."""
+class ExpertRows:
+    """A routed-expert weight [E, ...] that reads experts from the checkpoint only when sliced
+    (`rows[first:first + n]`, as parallel.trainer.Trainer.load_model_state takes this rank's experts)."""
+
+    def __init__(self, read_expert, num_experts: int, expert_shape: tuple[int, ...]):
+        self.read_expert = read_expert  # e -> that expert's [D, F] or [F, D] tensor, read now
+        self.shape = torch.Size((num_experts, *expert_shape))
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        assert isinstance(index, slice), index
+        return torch.stack([self.read_expert(e) for e in range(self.shape[0])[index]])
+
+    def materialize(self) -> torch.Tensor:
+        return self[:]
+
+
+def from_hf_tensors(hf, cfg: GPTConfig, model_type: str, where: str, lazy_experts: bool = False) -> dict[str, torch.Tensor]:
+    """HF weights -> Switchyard state dict (fp32). `hf`: a dict of tensors or a
+    train.hf.files.SafetensorsWeights (read tensor by tensor). The names and shapes are checked
+    against what `to_hf_tensors` writes for this config: a missing, extra or misshapen weight is
+    refused. With `lazy_experts`, routed-expert weights are `ExpertRows`, read only for the experts
+    a caller slices out (the rest is read whole)."""
+    from train.hf.files import TensorsInMemory
+
+    if isinstance(hf, dict):
+        hf = TensorsInMemory(hf)
     expected = expected_hf_shapes(cfg, model_type)
-    if missing := sorted(set(expected) - set(hf)):
+    if missing := sorted(set(expected) - hf.names()):
         raise ValueError(f"{where}: weight {missing[0]} is missing ({len(missing)} missing in all)")
-    if extra := sorted(set(hf) - set(expected)):
+    if extra := sorted(hf.names() - set(expected)):
         raise ValueError(f"{where}: unexpected weight {extra[0]} ({len(extra)} in all): a part Switchyard's model does not have")
     for name, want in expected.items():
-        if hf[name].shape != want:
-            raise ValueError(f"{where}: weight {name} has shape {list(hf[name].shape)}, expected {list(want)} from config.json")
-    hf = {k: v.float() for k, v in hf.items()}
+        if hf.shapes[name] != tuple(want):
+            raise ValueError(f"{where}: weight {name} has shape {list(hf.shapes[name])}, expected {list(want)} from config.json")
 
+    class Read(dict):  # name -> fp32 tensor, read from the file on first use
+        def __missing__(self, name: str) -> torch.Tensor:
+            return hf.tensor(name).float()
+
+    return _state_dict_from_hf(Read(), cfg, model_type, lazy_experts)
+
+
+def _state_dict_from_hf(hf: dict[str, torch.Tensor], cfg: GPTConfig, model_type: str, lazy_experts: bool) -> dict[str, torch.Tensor]:
     m, moe = cfg.model, cfg.moe
     sd = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
     sd["lm_head.weight"] = sd["embed.weight"] if m.tie_embeddings else hf["lm_head.weight"]
@@ -527,14 +557,17 @@ def from_hf_tensors(hf: dict[str, torch.Tensor], cfg: GPTConfig, model_type: str
         prefix = _moe_prefix(model_type, i)
         gate, up, down = _mlp_names(model_type)
         sd[sy + "ffn.router.gate_ED"] = hf[prefix + "gate.weight"]
-        sd[sy + "ffn.router.expert_bias"] = hf.get(prefix + "gate.e_score_correction_bias", torch.zeros(moe.num_experts))
-        experts = range(moe.num_experts)
-        sd[sy + "ffn.experts.w1_EDF"] = torch.stack([hf[f"{prefix}experts.{e}.{up}.weight"].T for e in experts])
-        sd[sy + "ffn.experts.w2_EFD"] = torch.stack([hf[f"{prefix}experts.{e}.{down}.weight"].T for e in experts])
-        sd[sy + "ffn.experts.w3_EDF"] = torch.stack([hf[f"{prefix}experts.{e}.{gate}.weight"].T for e in experts])
+        bias = prefix + "gate.e_score_correction_bias"
+        sd[sy + "ffn.router.expert_bias"] = hf[bias] if model_type == GLM4_MOE else torch.zeros(moe.num_experts)
+        D, F = m.d_model, moe.expert_ffn_hidden
+        for ours, theirs, shape in (("w1_EDF", up, (D, F)), ("w2_EFD", down, (F, D)), ("w3_EDF", gate, (D, F))):
+            # Stored [F, D] (or [D, F]) per expert there, [E, D, F] (or [E, F, D]) here.
+            names = [f"{prefix}experts.{e}.{theirs}.weight" for e in range(moe.num_experts)]  # bound now, read later
+            rows = ExpertRows(lambda e, names=names: hf[names[e]].T, moe.num_experts, shape)
+            sd[sy + f"ffn.experts.{ours}"] = rows if lazy_experts else rows.materialize()
         if moe.num_shared_experts:
             for name, hf_name in _shared_names(model_type, prefix).items():
                 sd[sy + "ffn.shared_experts." + name] = hf[hf_name]
         if moe.shared_expert_gate:
             sd[sy + "ffn.shared_expert_gate.weight"] = hf[prefix + "shared_expert_gate.weight"]
-    return {k: v.contiguous() for k, v in sd.items()}
+    return {k: v if isinstance(v, ExpertRows) else v.contiguous() for k, v in sd.items()}
