@@ -150,7 +150,10 @@ class RopeScalingConfig:
             return
         require_number_in("model.rope_scaling.factor", self.factor, 1)
         require_positive_number("model.rope_scaling.low_freq_factor", self.low_freq_factor)
-        require_number_in("model.rope_scaling.high_freq_factor", self.high_freq_factor, self.low_freq_factor, low_open=True)
+        require_positive_number("model.rope_scaling.high_freq_factor", self.high_freq_factor)
+        if self.high_freq_factor <= self.low_freq_factor:  # the smoothing divides by their difference
+            raise ValueError(f"model.rope_scaling.high_freq_factor ({self.high_freq_factor:g}) must be greater than "
+                             f"model.rope_scaling.low_freq_factor ({self.low_freq_factor:g})")
         require_positive_int("model.rope_scaling.original_max_seq_len", self.original_max_seq_len, MAX_SEQ_LEN)
 
 
