@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.config import GPTConfig, ModelConfig, MoEConfig  # noqa: E402
-from models.generate import generate_ids  # noqa: E402
-from models.gpt import GPT  # noqa: E402
-from train.data.tokenizer import Tokenizer  # noqa: E402
-from train.export_hf import write_hf_model  # noqa: E402
+from models.config import GPTConfig, ModelConfig, MoEConfig
+from models.generate import generate_ids
+from models.gpt import GPT
+from train.data.tokenizer import Tokenizer
+from train.export_hf import write_hf_model
 
 
 def build(max_len: int) -> GPT:

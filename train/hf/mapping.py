@@ -183,8 +183,8 @@ def hf_config(cfg: GPTConfig, model_type: str, eot_id: int) -> dict:
         "dtype": "float32",
         "use_cache": True,
     }
-    sparse = dict(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k, moe_intermediate_size=moe.expert_ffn_hidden,
-                  norm_topk_prob=moe.normalize_topk, router_aux_loss_coef=moe.aux_loss_coef)
+    sparse = {"num_experts": moe.num_experts, "num_experts_per_tok": moe.top_k, "moe_intermediate_size": moe.expert_ffn_hidden,
+              "norm_topk_prob": moe.normalize_topk, "router_aux_loss_coef": moe.aux_loss_coef}
     if model_type in (LLAMA, ARCEE):
         config.update(attention_bias=False, mlp_bias=False)
     elif model_type == QWEN2:
@@ -325,11 +325,11 @@ def _attention_settings(config: dict, model_type: str, where: str) -> dict:
             type="llama3", factor=float(_require(rope, "factor", where)), low_freq_factor=float(_require(rope, "low_freq_factor", where)),
             high_freq_factor=float(_require(rope, "high_freq_factor", where)),
             original_max_seq_len=int(_require(rope, "original_max_position_embeddings", where)))
-    return dict(
-        n_kv_heads=None if kv_heads == n_heads else kv_heads,
-        head_dim=None if head_dim * n_heads == d_model else head_dim,
-        qk_norm=qk_norm, qkv_bias=qkv_bias, rope_scaling=scaling,
-    )
+    return {
+        "n_kv_heads": None if kv_heads == n_heads else kv_heads,
+        "head_dim": None if head_dim * n_heads == d_model else head_dim,
+        "qk_norm": qk_norm, "qkv_bias": qkv_bias, "rope_scaling": scaling,
+    }
 
 
 def _qwen_moe_config(config: dict, model: ModelConfig, model_type: str, where: str) -> MoEConfig:
