@@ -31,7 +31,7 @@ from models.config import GPTConfig, ModelConfig, MoEConfig
 from models.generate import generate_ids
 from models.gpt import GPT
 from train.data.tokenizer import Tokenizer
-from train.export_hf import write_hf_model
+from train.hf.exporting import write_hf_model
 
 
 def build(max_len: int) -> GPT:

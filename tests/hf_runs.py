@@ -130,7 +130,7 @@ def import_with_ep4(rank: int, world_size: int, hf_dir: str, checkpoint_bytes: i
     stays below the whole checkpoint's bytes."""
     from parallel.dims import init_parallel
     from parallel.parallelize import parallelize
-    from train import import_hf
+    from train.hf import importing as import_hf
     from train.config import JobConfig
     from train.data.tokenizer import Tokenizer
     from train.hf.files import SafetensorsWeights

@@ -14,7 +14,7 @@ from tests.hf_runs import one_thread  # noqa: F401  (autouse)
 from tests.ranks import run_ranks
 from train.data.tokenizer import Tokenizer
 from train.export_hf import main as export_main
-from train.export_hf import write_hf_model
+from train.hf.exporting import write_hf_model
 from models.generate import generate, generate_ids
 from models.gpt import KVCache
 from train.generate import main as generate_main
