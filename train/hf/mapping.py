@@ -53,7 +53,8 @@ ARCHITECTURES = {
     QWEN2: "Qwen2ForCausalLM",  # dense, SwiGLU, q/k/v biases (GQA)
     ARCEE: "ArceeForCausalLM",  # dense, non-gated MLP (here GELU)
     MIXTRAL: "MixtralForCausalLM",  # MoE in every block, softmax + renormalised top-k, no shared expert
-    QWEN2_MOE: "Qwen2MoeForCausalLM",  # softmax, interleaved dense/MoE, gated shared experts, norm_topk_prob, qkv biases
+    # softmax, interleaved dense/MoE, gated shared experts, norm_topk_prob, qkv biases
+    QWEN2_MOE: "Qwen2MoeForCausalLM",
     QWEN3_MOE: "Qwen3MoeForCausalLM",  # softmax, per-head q/k RMSNorm, no shared expert
     OLMOE: "OlmoeForCausalLM",  # softmax, q/k RMSNorm over the whole projection, MoE in every block
     GLM4_MOE: "Glm4MoeForCausalLM",  # sigmoid scores, selection bias, shared experts
@@ -82,12 +83,14 @@ def choose_model_type(cfg: GPTConfig, has_selection_bias: bool) -> str:
     moe_blocks = moe_block_ids(cfg)
     if not moe_blocks:
         if m.qk_norm != "none":
-            raise ValueError(f"model.qk_norm={m.qk_norm}: no dense transformers class here has q/k norms (Qwen3 dense is "
+            raise ValueError(f"model.qk_norm={m.qk_norm}: no dense transformers class here has q/k norms (Qwen3 dense "
+                             "is "
                              "not mapped); dense models export with model.qk_norm=none")
         if m.activation != "swiglu":
             if m.qkv_bias or m.n_kv_heads is not None or m.head_dim is not None or m.rope_scaling.type != "none":
-                raise ValueError("model.activation=gelu: Arcee, the dense GELU class, is exported with plain multi-head "
-                                 "attention only (model.qkv_bias=false, model.n_kv_heads/head_dim=null, no rope_scaling)")
+                raise ValueError("model.activation=gelu: Arcee, the dense GELU class, is exported with plain "
+                                 "multi-head attention only (model.qkv_bias=false, model.n_kv_heads/head_dim=null, "
+                                 "no rope_scaling)")
             return ARCEE
         return QWEN2 if m.qkv_bias else LLAMA
     if m.activation != "swiglu":
@@ -110,7 +113,8 @@ def choose_model_type(cfg: GPTConfig, has_selection_bias: bool) -> str:
         if moe.num_experts < 2:
             raise ValueError("moe.num_experts=1 with moe.score=sigmoid: Glm4-MoE's expert selection needs at least 2 experts")
         if m.qk_norm == "projection":
-            raise ValueError("model.qk_norm=projection with moe.score=sigmoid: Glm4-MoE normalises q and k per head; use model.qk_norm=head")
+            raise ValueError("model.qk_norm=projection with moe.score=sigmoid: Glm4-MoE normalises q and k per head; "
+                             "use model.qk_norm=head")
         if moe.shared_expert_gate:
             raise ValueError("moe.shared_expert_gate=true with moe.score=sigmoid: Glm4-MoE's shared experts are ungated")
         return GLM4_MOE
@@ -120,15 +124,21 @@ def choose_model_type(cfg: GPTConfig, has_selection_bias: bool) -> str:
             "no transformers class has that (Glm4-MoE has it for moe.score=sigmoid)"
         )
     if m.qk_norm == "projection":
-        _require_setting(moe.every == 1, f"model.qk_norm=projection with moe.every={moe.every}: OLMoE has MoE in every block")
-        _require_setting(moe.num_shared_experts == 0, "model.qk_norm=projection with moe.num_shared_experts > 0: OLMoE has no shared experts")
-        _require_setting(not m.qkv_bias, "model.qk_norm=projection with model.qkv_bias=true: OLMoE has no q/k/v-only biases")
+        _require_setting(moe.every == 1,
+                         f"model.qk_norm=projection with moe.every={moe.every}: OLMoE has MoE in every block")
+        _require_setting(moe.num_shared_experts == 0,
+                         "model.qk_norm=projection with moe.num_shared_experts > 0: OLMoE has no shared experts")
+        _require_setting(not m.qkv_bias,
+                         "model.qk_norm=projection with model.qkv_bias=true: OLMoE has no q/k/v-only biases")
         _require_setting(m.head_size * m.n_heads == m.d_model,
-                         f"model.head_dim={m.head_dim} with model.qk_norm=projection: OLMoE sizes its norms from d_model / n_heads")
+                         f"model.head_dim={m.head_dim} with model.qk_norm=projection: OLMoE sizes its norms from "
+                         "d_model / n_heads")
         return OLMOE
     if m.qk_norm == "head":
-        _require_setting(moe.num_shared_experts == 0, "model.qk_norm=head with moe.num_shared_experts > 0: Qwen3-MoE has no shared experts")
-        _require_setting(not m.qkv_bias, "model.qk_norm=head with model.qkv_bias=true: Qwen3-MoE's attention_bias also biases the output projection")
+        _require_setting(moe.num_shared_experts == 0,
+                         "model.qk_norm=head with moe.num_shared_experts > 0: Qwen3-MoE has no shared experts")
+        _require_setting(not m.qkv_bias, "model.qk_norm=head with model.qkv_bias=true: Qwen3-MoE's attention_bias "
+                         "also biases the output projection")
         return QWEN3_MOE
     if moe.every == 1 and moe.num_shared_experts == 0 and moe.normalize_topk and not m.qkv_bias:
         return MIXTRAL
@@ -288,11 +298,13 @@ def _attention_settings(config: dict, model_type: str, where: str) -> dict:
     this config.json; one ValueError for anything else (windows, partial or other scaled RoPE, ...)."""
     d_model, n_heads = _require(config, "hidden_size", where), _require(config, "num_attention_heads", where)
     kv_heads = config.get("num_key_value_heads") or n_heads
-    _refuse_unless(n_heads % kv_heads == 0, where, f"num_key_value_heads={kv_heads} does not divide num_attention_heads={n_heads}")
+    _refuse_unless(n_heads % kv_heads == 0, where,
+                   f"num_key_value_heads={kv_heads} does not divide num_attention_heads={n_heads}")
     head_dim = config.get("head_dim") or d_model // n_heads
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    _refuse_unless(rope_type in ("default", "llama3"), where, f"scaled RoPE of type {rope_type!r} (only Llama-3's, rope_type='llama3', is implemented)")
+    _refuse_unless(rope_type in ("default", "llama3"), where,
+                   f"scaled RoPE of type {rope_type!r} (only Llama-3's, rope_type='llama3', is implemented)")
     partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.5 if model_type == GLM4_MOE else 1.0))
     _refuse_unless(partial == 1.0, where, f"partial rotary embeddings (partial_rotary_factor={partial})")
     _refuse_unless(not config.get("mlp_bias", False), where, "mlp_bias=true")
@@ -304,17 +316,21 @@ def _attention_settings(config: dict, model_type: str, where: str) -> dict:
     elif model_type == GLM4_MOE:
         qkv_bias = bool(config.get("attention_bias", False))
     else:
-        _refuse_unless(not config.get("attention_bias", False), where, "attention_bias=true (a bias on the output projection too)")
+        _refuse_unless(not config.get("attention_bias", False), where,
+                       "attention_bias=true (a bias on the output projection too)")
         qkv_bias = False
     qk_norm = {QWEN3_MOE: "head", OLMOE: "projection"}.get(model_type, "none")
     if model_type == GLM4_MOE and config.get("use_qk_norm", False):
         qk_norm = "head"
     if model_type == OLMOE:
         _refuse_unless(config.get("clip_qkv") is None, where, f"clip_qkv={config.get('clip_qkv')} (q/k/v clamped)")
-        _refuse_unless(head_dim * n_heads == d_model, where, f"head_dim={head_dim} * num_attention_heads != hidden_size={d_model} "
+        _refuse_unless(head_dim * n_heads == d_model, where,
+                       f"head_dim={head_dim} * num_attention_heads != hidden_size={d_model} "
                        "(OLMoE sizes its q/k norms from hidden_size)")
     window = config.get("sliding_window")
-    windowed = window is not None and window != 0 and config.get("use_sliding_window", model_type in (MIXTRAL, LLAMA, ARCEE, OLMOE, GLM4_MOE))
+    # Families without a use_sliding_window flag use their window whenever one is set.
+    flagless = model_type in (MIXTRAL, LLAMA, ARCEE, OLMOE, GLM4_MOE)
+    windowed = window is not None and window != 0 and config.get("use_sliding_window", flagless)
     layer_types = config.get("layer_types") or []
     windowed = windowed or any(t != "full_attention" for t in layer_types)
     _refuse_unless(not windowed, where, f"sliding-window attention (sliding_window={window}, use_sliding_window="
@@ -529,7 +545,8 @@ def from_hf_tensors(hf, cfg: GPTConfig, model_type: str, where: str, lazy_expert
         raise ValueError(f"{where}: unexpected weight {extra[0]} ({len(extra)} in all): a part Switchyard's model does not have")
     for name, want in expected.items():
         if hf.shapes[name] != tuple(want):
-            raise ValueError(f"{where}: weight {name} has shape {list(hf.shapes[name])}, expected {list(want)} from config.json")
+            raise ValueError(f"{where}: weight {name} has shape {list(hf.shapes[name])}, "
+                             f"expected {list(want)} from config.json")
 
     class Read(dict):  # name -> fp32 tensor, read from the file on first use
         def __missing__(self, name: str) -> torch.Tensor:
