@@ -92,12 +92,12 @@ def require_positive_int(name: str, value, high: int | None = None) -> None:
 
 @dataclass
 class MoEConfig:
-    num_experts: int = 8
-    top_k: int = 2
+    num_experts: int = 8  # routed experts per MoE layer
+    top_k: int = 2  # experts each token is sent to (1 … num_experts)
     every: int = 1  # an MoE feed-forward in every `every`-th block (1 = all, 2 = alternate)
-    expert_ffn_hidden: int = 512
+    expert_ffn_hidden: int = 512  # hidden width of each expert's feed-forward
     num_shared_experts: int = 0  # always-on experts, each of width expert_ffn_hidden
-    score: str = "softmax"  # "softmax" | "sigmoid"
+    score: str = "softmax"  # router scores: "softmax" over the experts | "sigmoid" per expert (DeepSeek-V3)
     normalize_topk: bool = True  # renormalise the k selected weights to sum to 1
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
     aux_loss_scope: str = "global_batch"  # over "micro_batch" | "sequence" | "global_batch" (models/moe/balance.py)
@@ -105,7 +105,7 @@ class MoEConfig:
     jitter: float = 0.0  # multiplicative input noise U(1-j, 1+j) on the router input, training only
     bias_update_rate: float = 0.0  # aux-loss-free balancing step (DeepSeek-V3); 0 = off
     capacity_factor: Optional[float] = None  # None = dropless; else per-expert capacity, overflow dropped
-    backend: str = "torch"  # "torch" (grouped GEMM / loop) | "megablocks" (CUDA)
+    backend: str = "torch"  # expert GEMMs: "torch" (grouped_mm, else a loop) | "megablocks" (CUDA, bf16)
     # Scale the shared experts' output by sigmoid(w · x), one learnt gate per token (Qwen1.5/2-MoE); false = ungated.
     shared_expert_gate: bool = False
 
@@ -138,7 +138,7 @@ class RopeScalingConfig:
     original_max_seq_len / low_freq_factor are stretched by `factor`, shorter than
     original_max_seq_len / high_freq_factor kept, and those between interpolated smoothly."""
 
-    type: str = "none"  # "none" (plain RoPE) | "llama3"
+    type: str = "none"  # "none" (plain RoPE) | "llama3" (Llama-3.1's frequency scaling, shaped by the fields below)
     factor: float = 8.0  # llama3: how much longer the context is than the original one
     low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_seq_len / this are divided by factor
     high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_seq_len / this are kept
@@ -160,10 +160,10 @@ class RopeScalingConfig:
 @dataclass
 class ModelConfig:
     vocab_size: int = 8192  # overwritten from the tokenizer by the training job
-    max_seq_len: int = 256
-    n_layers: int = 4
-    d_model: int = 256
-    n_heads: int = 4
+    max_seq_len: int = 256  # longest sequence the rotary tables cover (conf/ sets it to train.seq_len)
+    n_layers: int = 4  # transformer blocks
+    d_model: int = 256  # width of the residual stream (divisible by n_heads, with an even head size)
+    n_heads: int = 4  # attention (query) heads
     # Key/value heads: null = n_heads (multi-head attention); fewer = grouped-query attention, each shared
     # by n_heads / n_kv_heads query heads (1 = multi-query). Must divide n_heads.
     n_kv_heads: Optional[int] = None
@@ -174,11 +174,11 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the q, k and v projections (Qwen1.5/2/2.5); the output projection has none
     ffn_hidden: int = 1024  # dense feed-forward width (blocks without MoE)
     activation: str = "swiglu"  # "swiglu" | "gelu", for dense FFN and experts alike
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
+    tie_embeddings: bool = True  # the output projection shares the token embedding's weights
+    rope_theta: float = 10000.0  # base of the rotary position embedding's frequencies
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # e.g. model.rope_scaling.type=llama3
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    norm_eps: float = 1e-5  # RMSNorm's epsilon
+    init_std: float = 0.02  # standard deviation of the random initial weights
     # Initial weights of a fresh run: null (random), "hf:<dir>" or "upcycle:<dir>" (train/hf/init_from.py).
     init_from: Optional[str] = None
 
