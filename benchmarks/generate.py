@@ -8,7 +8,8 @@ head_dim 64 != d_model / n_heads, per-head q/k norms, 16 experts top-4) is writt
 train.export_hf.write_hf_model and loaded by transformers' AutoModelForCausalLM. Before timing, the
 three must give the same greedy tokens (else the run stops). Then each generates `--new` tokens after a
 `--prompt`-token prompt, the three interleaved round by round; tokens/s from the median round.
-Prints a table and writes JSON (default benchmarks/results/generate_cpu.json).
+Prints a table and writes JSON to benchmarks/local/generate_cpu.json (untracked); --update-results writes the
+committed benchmarks/results/generate_cpu.json.
 """
 
 from __future__ import annotations
@@ -54,8 +55,13 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate_cpu.json"))
+    parser.add_argument("--out", default=None,
+                        help="the JSON record (default: benchmarks/local/generate_cpu.json, untracked; see --update-results)")
+    parser.add_argument("--update-results", action="store_true",
+                        help="write benchmarks/results/generate_cpu.json, the committed record")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = str(Path(__file__).parent / ("results" if args.update_results else "local") / "generate_cpu.json")
     import transformers
 
     torch.set_num_threads(1)
