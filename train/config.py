@@ -49,7 +49,9 @@ class ParallelConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0  # ZeRO stage for the dense weights: 0, 1, 2 or 3 (experts stay whole on their EP rank)
+    # ZeRO stage, 0, 1, 2 or 3: DeepSpeed partitions the dense weights' optimizer state (1), gradients (2) and
+    # weights (3); FSDP2 shards the experts over their expert-data-parallel ranks from 1 on (parallel/zero.py)
+    zero_stage: int = 0
 
 
 @dataclass
