@@ -74,7 +74,7 @@ def repartition(values: list[torch.Tensor], have: list[list[Piece]], want: list[
                 send_parts.append(v[lo - have[i][rank].start : hi - have[i][rank].start].to(device))
                 count += hi - lo
         input_splits.append(count)
-    output_splits = [sum(max(0, hi - lo) for lo, hi in (_overlap(have[i][peer], want[i][rank]) for i in range(len(values))))
+    output_splits = [sum(max(0, hi - lo) for lo, hi in (_overlap(h[peer], w[rank]) for h, w in zip(have, want)))
                      for peer in range(world)]
     dtype = values[0].dtype
     send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype, device=device)
