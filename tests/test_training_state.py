@@ -63,7 +63,7 @@ def _save_after_one_step(rank: int, world: int, folder: str) -> None:
         trainer.train(False)
         idx = batch(rank)
         logits, _ = trainer.forward(idx[:, :-1])
-        torch.testing.assert_close(logits, reference(idx[:, :-1])[0], rtol=1e-5, atol=1e-6, msg=lambda m: f"{stage}: {m}")
+        torch.testing.assert_close(logits, reference(idx[:, :-1])[0], rtol=1e-5, atol=1e-6, msg=f"ZeRO-{stage}")
         trainer.train(True)
         logits, _ = trainer.forward(idx[:, :-1])
         trainer.backward(F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()))
