@@ -17,8 +17,9 @@ DCP writes every element once and reads exactly the pieces another layout holds:
 - dense weights and their AdamW moments, on a 1-D mesh of the world: `Replicate()` where every
   rank holds them whole (weights under ZeRO 0-2, moments under ZeRO-0), else `Shard(0)`. ZeRO-3's
   partitions are Shard(0)'s chunks (views, nothing is copied); ZeRO-1/2 hold ranges of any length
-  (parallel/flat_split.py), moved into Shard(0)'s chunks by one all-to-all on saving and back on
-  loading: a copy of this rank's share of the moments while that runs.
+  (parallel/flat_split.py), moved into Shard(0)'s chunks by one all-to-all per moment on saving and
+  back on loading: while that runs a rank holds copies of its share of the moments (the chunks,
+  and one moment's send and receive buffers), never a whole tensor.
 - experts and their moments: views of this rank's EP shard (and FSDP2 slice) as a piece of the
   global [E, ...] tensor on the (edp, ep) mesh (parallel/zero.py: expert_global_view).
 - buffers (the routers' selection bias): `Replicate()` on the world mesh.
