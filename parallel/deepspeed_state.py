@@ -241,4 +241,3 @@ class DenseShards:
         for state in self.client_optimizer.state.values():
             if "step" in state:
                 yield state
-
