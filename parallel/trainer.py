@@ -39,6 +39,12 @@ class Trainer:
         return self.engine(idx_BS)
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.experts_sharded:
+            # FSDP2 reduce-scatters expert gradients once per optimizer step, in the last micro-batch's
+            # backward; earlier ones accumulate the unsharded gradients locally.
+            sync = self.engine.is_gradient_accumulation_boundary()
+            for module in self.experts.values():
+                module.set_requires_gradient_sync(sync)
         self.engine.backward(loss)  # scales by 1/grad_accum; expert grads get the same scaling
 
     def step(self, lr: float) -> float | None:
