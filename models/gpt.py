@@ -106,8 +106,9 @@ class GPT(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
-    def forward(self, idx_BS: torch.Tensor) -> tuple[torch.Tensor, list[MoEStats]]:
-        """Returns logits [B, S, V] (fp32) and the stats of every MoE layer, in depth order."""
+    def forward(self, idx_BS: torch.Tensor, logits: bool = True) -> tuple[torch.Tensor | None, list[MoEStats]]:
+        """Returns logits [B, S, V] (fp32) and the stats of every MoE layer, in depth order.
+        `logits=False` stops after the blocks (None for logits): for a pass that only wants the routing."""
         S = idx_BS.shape[1]
         if S > self.cfg.model.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len ({self.cfg.model.max_seq_len})")
@@ -118,6 +119,8 @@ class GPT(nn.Module):
             x_BSD, stats = block(x_BSD, cos, sin)
             if stats is not None:
                 all_stats.append(stats)
+        if not logits:
+            return None, all_stats
         return self.lm_head(self.norm(x_BSD)).float(), all_stats
 
     @torch.no_grad()

@@ -35,8 +35,8 @@ class Trainer:
     def module(self) -> nn.Module:
         return self.engine.module
 
-    def forward(self, idx_BS: torch.Tensor):
-        return self.engine(idx_BS)
+    def forward(self, idx_BS: torch.Tensor, logits: bool = True):
+        return self.engine(idx_BS, logits=logits)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.experts_sharded:
