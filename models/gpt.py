@@ -5,6 +5,9 @@ Shape legend: B batch, S sequence, D hidden, H heads, Dh head size, V vocabulary
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +43,11 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash/fused kernel on CUDA
         return self.proj(y_BHSDh.transpose(1, 2).reshape(B, S, D))
+
+    def reset_parameters(self, init_std: float, num_layers: int) -> None:
+        nn.init.normal_(self.qkv.weight, std=init_std)
+        # The residual branch's output projection shrinks with depth (GPT-2).
+        nn.init.normal_(self.proj.weight, std=init_std / (2 * num_layers) ** 0.5)
 
 
 class Block(nn.Module):
@@ -87,21 +95,33 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """Every parameter and buffer from the global RNG: also after building on the meta device
         and materialising with `to_empty` (see parallel/parallelize.py)."""
-        m = self.cfg.model
         self.tie_weights()
+        self.init_buffers()
+        for _, init in self.init_units():
+            init()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The model's own buffers (rotary tables): no random draw."""
+        m = self.cfg.model
         cos, sin = rotary_tables(m.max_seq_len, m.d_model // m.n_heads, m.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        nn.init.normal_(self.embed.weight, std=m.init_std)
+
+    def init_units(self) -> list[tuple[nn.Module, Callable[[], None]]]:
+        """The initialisation as (module, function that initialises every parameter and buffer
+        under it), in the order of their draws from the global RNG. `init_weights` runs them all;
+        a sharded set-up (parallel/parallelize.py) can materialise one unit at a time, keep its
+        shard and free the rest, and still draw exactly these values."""
+        m = self.cfg.model
+        units: list[tuple[nn.Module, Callable[[], None]]] = [(self.embed, lambda: nn.init.normal_(self.embed.weight, std=m.init_std))]
         if not m.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=m.init_std)
-        for module in self.modules():
-            if isinstance(module, nn.RMSNorm):
-                module.reset_parameters()  # ones
+            units.append((self.lm_head, lambda: nn.init.normal_(self.lm_head.weight, std=m.init_std)))
+        units += [(module, module.reset_parameters) for module in self.modules() if isinstance(module, nn.RMSNorm)]  # ones
         for block in self.blocks:
-            nn.init.normal_(block.attn.qkv.weight, std=m.init_std)
-            nn.init.normal_(block.attn.proj.weight, std=m.init_std / (2 * m.n_layers) ** 0.5)
-            block.ffn.reset_parameters(m.init_std, m.n_layers)
+            units.append((block.attn, partial(block.attn.reset_parameters, m.init_std, m.n_layers)))
+            units.append((block.ffn, partial(block.ffn.reset_parameters, m.init_std, m.n_layers)))
+        return units
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]

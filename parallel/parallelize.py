@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.moe.experts import GroupedExperts
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.deepspeed_state import DenseShards, ensure_adamw_state
 from parallel.dims import ParallelDims
@@ -30,8 +31,10 @@ from parallel.zero import deepspeed_config, detach_experts, shard_experts, skip_
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
+    config = deepspeed_config(job.deepspeed.zero_stage, job.train.micro_batch, job.train.grad_accum, dims.world_size,
+                              job.model.d_model)
     apply_expert_parallel(model, dims)  # 1
-    materialize(model, dims.device, job.train.seed)  # 2
+    materialize(model, dims.device, job.train.seed, zero3_config=config if job.deepspeed.zero_stage == 3 else None)  # 2
     apply_activation_checkpointing(model, job.train.activation_checkpointing)  # 3
     experts = detach_experts(model)  # 4
     experts_sharded = shard_experts(experts, dims, job.deepspeed.zero_stage)
@@ -41,8 +44,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
     expert_optimizer = adamw(expert_params, job.optim) if expert_params else None
     if expert_optimizer is not None:
         ensure_adamw_state(expert_optimizer)  # so that a checkpoint can load into it before step 1
-    config = deepspeed_config(job.deepspeed.zero_stage, job.train.micro_batch, job.train.grad_accum, dims.world_size,
-                              job.model.d_model)
     import deepspeed  # heavy import, only where the engine is built
 
     skip_deepspeed_shm_op()
@@ -52,22 +53,54 @@ def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+def materialize(model: nn.Module, device: torch.device, seed: int, zero3_config: dict | None = None) -> None:
     """Allocate a model built on the meta device and initialise it from `seed`; a model built on a
-    real device is only moved."""
-    if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device=device)
-        torch.manual_seed(seed)
-        model.init_weights()
-    else:
+    real device is only moved. With `zero3_config` (DeepSpeed ZeRO-3), the dense weights are
+    materialised one initialisation unit at a time (GPT.init_units: the embedding, a norm, an
+    attention, a feed-forward) and handed to DeepSpeed at once, which keeps this rank's partition and
+    frees the rest: no rank ever holds the whole dense model, and the values are those of
+    `init_weights` on one process (the same draws from the same RNG, in the same order)."""
+    if not any(p.is_meta for p in model.parameters()):
         model.to(device)
+        return
+    torch.manual_seed(seed)
+    if zero3_config is None:
+        model.to_empty(device=device)
+        model.init_weights()
+        return
+    model.to_empty(device=device, recurse=False)  # the model's own buffers
+    model.init_buffers()
+    for unit, init in model.init_units():
+        unit.to_empty(device=device)
+        model.tie_weights()  # to_empty gives the embedding a new parameter
+        init()
+        partition_dense_weights(unit, zero3_config)
+    assert not any(p.is_meta for p in model.parameters()), "an initialisation unit left a weight on the meta device"
+
+
+def partition_dense_weights(module: nn.Module, zero3_config: dict) -> None:
+    """DeepSpeed ZeRO-3 partitioning of the dense parameters under `module` (the routed experts are
+    left alone: FSDP2 shards them later). The same conversion the engine would apply to a whole
+    model, one module at a time."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    skip_deepspeed_shm_op()
+    expert_params = {id(p) for sub in module.modules() if isinstance(sub, GroupedExperts) for p in sub.parameters()}
+    dense = [p for p in module.parameters() if id(p) not in expert_params and not is_zero_param(p)]
+    if dense:
+        holder = nn.Module()
+        holder.weights = nn.ParameterList(dense)  # the same Parameter objects, converted in place
+        deepspeed.zero.Init(module=holder, config_dict_or_path=zero3_config)
 
 
 def adamw(params, optim) -> torch.optim.AdamW:
-    """Weight decay on matrices only; norms (1-D) are left alone."""
+    """Weight decay on matrices only; norms (1-D) are left alone. (A ZeRO-3 partitioned parameter
+    keeps its shape in `ds_shape`.)"""
     params = list(params)
+    matrices = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": matrices, "weight_decay": optim.weight_decay},
+        {"params": [p for p in params if not any(p is m for m in matrices)], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
