@@ -86,6 +86,7 @@ def partition_dense_weights(module: nn.Module, zero3_config: dict) -> None:
     from deepspeed.runtime.zero.partition_parameters import is_zero_param
 
     skip_deepspeed_shm_op()
+    deepspeed.init_distributed(dist_init_required=False)  # DeepSpeed's view of the existing process group
     expert_params = {id(p) for sub in module.modules() if isinstance(sub, GroupedExperts) for p in sub.parameters()}
     dense = [p for p in module.parameters() if id(p) not in expert_params and not is_zero_param(p)]
     if dense:

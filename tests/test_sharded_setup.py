@@ -1,0 +1,92 @@
+"""At scale no rank materialises weights it will not keep: under ZeRO-3 each of 4 ranks (ep=2)
+holds at most its share of the dense weights plus one initialisation unit while setting up, far
+below the whole dense model, and still starts from exactly the single-process initial weights."""
+
+import torch
+from torch import nn
+
+from models.gpt import GPT
+from models.moe.experts import GroupedExperts
+from parallel.dims import init_parallel
+from parallel.expert_parallel import apply_expert_parallel
+from parallel.memory import profiled_allocation_peak
+from parallel.parallelize import materialize
+from parallel.zero import deepspeed_config
+from tests.ranks import run_ranks
+from train.config import JobConfig
+
+WORLD, EP = 4, 2
+
+
+def wide_dense_job() -> JobConfig:
+    """Dense weights of ~7.4M (30 MB fp32) in 16 blocks; the largest single initialisation unit (a
+    dense feed-forward, 0.4M) is a small part of it."""
+    job = JobConfig()
+    job.model.vocab_size, job.model.max_seq_len, job.model.n_layers = 256, 16, 16
+    job.model.d_model, job.model.n_heads, job.model.ffn_hidden = 256, 4, 512
+    job.moe.num_experts, job.moe.expert_ffn_hidden, job.moe.every = 4, 16, 2
+    job.deepspeed.zero_stage = 3
+    return job
+
+
+def dense_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    experts = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    return {name: p for name, p in model.named_parameters() if id(p) not in experts}
+
+
+def nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def build(job, dims) -> GPT:
+    with torch.device("meta"):
+        model = GPT(job.gpt_config())
+    apply_expert_parallel(model, dims)
+    return model
+
+
+def _setup_worker(rank, world_size):
+    import deepspeed
+
+    job = wide_dense_job()
+    dims = init_parallel(ep=EP, num_experts=job.moe.num_experts, device=torch.device("cpu"))
+    config = deepspeed_config(3, job.train.micro_batch, job.train.grad_accum, dims.world_size, job.model.d_model)
+    model = build(job, dims)
+    dense = dense_parameters(model)
+    dense_bytes = nbytes(dense.values())
+    largest_unit = max(nbytes(p for p in unit.parameters() if any(p is d for d in dense.values()))
+                       for unit, _ in model.init_units())
+    local_expert_bytes = nbytes(p for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
+    assert largest_unit < dense_bytes / 10
+
+    peak = profiled_allocation_peak(lambda: materialize(model, dims.device, job.train.seed, zero3_config=config))
+    # This rank's quarter of the dense weights, its own experts, and the unit being initialised with
+    # room for DeepSpeed's transient copies while it broadcasts and partitions it (measured: 11.8 MB
+    # against 7.4 + 0.8 MB, a unit being 1.6 MB).
+    budget = dense_bytes / WORLD + 3 * largest_unit + local_expert_bytes + 64 * 1024
+    print(f"rank {rank}: set-up peak {peak} bytes, budget {budget:.0f}, whole dense model {dense_bytes}")
+    assert peak <= budget, (peak, budget, dense_bytes)
+    assert peak < dense_bytes / 2, (peak, dense_bytes)
+
+    # The control: materialising the whole model first, as before, takes at least all of it.
+    whole_first = build(job, dims)
+    assert profiled_allocation_peak(lambda: materialize(whole_first, dims.device, job.train.seed)) >= dense_bytes
+
+    # The same initial model as one process's: every dense weight (gathered) and the local experts.
+    with torch.device("meta"):
+        single = GPT(job.gpt_config())
+    materialize(single, torch.device("cpu"), job.train.seed)
+    want = dict(single.named_parameters())
+    for name, p in model.named_parameters():
+        if name in dense:
+            assert p.numel() == 0 or p.numel() < want[name].numel()  # partitioned, not whole
+            with deepspeed.zero.GatheredParameters([p]):
+                torch.testing.assert_close(p.data, want[name].data, rtol=0, atol=0, msg=name)
+        else:  # an expert weight: this rank's experts of the whole layer
+            layer = model.get_submodule(name.rsplit(".", 1)[0])
+            torch.testing.assert_close(p.data, want[name][layer.first_expert : layer.first_expert + layer.num_experts],
+                                       rtol=0, atol=0, msg=name)
+
+
+def test_zero3_setup_holds_far_less_than_the_dense_model_and_the_same_initial_weights():
+    run_ranks(WORLD, _setup_worker)
