@@ -1,7 +1,7 @@
 """What each balance-loss scope costs: tokens/s of the training step (train/loop.py: run_step, as the
 job runs it) at train.grad_accum 1 and 4 for each moe.aux_loss_scope, side by side in one run.
 
-    python benchmarks/balance_cost.py [--rounds 6] [--micro-batch 4] [--seq-len 128]
+    python benchmarks/balance_cost.py [--rounds 6] [--micro-batch 2] [--seq-len 128]
 
 One process, ZeRO-0, fp32, 1 torch thread, the default model (4 blocks, d_model 256, 8 experts top-2,
 vocabulary 8192) on random tokens. One trainer per arm, built alike from the same seed; the arms take
@@ -66,7 +66,7 @@ def build_arm(arm: str, grad_accum: int, args, tokens: np.ndarray, dims):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6, help="timed rounds (each arm one step per round), after one untimed")
-    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "balance_cost_cpu.json"))
     args = parser.parse_args(argv)

@@ -1,6 +1,7 @@
-"""At scale no rank materialises weights it will not keep: under ZeRO-3 each of 4 ranks (ep=2)
-holds at most its share of the dense weights plus one initialisation unit while setting up, far
-below the whole dense model, and still starts from exactly the single-process initial weights."""
+"""At scale no rank materialises weights it will not keep: under ZeRO-3 each of 4 ranks (ep=2, so
+experts sharded over EDP groups of 2) holds at most its share of the dense weights, its shards of
+its experts and one initialisation unit while setting up, far below the whole dense model, and
+still starts from exactly the single-process initial weights."""
 
 import torch
 from torch import nn
@@ -10,8 +11,8 @@ from models.moe.experts import GroupedExperts
 from parallel.dims import init_parallel
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.memory import profiled_allocation_peak
-from parallel.parallelize import materialize
-from parallel.zero import deepspeed_config
+from parallel.parallelize import materialize, materialize_expert_shards
+from parallel.zero import EXPERT_SHARD_DIM, deepspeed_config, detach_experts, local_tensor, shard_experts
 from tests.ranks import run_ranks
 from train.config import JobConfig
 
@@ -24,7 +25,7 @@ def wide_dense_job() -> JobConfig:
     job = JobConfig()
     job.model.vocab_size, job.model.max_seq_len, job.model.n_layers = 256, 16, 16
     job.model.d_model, job.model.n_heads, job.model.ffn_hidden = 256, 4, 512
-    job.moe.num_experts, job.moe.expert_ffn_hidden, job.moe.every = 4, 16, 2
+    job.moe.num_experts, job.moe.expert_ffn_hidden, job.moe.every = 4, 64, 2
     job.deepspeed.zero_stage = 3
     return job
 
@@ -59,11 +60,18 @@ def _setup_worker(rank, world_size):
     local_expert_bytes = nbytes(p for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
     assert largest_unit < dense_bytes / 10
 
-    peak = profiled_allocation_peak(lambda: materialize(model, dims.device, job.train.seed, zero3_config=config))
-    # This rank's quarter of the dense weights, its own experts, and the unit being initialised with
-    # room for DeepSpeed's transient copies while it broadcasts and partitions it (measured: 11.8 MB
-    # against 7.4 + 0.8 MB, a unit being 1.6 MB).
-    budget = dense_bytes / WORLD + 3 * largest_unit + local_expert_bytes + 64 * 1024
+    def set_up():  # parallelize's steps 1, 2 and 4: the weights this rank keeps, initialised
+        materialize(model, dims.device, job.train.seed, zero3_config=config, experts_stay_meta=True)
+        experts.update(detach_experts(model))
+        assert shard_experts(experts, dims, zero_stage=3)
+        materialize_expert_shards(experts, dims)
+
+    experts = {}
+    peak = profiled_allocation_peak(set_up)
+    # This rank's quarter of the dense weights, half of its experts (its EDP shard), and the unit being
+    # initialised with room for DeepSpeed's transient copies while it broadcasts and partitions it
+    # (measured: 11.8 MB against 7.4 + 0.8 MB, a unit being 1.6 MB).
+    budget = dense_bytes / WORLD + 3 * largest_unit + local_expert_bytes / 2 + 64 * 1024
     print(f"rank {rank}: set-up peak {peak} bytes, budget {budget:.0f}, whole dense model {dense_bytes}")
     assert peak <= budget, (peak, budget, dense_bytes)
     assert peak < dense_bytes / 2, (peak, dense_bytes)
@@ -82,10 +90,11 @@ def _setup_worker(rank, world_size):
             assert p.numel() == 0 or p.numel() < want[name].numel()  # partitioned, not whole
             with deepspeed.zero.GatheredParameters([p]):
                 torch.testing.assert_close(p.data, want[name].data, rtol=0, atol=0, msg=name)
-        else:  # an expert weight: this rank's experts of the whole layer
-            layer = model.get_submodule(name.rsplit(".", 1)[0])
-            torch.testing.assert_close(p.data, want[name][layer.first_expert : layer.first_expert + layer.num_experts],
-                                       rtol=0, atol=0, msg=name)
+    for prefix, module in experts.items():  # this rank's FSDP shard of its experts of the whole layer
+        for name, p in module.named_parameters():
+            whole = want[f"{prefix}.{name}"][module.first_expert : module.first_expert + module.num_experts]
+            shard = whole.chunk(dims.edp, dim=EXPERT_SHARD_DIM)[dims.edp_rank]
+            torch.testing.assert_close(local_tensor(p), shard, rtol=0, atol=0, msg=f"{prefix}.{name}")
 
 
 def test_zero3_setup_holds_far_less_than_the_dense_model_and_the_same_initial_weights():
