@@ -127,13 +127,19 @@ def partition_dense_weights(module: nn.Module, zero3_config: dict) -> None:
         deepspeed.zero.Init(module=holder, config_dict_or_path=zero3_config)
 
 
-def adamw(params, optim) -> torch.optim.AdamW:
-    """Weight decay on matrices only; norms (1-D) are left alone. (A ZeRO-3 partitioned parameter
-    keeps its shape in `ds_shape`.)"""
+def parameter_groups(params) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """AdamW's two groups, in this order: matrices (weight decay) and 1-D tensors (norms: none). A
+    ZeRO-3 partitioned parameter is empty here and keeps its shape in `ds_shape`."""
     params = list(params)
-    matrices = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
-    groups = [
-        {"params": matrices, "weight_decay": optim.weight_decay},
-        {"params": [p for p in params if not any(p is m for m in matrices)], "weight_decay": 0.0},
-    ]
+
+    def ndim(p) -> int:
+        return len(getattr(p, "ds_shape", p.shape))
+
+    return [p for p in params if ndim(p) >= 2], [p for p in params if ndim(p) < 2]
+
+
+def adamw(params, optim) -> torch.optim.AdamW:
+    """Weight decay on matrices only; norms (1-D) are left alone."""
+    matrices, vectors = parameter_groups(params)
+    groups = [{"params": matrices, "weight_decay": optim.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)

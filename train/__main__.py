@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from parallel.dims import shutdown
-from train.check import hydra_error_line
+from train.cli import EXIT_USAGE, hydra_error_line, print_error
 from train.config import JobConfig, refuse_unknown_keys, register_configs
 from train.logging import quiet_third_party_logs
 from train.loop import TrainingDiverged, train
@@ -29,6 +29,7 @@ from train.sweep import in_sweep, is_first_process
 register_configs()
 _job_started = False  # an OSError before the job started comes from Hydra creating the run directory
 OTHER_RANKS_WAIT_S = 30.0
+EXIT_DIVERGED = 3
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
@@ -57,11 +58,11 @@ def main(cfg: DictConfig) -> dict:
 def report(message) -> None:
     """Rank 0 speaks for all: every rank checks the same settings and reaches the same verdict."""
     if is_first_process():
-        print(f"switchyard: error: {message}", file=sys.stderr, flush=True)
+        print_error(message)
 
 
 def exit_code(err: Exception) -> int:
-    return 3 if isinstance(err, TrainingDiverged) else 2
+    return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_USAGE
 
 
 def fail(message: str, code: int) -> None:
@@ -75,7 +76,7 @@ def fail(message: str, code: int) -> None:
     else:
         time.sleep(OTHER_RANKS_WAIT_S)
         rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
-        print(f"switchyard: error: (rank {rank}) {message}", file=sys.stderr, flush=True)
+        print_error(f"(rank {rank}) {message}")
     sys.exit(code)
 
 
@@ -95,12 +96,12 @@ def cli() -> None:
     try:
         main()
     except (HydraException, OmegaConfBaseException) as err:  # bad override, wrong type, unknown key
-        fail(hydra_error_line(err, sys.argv[1:]), 2)
+        fail(hydra_error_line(err, sys.argv[1:]), EXIT_USAGE)
     except OSError as err:
         if _job_started:
             raise
         fail(f"cannot create the run directory: {err.filename}: {err.strerror} "
-             "(set run_name, hydra.run.dir or, for sweeps, hydra.sweep.dir to a writable place)", 2)
+             "(set run_name, hydra.run.dir or, for sweeps, hydra.sweep.dir to a writable place)", EXIT_USAGE)
     except (ValueError, TrainingDiverged) as err:  # a sweep with a failed job: each job printed its line
         fail(f"at least one sweep job failed, e.g.: {err}", exit_code(err))
 

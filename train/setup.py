@@ -17,6 +17,7 @@ from parallel.parallelize import parallelize
 from parallel.trainer import Trainer
 from train.checkpoint.manager import CheckpointManager
 from train.config import JobConfig
+from train.preflight import preflight
 from train.data import PreparedData, prepare_data
 from train.hf.init_from import load_initial_weights
 from train.metrics import flops_per_token
@@ -65,7 +66,7 @@ def pick_autocast_dtype(job: JobConfig, device: torch.device) -> torch.dtype | N
 
 def setup(job: JobConfig) -> Run:
     """Everything that can fail because of the user's input fails here, as a ValueError."""
-    job.validate()
+    preflight(job)
     dims = init_parallel(job.parallel.ep, job.moe.num_experts, pick_device(job))
     if dims.device.type == "cuda":
         torch.cuda.set_device(dims.device)
