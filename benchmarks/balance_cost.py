@@ -65,7 +65,8 @@ def build_arm(arm: str, grad_accum: int, args, tokens: np.ndarray, dims):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6, help="timed rounds (each arm one step per round), after one untimed")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="timed rounds (each arm one step per round), after one untimed")
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "balance_cost_cpu.json"))
@@ -97,11 +98,12 @@ def main(argv=None) -> None:
         base = next(r for r in rows if r["grad_accum"] == row["grad_accum"] and r["aux_loss_scope"] == "micro_batch")
         row["vs_micro_batch"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
         row["vs_micro_batch_wall"] = round(row["tokens_per_wall_s"] / base["tokens_per_wall_s"], 3)
-    print("| `train.grad_accum` | `moe.aux_loss_scope` | tokens per CPU-second | vs micro_batch | (wall clock: vs micro_batch) |")
+    print("| `train.grad_accum` | `moe.aux_loss_scope` | tokens per CPU-second | vs micro_batch "
+          "| (wall clock: vs micro_batch) |")
     print("|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['grad_accum']} | {row['aux_loss_scope']} | {row['tokens_per_s']:.0f} | {row['vs_micro_batch']:.3f} "
-              f"| {row['vs_micro_batch_wall']:.3f} |")
+        print(f"| {row['grad_accum']} | {row['aux_loss_scope']} | {row['tokens_per_s']:.0f} "
+              f"| {row['vs_micro_batch']:.3f} | {row['vs_micro_batch_wall']:.3f} |")
     record = {"command": "python benchmarks/balance_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

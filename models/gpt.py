@@ -114,10 +114,13 @@ class GPT(nn.Module):
         a sharded set-up (parallel/parallelize.py) can materialise one unit at a time, keep its
         shard and free the rest, and still draw exactly these values."""
         m = self.cfg.model
-        units: list[tuple[nn.Module, Callable[[], None]]] = [(self.embed, lambda: nn.init.normal_(self.embed.weight, std=m.init_std))]
+        units: list[tuple[nn.Module, Callable[[], None]]] = [
+            (self.embed, lambda: nn.init.normal_(self.embed.weight, std=m.init_std)),
+        ]
         if not m.tie_embeddings:
             units.append((self.lm_head, lambda: nn.init.normal_(self.lm_head.weight, std=m.init_std)))
-        units += [(module, module.reset_parameters) for module in self.modules() if isinstance(module, nn.RMSNorm)]  # ones
+        norms = [module for module in self.modules() if isinstance(module, nn.RMSNorm)]
+        units += [(norm, norm.reset_parameters) for norm in norms]  # ones: no draw
         for block in self.blocks:
             units.append((block.attn, partial(block.attn.reset_parameters, m.init_std, m.n_layers)))
             units.append((block.ffn, partial(block.ffn.reset_parameters, m.init_std, m.n_layers)))

@@ -107,7 +107,8 @@ def local_cuda_device(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_parallel(ep: int, num_experts: int, device: torch.device, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> ParallelDims:
+def init_parallel(ep: int, num_experts: int, device: torch.device,
+                  timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> ParallelDims:
     """Validate degrees (before any collective, so a bad setting cannot hang), then build the groups.
     `timeout`: how long a collective may wait for the other ranks."""
     world_size, rank, local_rank = read_launch_env()

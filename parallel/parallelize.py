@@ -30,8 +30,15 @@ from parallel.deepspeed_state import DenseShards, ensure_adamw_state
 from parallel.dims import ParallelDims
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.trainer import Trainer
-from parallel.zero import (EXPERT_SHARD_DIM, deepspeed_config, detach_experts, experts_are_sharded, local_tensor,
-                           shard_experts, skip_deepspeed_shm_op)
+from parallel.zero import (
+    EXPERT_SHARD_DIM,
+    deepspeed_config,
+    detach_experts,
+    experts_are_sharded,
+    local_tensor,
+    shard_experts,
+    skip_deepspeed_shm_op,
+)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
@@ -91,7 +98,8 @@ def materialize(model: nn.Module, device: torch.device, seed: int, zero3_config:
         init()
         if zero3_config is not None:
             partition_dense_weights(unit, zero3_config)
-    left = [name for name, p in model.named_parameters() if p.is_meta and not (experts_stay_meta and ".experts." in f".{name}")]
+    left = [name for name, p in model.named_parameters()
+            if p.is_meta and not (experts_stay_meta and ".experts." in f".{name}")]
     assert not left, f"no initialisation unit covers {left}"
 
 

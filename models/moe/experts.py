@@ -106,7 +106,8 @@ class GroupedExperts(nn.Module):
         for name, std in stds.items():
             weight = getattr(self, name)
             if weight is not None:
-                values[name] = torch.empty(weight.shape[1:], dtype=weight.dtype, device="cpu").normal_(0.0, std, generator=generator)
+                values[name] = torch.empty(weight.shape[1:], dtype=weight.dtype, device="cpu")
+                values[name].normal_(0.0, std, generator=generator)
         return values
 
     def keep_experts(self, first: int, count: int) -> None:
