@@ -26,7 +26,7 @@ from torch import nn
 
 from models.moe.experts import GroupedExperts
 from parallel.activation_checkpointing import apply_activation_checkpointing
-from parallel.deepspeed_state import DenseShards, ensure_adamw_state
+from parallel.deepspeed_state import DenseShards, ensure_adamw_state, partition_zero3
 from parallel.dims import ParallelDims
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.trainer import Trainer
@@ -88,6 +88,8 @@ def materialize(model: nn.Module, device: torch.device, seed: int, zero3_config:
         model.to_empty(device=device)
         model.init_weights()
         return
+    if zero3_config is not None:
+        skip_deepspeed_shm_op()  # before DeepSpeed sets up its communication
     model.to_empty(device=device, recurse=False)  # the model's own buffers
     model.init_buffers()
     for unit, init in model.init_units():
@@ -97,7 +99,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int, zero3_config:
         model.tie_weights()  # to_empty gives the embedding a new parameter
         init()
         if zero3_config is not None:
-            partition_dense_weights(unit, zero3_config)
+            partition_zero3(dense_parameters(unit), zero3_config)
     left = [name for name, p in model.named_parameters()
             if p.is_meta and not (experts_stay_meta and ".experts." in f".{name}")]
     assert not left, f"no initialisation unit covers {left}"
@@ -118,21 +120,10 @@ def materialize_expert_shards(experts: dict[str, GroupedExperts], dims: Parallel
                 local_tensor(getattr(module, name))[local].copy_(piece)
 
 
-def partition_dense_weights(module: nn.Module, zero3_config: dict) -> None:
-    """DeepSpeed ZeRO-3 partitioning of the dense parameters under `module` (the routed experts are
-    left alone: FSDP2 shards them later). The same conversion the engine would apply to a whole
-    model, one module at a time."""
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import is_zero_param
-
-    skip_deepspeed_shm_op()
-    deepspeed.init_distributed(dist_init_required=False)  # DeepSpeed's view of the existing process group
-    expert_params = {id(p) for sub in module.modules() if isinstance(sub, GroupedExperts) for p in sub.parameters()}
-    dense = [p for p in module.parameters() if id(p) not in expert_params and not is_zero_param(p)]
-    if dense:
-        holder = nn.Module()
-        holder.weights = nn.ParameterList(dense)  # the same Parameter objects, converted in place
-        deepspeed.zero.Init(module=holder, config_dict_or_path=zero3_config)
+def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters under `module` that DeepSpeed owns: all but the routed experts' (FSDP2's)."""
+    experts = {id(p) for sub in module.modules() if isinstance(sub, GroupedExperts) for p in sub.parameters()}
+    return [p for p in module.parameters() if id(p) not in experts]
 
 
 def parameter_groups(params) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
