@@ -186,6 +186,13 @@ class JobConfig:
         split_init_from(self.model.init_from)
         require_choice("logging.wandb.mode", self.logging.wandb.mode, WANDB_MODES)
         self.logging.validate()
+        if self.moe.backend == "megablocks":  # its kernels are CUDA and bf16 (the machine: train/preflight.py)
+            if self.train.device == "cpu":
+                raise ValueError("moe.backend=megablocks runs on CUDA only; got train.device='cpu': "
+                                 "use train.device=cuda (or auto), or moe.backend=torch")
+            if self.train.dtype == "fp32":
+                raise ValueError("moe.backend=megablocks runs bf16 only (grouped_gemm's kernels); got "
+                                 "train.dtype='fp32': use train.dtype=bf16 (or auto), or moe.backend=torch")
 
 
 INIT_FROM_KINDS = ("hf", "upcycle")
