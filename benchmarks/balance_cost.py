@@ -9,7 +9,8 @@ their steps in turn (round robin, the first round untimed), so a load change on 
 all of them alike. Reported: each arm's tokens per CPU-second of the process (and per wall-clock second) and its ratio
 to micro_batch at the same grad_accum. One more arm runs global_batch at grad_accum 4 with the
 routing-only pass computing the output head as well, as it did before it stopped after the blocks.
-Writes JSON (default benchmarks/results/balance_cost_cpu.json).
+Writes JSON to benchmarks/local/balance_cost_cpu.json (untracked); --update-results writes the committed
+benchmarks/results/balance_cost_cpu.json.
 """
 
 from __future__ import annotations
@@ -69,8 +70,14 @@ def main(argv=None) -> None:
                         help="timed rounds (each arm one step per round), after one untimed")
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "balance_cost_cpu.json"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the JSON record (default: benchmarks/local/balance_cost_cpu.json, untracked)")
+    parser.add_argument("--update-results", action="store_true",
+                        help="write the committed record benchmarks/results/balance_cost_cpu.json instead")
     args = parser.parse_args(argv)
+    if args.out is None:  # a trial run never overwrites the committed figures by accident
+        args.out = REPO / "benchmarks" / ("results" if args.update_results else "local") / "balance_cost_cpu.json"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     dims = init_parallel(ep=1, num_experts=8, device=torch.device("cpu"))
     tokens = np.random.default_rng(0).integers(0, 8192, size=200_000).astype(np.int64)
@@ -108,7 +115,7 @@ def main(argv=None) -> None:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "torch": torch.__version__, "args": vars(args), "results": rows}
+              "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}, "results": rows}
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -35,6 +35,7 @@ class ParallelDims:
     ep: int
     device: torch.device = torch.device("cpu")  # where compute runs, and where every collective's tensors live
     mesh: Optional[DeviceMesh] = None  # axes MESH_AXES; None on one process
+    world_mesh: Optional[DeviceMesh] = None  # every rank on one axis (the dense weights' split); None on one process
     store: Optional[dist.Store] = None  # the rendezvous store (for wait_for_every_rank); None on one process
 
     @property
@@ -136,7 +137,8 @@ def init_parallel(ep: int, num_experts: int, device: torch.device,
         store = dist.PrefixStore(f"switchyard/attempt{attempt}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **device_id)
     mesh = init_device_mesh(device.type, (world_size // ep, ep), mesh_dim_names=MESH_AXES)
-    return ParallelDims(world_size, rank, local_rank, ep, device, mesh, store)
+    world_mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("world",))  # the default group, reused
+    return ParallelDims(world_size, rank, local_rank, ep, device, mesh, world_mesh, store)
 
 
 def wait_for_every_rank(dims: ParallelDims, what: str, timeout: datetime.timedelta) -> None:

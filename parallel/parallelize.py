@@ -26,7 +26,7 @@ from torch import nn
 
 from models.moe.experts import GroupedExperts
 from parallel.activation_checkpointing import apply_activation_checkpointing
-from parallel.deepspeed_state import DenseShards, ensure_adamw_state, partition_zero3
+from parallel.deepspeed_state import DenseShards, ensure_adamw_state, partition_zero3, skip_deepspeed_shm_op
 from parallel.dims import ParallelDims
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.trainer import Trainer
@@ -37,7 +37,6 @@ from parallel.zero import (
     experts_are_sharded,
     local_tensor,
     shard_experts,
-    skip_deepspeed_shm_op,
 )
 
 
@@ -94,8 +93,9 @@ def materialize(model: nn.Module, device: torch.device, seed: int, zero3_config:
     model.init_buffers()
     for unit, init in model.init_units():
         for module in unit.modules():
-            if not (experts_stay_meta and isinstance(module, GroupedExperts)):
-                module.to_empty(device=device, recurse=False)
+            own_meta = any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
+            if own_meta and not (experts_stay_meta and isinstance(module, GroupedExperts)):
+                module.to_empty(device=device, recurse=False)  # (a unit may hold an earlier one: q/k norms)
         model.tie_weights()  # to_empty gives the embedding a new parameter
         init()
         if zero3_config is not None:

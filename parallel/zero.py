@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from models.config import require_choice
 from models.moe.experts import GroupedExperts
 from parallel.dims import ParallelDims
 
@@ -33,8 +34,7 @@ EXPERT_SHARD_DIM = 1  # see the module docstring
 
 
 def validate_zero_stage(stage) -> None:
-    if stage not in ZERO_STAGES:
-        raise ValueError(f"deepspeed.zero_stage must be one of 0, 1, 2, 3; got {stage!r}")
+    require_choice("deepspeed.zero_stage", stage, ZERO_STAGES)
 
 
 DEEPSPEED_DEFAULT_BUCKET = 500_000_000  # elements: DeepSpeed's default reduce_bucket_size
@@ -68,16 +68,6 @@ def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, world_s
         # is thrown away: ours covers dense and expert gradients together (parallel/grad_norm.py).
         config["zero_optimization"]["compute_grad_norm"] = False
     return config
-
-
-def skip_deepspeed_shm_op() -> None:
-    """DeepSpeed's CPU backend compiles its `deepspeed_shm_comm` op with gcc when it sets up
-    communication (slow on the first run, noisy, needs a compiler). The op only serves
-    `inference_all_reduce`, which training never calls, and DeepSpeed builds it only when its table
-    of compatible ops says so; that table is one module-level dict whose edits persist."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def detach_experts(model: nn.Module) -> dict[str, GroupedExperts]:
