@@ -257,3 +257,8 @@ def partition_zero3(params: list[nn.Parameter], zero3_config: dict) -> None:
     holder = nn.Module()
     holder.weights = nn.ParameterList([p for p in params if not is_zero_param(p)])  # the same objects
     deepspeed.zero.Init(module=holder, config_dict_or_path=zero3_config)
+
+
+def full_shape(p: nn.Parameter) -> torch.Size:
+    """The parameter's shape in the model, also when ZeRO-3 has partitioned it (then it is empty here)."""
+    return getattr(p, "ds_shape", p.shape)

@@ -26,7 +26,7 @@ from torch import nn
 
 from models.moe.experts import GroupedExperts
 from parallel.activation_checkpointing import apply_activation_checkpointing
-from parallel.deepspeed_state import DenseShards, ensure_adamw_state, partition_zero3, skip_deepspeed_shm_op
+from parallel.deepspeed_state import DenseShards, ensure_adamw_state, full_shape, partition_zero3, skip_deepspeed_shm_op
 from parallel.dims import ParallelDims
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.trainer import Trainer
@@ -130,11 +130,7 @@ def parameter_groups(params) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """AdamW's two groups, in this order: matrices (weight decay) and 1-D tensors (norms: none). A
     ZeRO-3 partitioned parameter is empty here and keeps its shape in `ds_shape`."""
     params = list(params)
-
-    def ndim(p) -> int:
-        return len(getattr(p, "ds_shape", p.shape))
-
-    return [p for p in params if ndim(p) >= 2], [p for p in params if ndim(p) < 2]
+    return [p for p in params if len(full_shape(p)) >= 2], [p for p in params if len(full_shape(p)) < 2]
 
 
 def adamw(params, optim) -> torch.optim.AdamW:
