@@ -64,8 +64,8 @@ def count_routing(run: Run, sampler: BatchSampler, step: int) -> torch.Tensor:
 
     With gradient accumulation the first micro-batch's backward runs before the later ones are
     routed, so a routing-only pass over the step's micro-batches comes first (one extra forward
-    each, without the output head, no graph kept). The random state is replayed, so router jitter draws the same noise as
-    the training pass that follows, which then routes exactly as counted here."""
+    each, without the output head, no graph kept). The random state is replayed, so router jitter
+    draws the same noise as the training pass that follows, which then routes exactly as counted here."""
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
     total_LE = None
