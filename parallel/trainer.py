@@ -108,7 +108,8 @@ class Trainer:
             local = rows[module.first_expert : module.first_expert + module.num_experts]
             if self.experts_sharded:  # FSDP's dim-1 slice (torch.chunk sizes, as FSDP cuts it)
                 local = local.chunk(self.dims.edp, dim=EXPERT_SHARD_DIM)[self.dims.edp_rank]
-            local_tensor(p).copy_(local)
+            with torch.no_grad():
+                local_tensor(p).copy_(local)
 
     def expert_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_expert_parameters]
