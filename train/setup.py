@@ -4,6 +4,7 @@ before any step runs."""
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from models.gpt import GPT, count_parameters
-from parallel.dims import ParallelDims, init_parallel
+from parallel.dims import ParallelDims, init_parallel, wait_for_every_rank
 from parallel.parallelize import parallelize
 from parallel.precision import autocast_dtype
 from parallel.trainer import Trainer
@@ -22,6 +23,9 @@ from train.data import PreparedData, prepare_data
 from train.hf.init_from import load_initial_weights
 from train.metrics import flops_per_token
 from train.checkpoint.run_weights import save_run_tokenizer
+
+
+DATA_PREPARATION_TIMEOUT = datetime.timedelta(hours=6)
 
 
 @dataclass
@@ -64,6 +68,9 @@ def setup(job: JobConfig) -> Run:
     job.data.cache_dir = os.path.abspath(os.path.expanduser(job.data.cache_dir))
     job.data.paths = [os.path.abspath(os.path.expanduser(p)) for p in job.data.paths]
     data = prepare_data(job.data)
+    # A node that builds the data cache (or waits for another process building it) may take far
+    # longer than a collective may wait; the others wait here, not in the first collective.
+    wait_for_every_rank(dims, "data", DATA_PREPARATION_TIMEOUT)
     save_run_tokenizer(job.run_dir, data.tokenizer, dims.is_main)  # for export_hf / generate
     job.model.vocab_size = data.vocab_size
     checkpoints = CheckpointManager(Path(job.run_dir) / "checkpoints", job, dims)
