@@ -102,7 +102,6 @@ class Trainer:
         trainer; names not given keep their values. Every rank calls it with the same names."""
         training_state.load_state_dict(self, state_dict)
 
-    @torch.no_grad()  # copies into leaf parameters
     def load_model_state(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Weights named as in the single-process model (`GPT.state_dict()`, experts as the global
         [E, ...] tensors, or anything whose [first:first + n] gives those experts' rows, as
