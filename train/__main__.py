@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from parallel.dims import shutdown
 from train.check import hydra_error_line
+from train.checkpoint.files import write_atomic
 from train.config import JobConfig, refuse_unknown_keys, register_configs
 from train.logging import quiet_third_party_logs
 from train.loop import TrainingDiverged, train
@@ -35,13 +36,14 @@ OTHER_RANKS_WAIT_S = 30.0
 def main(cfg: DictConfig) -> dict:
     global _job_started
     _job_started = True
+    run = None
     quiet_third_party_logs()
     try:
         refuse_unknown_keys(cfg)
         job: JobConfig = OmegaConf.to_object(cfg)
         if in_sweep() and job.logging.wandb.group is None:
             job.logging.wandb.group = Path(HydraConfig.get().sweep.dir).name  # one W&B group per sweep
-        run = setup(job)
+        run = setup(job, record_settings=lambda: record_settings(cfg))
         summary = train(run)
     except (ValueError, TrainingDiverged) as err:  # a user mistake or a diverged run: one clear line
         if in_sweep():
@@ -49,9 +51,24 @@ def main(cfg: DictConfig) -> dict:
             raise  # Hydra records this job as failed and runs the others
         fail(str(err), exit_code(err))
     finally:
+        if run is not None:
+            run.lock.release()
         if not in_sweep():  # sweep jobs share this process, and DeepSpeed keeps its group handles
             shutdown()
     return sweep_figures(summary)
+
+
+def record_settings(cfg: DictConfig) -> None:
+    """The run's settings in `<run_dir>/.hydra/` (config.yaml, hydra.yaml, overrides.yaml, as Hydra
+    writes them), written by the job once it passed every check (conf/config.yaml sets Hydra's
+    own writing off): the recorded settings of a run are only ever those it trained with."""
+    hydra_cfg = HydraConfig.get()
+    folder = Path(hydra_cfg.runtime.output_dir) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"config.yaml": cfg, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+             "overrides.yaml": OmegaConf.create(list(hydra_cfg.overrides.task))}
+    for name, node in files.items():
+        write_atomic(folder / name, OmegaConf.to_yaml(node))
 
 
 def report(message) -> None:

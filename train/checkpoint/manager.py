@@ -95,10 +95,8 @@ class CheckpointManager:
 
     def resume_point(self) -> ResumePoint | None:
         """The checkpoint to continue from: asked for with train.resume, or implied by a restart
-        after a failure (torchrun --max-restarts, SLURM requeue) when one exists. A fresh run
-        never overwrites an earlier run's checkpoints: they are moved aside."""
-        restarted = any(int(os.environ.get(v, "0") or 0) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
-        if self.job.train.resume or restarted:
+        after a failure (torchrun --max-restarts, SLURM requeue) when one exists. Reads only."""
+        if self.job.train.resume or restarted():
             folder = self.latest(announce=self.dims.is_main)
             if folder is not None:
                 meta = self.check(folder)
@@ -107,12 +105,16 @@ class CheckpointManager:
                 return ResumePoint(folder, meta)
             if self.job.train.resume:
                 raise CheckpointError(f"train.resume=true but there is no complete checkpoint in {self.dir}")
-            return None
-        if self.dims.is_main and self.latest() is not None:
-            aside = self.dir.with_name(f"checkpoints.prev-{time.strftime('%Y%m%d-%H%M%S')}")
-            shutil.move(self.dir, aside)
-            print(f"switchyard: starting fresh; earlier checkpoints moved to {aside} (use train.resume=true to continue)")
         return None
+
+    def set_aside_earlier(self) -> None:
+        """A fresh run never overwrites an earlier run's checkpoints: they are moved aside (rank 0,
+        once the job holds the run folder's lock and passed every check)."""
+        if self.job.train.resume or restarted() or self.latest() is None:
+            return
+        aside = self.dir.with_name(f"checkpoints.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(self.dir, aside)
+        print(f"switchyard: starting fresh; earlier checkpoints moved to {aside} (use train.resume=true to continue)")
 
     def check(self, folder: Path) -> dict:
         """meta.json of `folder`, after checking that this run can load it."""
@@ -183,6 +185,11 @@ class CheckpointManager:
 
 
 # -- finding ------------------------------------------------------------------------------------
+
+
+def restarted() -> bool:
+    """This process is a restart after a failure or preemption (torchrun --max-restarts, SLURM requeue)."""
+    return any(int(os.environ.get(v, "0") or 0) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
