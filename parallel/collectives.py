@@ -23,9 +23,15 @@ def all_reduce_sum(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
 
 def any_rank(flag: bool, dims: ParallelDims) -> bool:
     """True when `flag` is true on at least one rank: every rank takes the same branch."""
+    return any_rank_of((flag,), dims)[0]
+
+
+def any_rank_of(flags: tuple[bool, ...], dims: ParallelDims) -> tuple[bool, ...]:
+    """`any_rank` of several flags in one all-reduce (one collective per step carries them all)."""
     if not dims.distributed:
-        return flag
-    return bool(all_reduce_sum(torch.tensor([float(flag)], device=dims.device), dims).item() > 0)
+        return tuple(bool(f) for f in flags)
+    summed = all_reduce_sum(torch.tensor([float(f) for f in flags], device=dims.device), dims)
+    return tuple(bool(v > 0) for v in summed.tolist())
 
 
 def average_replicated_expert_gradients(params: list[torch.nn.Parameter], dims: ParallelDims) -> None:

@@ -2,7 +2,10 @@
 
 A mistake in the settings, found by Hydra while composing the config or by Switchyard while
 checking it, ends the job with one line `switchyard: error: ...` on stderr (printed by rank 0
-only, when there are several processes: see `fail`) and exit code 2; a diverged run exits with 3.
+only, when there are several processes: see `fail`) and exit code 2; a diverged run exits with 3;
+a checkpoint that cannot be saved (full disk), with train.on_save_failure=stop, with 4;
+a job stopped by SIGTERM, SIGINT or SIGUSR1 saves a checkpoint and exits with 75, "run me again"
+(train/preemption.py).
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from omegaconf.errors import OmegaConfBaseException
 from parallel.dims import shutdown
 from train.check import hydra_error_line
 from train.checkpoint.files import write_atomic
+from train.checkpoint.manager import SaveFailed
 from train.config import JobConfig, refuse_unknown_keys, register_configs
 from train.logging import quiet_third_party_logs
+from train import preemption
 from train.loop import TrainingDiverged, train
 from train.setup import setup
 from train.sweep import in_sweep, is_first_process
@@ -37,6 +42,7 @@ def main(cfg: DictConfig) -> dict:
     global _job_started
     _job_started = True
     run = None
+    preemption.install()
     quiet_third_party_logs()
     try:
         refuse_unknown_keys(cfg)
@@ -45,11 +51,15 @@ def main(cfg: DictConfig) -> dict:
             job.logging.wandb.group = Path(HydraConfig.get().sweep.dir).name  # one W&B group per sweep
         run = setup(job, record_settings=lambda: record_settings(cfg))
         summary = train(run)
-    except (ValueError, TrainingDiverged) as err:  # a user mistake or a diverged run: one clear line
+    except (ValueError, TrainingDiverged, SaveFailed) as err:  # a user mistake, a diverged run, a full disk: one line
         if in_sweep():
             report(err)
             raise  # Hydra records this job as failed and runs the others
         fail(str(err), exit_code(err))
+    except preemption.Preempted:  # the loop saved the checkpoint and logged the line
+        if in_sweep():
+            raise
+        sys.exit(preemption.EXIT_PREEMPTED)  # "run me again"; the lock is released below
     finally:
         if run is not None:
             run.lock.release()
@@ -78,7 +88,7 @@ def report(message) -> None:
 
 
 def exit_code(err: Exception) -> int:
-    return 3 if isinstance(err, TrainingDiverged) else 2
+    return 3 if isinstance(err, TrainingDiverged) else 4 if isinstance(err, SaveFailed) else 2
 
 
 def fail(message: str, code: int) -> None:
@@ -118,8 +128,13 @@ def cli() -> None:
             raise
         fail(f"cannot create the run directory: {err.filename}: {err.strerror} "
              "(set run_name, hydra.run.dir or, for sweeps, hydra.sweep.dir to a writable place)", 2)
-    except (ValueError, TrainingDiverged) as err:  # a sweep with a failed job: each job printed its line
+    except (ValueError, TrainingDiverged, SaveFailed) as err:  # a sweep with a failed job: each job printed its line
         fail(f"at least one sweep job failed, e.g.: {err}", exit_code(err))
+    except preemption.Preempted:  # a sweep stopped by a signal: its running job saved a checkpoint
+        sys.exit(preemption.EXIT_PREEMPTED)
+    except KeyboardInterrupt:  # Ctrl-C before the job installed its handler (while importing)
+        print("switchyard: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from train.config import JobConfig, refuse_unknown_keys, register_configs, unknown_setting_message
+from train.config import JobConfig, batch_layout, refuse_unknown_keys, register_configs, unknown_setting_message
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -51,6 +51,7 @@ def check_job(job: JobConfig, world_size: int = 1) -> None:
 
     job.validate()
     validate_degrees(world_size, job.parallel.ep, job.moe.num_experts)
+    batch_layout(job.train, world_size)
 
 
 def hydra_error_line(err: BaseException, overrides: list[str] = ()) -> str:

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from models.moe.balance import router_losses
 from models.moe.layer import tokens_per_expert_LE
-from parallel.collectives import all_reduce_sum, any_rank
+from parallel.collectives import all_reduce_sum, any_rank_of
+from train import preemption
+from train.checkpoint.manager import SaveFailed
 from train.config import JobConfig
 from train.data import BatchSampler, val_batches
 from models.generate import generate
@@ -81,11 +83,13 @@ def count_routing(run: Run, sampler: BatchSampler, step: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean validation cross-entropy over fixed blocks, averaged over all ranks."""
+    """Mean validation cross-entropy over fixed blocks, averaged over all ranks. With
+    train.global_batch set, the blocks are eval_batches x global_batch, whatever the layout."""
     t = run.job.train
     run.trainer.train(False)
     total = torch.zeros(2, dtype=torch.float64, device="cpu")
-    for x, y in val_batches(run.data.val, t.seq_len, t.micro_batch, t.eval_batches, run.dims.world_size, run.dims.rank):
+    num_batches = t.eval_batches * (t.grad_accum if t.global_batch is not None else 1)
+    for x, y in val_batches(run.data.val, t.seq_len, t.micro_batch, num_batches, run.dims.world_size, run.dims.rank):
         logits_BSV, _ = forward(run, x)
         ce = F.cross_entropy(logits_BSV.flatten(0, 1), y.to(run.device).flatten())
         total += torch.tensor([ce.item(), 1.0], dtype=torch.float64, device="cpu")
@@ -108,24 +112,28 @@ class StepResult:
     loss: float = float("nan")  # mean cross-entropy of this rank's micro-batches
     grad_norm: float = float("nan")  # global norm of all gradients, before clipping
     load_LE: torch.Tensor | None = None  # [L, E] copies routed to each expert on this rank
+    stop: bool = False  # some rank got a stop signal (train/preemption.py): save and stop after this step
 
 
 def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> StepResult:
     """One optimizer step over grad_accum micro-batches (`step` counts from 0). A non-finite loss
-    on any rank skips the step on every rank."""
+    on any rank skips the step on every rank. The same all-reduce tells every rank whether any of
+    them got a stop signal, so they all stop after the same step."""
     t, dims = run.job.train, run.dims
     lr = lr_at(step, run.job)
     ce_sum, grad_norm = 0.0, float("nan")
     load_LE = torch.zeros(len(run.model.moe_layers()), run.job.moe.num_experts)
-    step_selected_LE = None
+    step_selected_LE, stop = None, False
     if run.job.moe.aux_loss_scope == "global_batch" and t.grad_accum > 1 and load_LE.numel():
         step_selected_LE = count_routing(run, sampler, step)
     for micro_step in range(t.grad_accum):
         x, y = sampler.get(step, micro_step)
         loss, ce, stats, losses = forward_loss(run, x, y, step_selected_LE)
-        if any_rank(not torch.isfinite(loss).item(), dims):
+        non_finite, stop_now = any_rank_of((not torch.isfinite(loss).item(), preemption.requested()), dims)
+        stop = stop or stop_now
+        if non_finite:
             finish_skipped_window(run, x, micro_step)
-            return StepResult(applied=False)
+            return StepResult(applied=False, stop=stop)
         run.trainer.backward(loss)
         norm = run.trainer.step(lr)
         grad_norm = norm if norm is not None else grad_norm
@@ -133,7 +141,7 @@ def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> S
         if stats:
             load_LE += tokens_per_expert_LE(stats).float().cpu()
         ce_sum += ce.item()
-    return StepResult(True, ce_sum / t.grad_accum, grad_norm, load_LE)
+    return StepResult(True, ce_sum / t.grad_accum, grad_norm, load_LE, stop)
 
 
 def finish_skipped_window(run: Run, x_BS: torch.Tensor, bad_micro_step: int) -> None:
@@ -174,6 +182,8 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
     for step in range(run.start_step, last_step):
         done = step + 1
         result = run_step(run, sampler, step, window)
+        if not result.applied and result.stop:
+            stop_with_checkpoint(run, logger, done, saved=False)
         if not result.applied:
             bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
             logger.info(f"step {done}: non-finite loss, step skipped ({bad_in_a_row} in a row, {bad_total} in all)")
@@ -216,11 +226,33 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
             logger.log(done, record)
             logger.info(f"step {done}: val loss {val_loss:.4f}")
             summary["val/loss"] = val_loss
-        if done % t.ckpt_interval == 0 or done == last_step:
-            run.checkpoints.save(run.trainer, done)
+        saved = (done % t.ckpt_interval == 0 or done == last_step) and save(run, logger, done)
+        if result.stop:
+            stop_with_checkpoint(run, logger, done, saved)
     if bad_total and not applied_total:
         raise TrainingDiverged(f"every step of this run ({bad_total}) had a non-finite loss; nothing was trained or saved")
     return summary
+
+
+def save(run: Run, logger: RunLogger, done: int) -> bool:
+    """Save the checkpoint of step `done`; a failed save stops the job or, with
+    train.on_save_failure=continue, is a warning line (returns False)."""
+    try:
+        run.checkpoints.save(run.trainer, done)
+    except SaveFailed as err:
+        if run.job.train.on_save_failure == "stop":
+            raise
+        logger.info(f"warning: {err}; training continues (train.on_save_failure=continue)")
+        return False
+    return True
+
+
+def stop_with_checkpoint(run: Run, logger: RunLogger, done: int, saved: bool) -> None:
+    """Every rank reached this after the same step (train/preemption.py): save and stop."""
+    if not saved:
+        run.checkpoints.save(run.trainer, done)  # a failed save here stops the job whatever the setting
+    logger.info(f"preempted at step {done}, checkpoint saved")
+    raise preemption.Preempted(done, preemption.signal_name())
 
 
 def train(run: Run) -> dict:

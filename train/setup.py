@@ -18,7 +18,7 @@ from parallel.dims import ParallelDims, init_parallel
 from parallel.parallelize import parallelize
 from parallel.trainer import Trainer
 from train.checkpoint.manager import CheckpointManager
-from train.config import JobConfig
+from train.config import JobConfig, batch_layout
 from train.data import PreparedData, prepare_data
 from train.hf.init_from import load_initial_weights
 from train.metrics import flops_per_token
@@ -91,6 +91,11 @@ def setup(job: JobConfig, record_settings: Callable[[], None] | None = None) -> 
     dims = init_parallel(job.parallel.ep, job.moe.num_experts, pick_device(job))
     if dims.device.type == "cuda":
         torch.cuda.set_device(dims.device)
+    t = job.train
+    t.micro_batch, t.grad_accum = batch_layout(t, dims.world_size)  # the loop reads these
+    if t.global_batch is not None and dims.is_main:
+        print(f"switchyard: global batch {t.global_batch} = {dims.world_size} process(es) x {t.grad_accum} micro-batch(es) "
+              f"x {t.micro_batch} sequences")
     lock = take_run_lock(job.run_dir, dims)
     try:
         return _set_up_locked(job, dims, lock, record_settings)

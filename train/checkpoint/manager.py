@@ -29,6 +29,7 @@ that resume would load. Loading checks every file's size and CRC first and never
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard as ShardedTensorShard
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from parallel.collectives import any_rank
 from parallel.deepspeed_state import ADAM_STATE_KEYS, Piece
 from parallel.dims import ParallelDims
 from parallel.trainer import Trainer
@@ -55,7 +57,6 @@ from train.checkpoint.safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanne
 
 FORMAT_VERSION = 2  # 1 was DeepSpeed's files + dense.pt + experts_ep*.pt
 LATEST = "latest"
-KEEP_LAST = 2
 META = "meta.json"
 SHAPE_KEYS = {
     "model": ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "activation", "tie_embeddings"),
@@ -65,6 +66,18 @@ SHAPE_KEYS = {
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: one line naming the file and what to do."""
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint that could not be saved (one line: the step, the folder, why); nothing
+    published was touched. train.on_save_failure says whether the job stops or goes on."""
+
+
+def checkpoint_bytes(state: dict) -> int:
+    """Bytes the checkpoint of `state` will take: every entry's whole (global) size once, as DCP
+    writes it, plus a margin for its index and meta.json."""
+    data = sum(t.numel() * t.element_size() for t in state.values())  # numel of a sharded tensor is the global one
+    return data + data // 100 + (1 << 20)
 
 
 def model_signature(job) -> dict:
@@ -135,22 +148,53 @@ class CheckpointManager:
     # -- saving -------------------------------------------------------------------------------
 
     def save(self, trainer: Trainer, step: int) -> Path:
-        """Every rank calls this; returns the published folder."""
+        """Every rank calls this; returns the published folder. A save that cannot be done (not
+        enough free space for the state's size, or a write that fails, e.g. ENOSPC) raises
+        SaveFailed on every rank, with the published checkpoints untouched."""
         name = f"step_{step:06d}"
         final, staging = self.dir / name, self.dir / f"{name}.tmp"
+        state = training_state(trainer, self.dims)
+        problem = None
         if self.dims.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-        _barrier(self.dims)
-        dcp.save(training_state(trainer, self.dims), storage_writer=dcp.FileSystemWriter(str(staging)))
-        files = _gather_file_digests(staging, self.dims)
+            problem = self._lacking_space(state, step)
+            if problem is None:
+                staging.mkdir()
+        if any_rank(problem is not None, self.dims):
+            raise SaveFailed(problem or f"checkpoint at step {step} not saved (see rank 0)")
+        try:
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(staging)))
+            files = _gather_file_digests(staging, self.dims)
+        except (Exception, CheckpointException) as err:  # DCP fails every rank alike when one fails to write
+            _barrier(self.dims)
+            if self.dims.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise SaveFailed(self._write_failure(err, state, step)) from None
         if self.dims.is_main:
             meta = {"format": FORMAT_VERSION, "step": step, "model_signature": model_signature(self.job),
                     **layout(self.job, self.dims), "files": files}
             self._publish(staging, final, meta)
         _barrier(self.dims)
         return final
+
+    def _lacking_space(self, state: dict, step: int) -> str | None:
+        needed, free = checkpoint_bytes(state), shutil.disk_usage(self.dir).free
+        if needed <= free:
+            return None
+        return (f"checkpoint at step {step} not saved: {self.dir} needs {needed} bytes, {free} are free "
+                f"(the checkpoints saved before are intact)")
+
+    def _write_failure(self, err: BaseException, state: dict, step: int) -> str:
+        """One line for a failed write; a full disk is named as such, whatever layer noticed it
+        (an OSError ENOSPC, or torch's zip writer: "unexpected pos")."""
+        text = str(err)
+        needed, free = checkpoint_bytes(state), shutil.disk_usage(self.dir).free
+        if _is_enospc(err) or "No space left on device" in text or free < needed:
+            cause = f"no space left on device in {self.dir} ({free} bytes free, the checkpoint needs {needed})"
+        else:
+            cause = _last_line(err)
+        return f"checkpoint at step {step} not saved: {cause} (the checkpoints saved before are intact)"
 
     def _publish(self, staging: Path, final: Path, meta: dict) -> None:
         write_atomic(staging / META, json.dumps(meta, indent=2))
@@ -160,8 +204,8 @@ class CheckpointManager:
         self._prune(keep=final.name)
 
     def _prune(self, keep: str) -> None:
-        """Drop stale staging folders and all but the newest KEEP_LAST complete checkpoints."""
-        for old in complete_checkpoints(self.dir)[:-KEEP_LAST]:
+        """Drop stale staging folders and all but the newest train.keep_checkpoints complete checkpoints."""
+        for old in complete_checkpoints(self.dir)[:-self.job.train.keep_checkpoints]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.dir.glob("step_*.tmp"):
@@ -467,6 +511,19 @@ def _last_line(err: BaseException) -> str:
     """DCP's CheckpointException carries each rank's traceback; its last line is the cause."""
     text = str(err).strip().splitlines()
     return text[-1] if text else type(err).__name__
+
+
+def _is_enospc(err: BaseException | None) -> bool:
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        failures = getattr(err, "failures", None)  # DCP's CheckpointException: {rank: exception}
+        if isinstance(failures, dict) and any(_is_enospc(getattr(f, "exception", f)) for f in failures.values()
+                                              if isinstance(getattr(f, "exception", f), BaseException)):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 def _barrier(dims: ParallelDims) -> None:
