@@ -14,6 +14,7 @@ import psutil
 
 from tests.jobs import REPO, TINY, job_command, job_env, read_metrics, run_job, train_losses
 from tests.test_checkpoint_resilience import EXACT
+from train.__main__ import EXIT_PEER_FAILED
 from train.preemption import EXIT_PREEMPTED
 
 LONG = [*TINY, *EXACT, "train.steps=40", "train.ckpt_interval=100"]  # no periodic checkpoint before the end
@@ -92,3 +93,21 @@ def test_a_second_signal_exits_at_once():
     assert done.returncode == 128 + signal.SIGINT, done.stderr
     assert done.stdout == "still running\n"
     assert done.stderr == "switchyard: (rank 0) second signal (SIGINT): exiting now without saving\n"
+
+
+def test_a_dead_rank_leaves_one_line_per_surviving_rank(tmp_path, data_cache):
+    launcher = subprocess.Popen(job_command(*TINY, "train.steps=400", "run_name=dead", nproc=3), cwd=tmp_path,
+                                env=job_env(data_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(tmp_path, "dead", 3, launcher)
+    victim = sorted(workers(launcher), key=lambda p: p.pid)[-1]
+    victim.kill()
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0
+    log = out + err
+    lines = [line for line in log.splitlines() if line.startswith("switchyard: (rank")]
+    assert 1 <= len(lines) <= 2, log[-3000:]  # at most one per surviving rank
+    for line in lines:
+        assert re.fullmatch(r"switchyard: \(rank [0-2]\) stopped: another rank failed \(.+\); the first failure is the "
+                            r"root cause torchrun names", line), line
+    assert "pair.cc" not in log and "train/loop.py" not in log, log[-3000:]  # no gloo tracebacks from the survivors
+    assert re.search(rf"exitcode\s*:\s*{EXIT_PEER_FAILED}", log), log[-3000:]  # the survivors' exit code says why

@@ -3,7 +3,8 @@
 A mistake in the settings, found by Hydra while composing the config or by Switchyard while
 checking it, ends the job with one line `switchyard: error: ...` on stderr (printed by rank 0
 only, when there are several processes: see `fail`) and exit code 2; a diverged run exits with 3;
-a checkpoint that cannot be saved (full disk), with train.on_save_failure=stop, with 4;
+a checkpoint that cannot be saved (full disk), with train.on_save_failure=stop, with 4; a rank
+whose peer died prints one line and exits with 5 (no collective traceback);
 a job stopped by SIGTERM, SIGINT or SIGUSR1 saves a checkpoint and exits with 75, "run me again"
 (train/preemption.py).
 """
@@ -21,6 +22,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from parallel.collectives import peer_failure
 from parallel.dims import shutdown
 from train.check import hydra_error_line
 from train.checkpoint.files import write_atomic
@@ -35,6 +37,7 @@ from train.sweep import in_sweep, is_first_process
 register_configs()
 _job_started = False  # an OSError before the job started comes from Hydra creating the run directory
 OTHER_RANKS_WAIT_S = 30.0
+EXIT_PEER_FAILED = 5  # this rank stopped because another one died (its own exit code says what happened to it)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
@@ -60,6 +63,16 @@ def main(cfg: DictConfig) -> dict:
         if in_sweep():
             raise
         sys.exit(preemption.EXIT_PREEMPTED)  # "run me again"; the lock is released below
+    except Exception as err:  # noqa: BLE001 - only a lost peer is turned into a line; the rest re-raised
+        cause = peer_failure(err)
+        if cause is None:
+            raise  # this rank's own failure: its traceback is the root cause
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
+        print(f"switchyard: (rank {rank}) stopped: another rank failed ({cause}); the first failure is the root cause "
+              "torchrun names", file=sys.stderr, flush=True)
+        if run is not None:
+            run.lock.release()
+        os._exit(EXIT_PEER_FAILED)  # no teardown: the process group is broken and would hang or print more
     finally:
         if run is not None:
             run.lock.release()
