@@ -120,6 +120,11 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 8
     ckpt_interval: int = 200
+    # Write the periodic checkpoints in the background (torch.distributed.checkpoint async_save):
+    # training waits only while the state is copied to host memory; the checkpoint is published
+    # (latest, meta.json) once every rank finished writing; at most one save in flight. The final
+    # save and a preemption's are written at once.
+    async_save: bool = False
     keep_checkpoints: int = 2  # complete checkpoints kept in the run folder (the newest ones; at least 1)
     # A checkpoint that cannot be saved (not enough free space, a failed write): "stop" the job
     # (one line, exit 4) or "continue" training (a warning line; the next save tries again).

@@ -113,6 +113,7 @@ class StepResult:
     grad_norm: float = float("nan")  # global norm of all gradients, before clipping
     load_LE: torch.Tensor | None = None  # [L, E] copies routed to each expert on this rank
     stop: bool = False  # some rank got a stop signal (train/preemption.py): save and stop after this step
+    writing: bool = False  # some rank's background checkpoint write was still running
 
 
 def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> StepResult:
@@ -123,17 +124,18 @@ def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> S
     lr = lr_at(step, run.job)
     ce_sum, grad_norm = 0.0, float("nan")
     load_LE = torch.zeros(len(run.model.moe_layers()), run.job.moe.num_experts)
-    step_selected_LE, stop = None, False
+    step_selected_LE, stop, writing = None, False, False
     if run.job.moe.aux_loss_scope == "global_batch" and t.grad_accum > 1 and load_LE.numel():
         step_selected_LE = count_routing(run, sampler, step)
     for micro_step in range(t.grad_accum):
         x, y = sampler.get(step, micro_step)
         loss, ce, stats, losses = forward_loss(run, x, y, step_selected_LE)
-        non_finite, stop_now = any_rank_of((not torch.isfinite(loss).item(), preemption.requested()), dims)
+        non_finite, stop_now, writing = any_rank_of(
+            (not torch.isfinite(loss).item(), preemption.requested(), run.checkpoints.background_write_running()), dims)
         stop = stop or stop_now
         if non_finite:
             finish_skipped_window(run, x, micro_step)
-            return StepResult(applied=False, stop=stop)
+            return StepResult(applied=False, stop=stop, writing=writing)
         run.trainer.backward(loss)
         norm = run.trainer.step(lr)
         grad_norm = norm if norm is not None else grad_norm
@@ -141,7 +143,7 @@ def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> S
         if stats:
             load_LE += tokens_per_expert_LE(stats).float().cpu()
         ce_sum += ce.item()
-    return StepResult(True, ce_sum / t.grad_accum, grad_norm, load_LE, stop)
+    return StepResult(True, ce_sum / t.grad_accum, grad_norm, load_LE, stop, writing)
 
 
 def finish_skipped_window(run: Run, x_BS: torch.Tensor, bad_micro_step: int) -> None:
@@ -226,7 +228,10 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
             logger.log(done, record)
             logger.info(f"step {done}: val loss {val_loss:.4f}")
             summary["val/loss"] = val_loss
-        saved = (done % t.ckpt_interval == 0 or done == last_step) and save(run, logger, done)
+        if run.checkpoints.in_flight and not result.writing:
+            checkpoint(run, logger, run.checkpoints.finish_background)  # every rank's write is done: publish
+        saved = (done % t.ckpt_interval == 0 or done == last_step) and checkpoint(
+            run, logger, lambda: run.checkpoints.save(run.trainer, done, background=t.async_save and done != last_step))
         if result.stop:
             stop_with_checkpoint(run, logger, done, saved)
     if bad_total and not applied_total:
@@ -234,11 +239,11 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
     return summary
 
 
-def save(run: Run, logger: RunLogger, done: int) -> bool:
-    """Save the checkpoint of step `done`; a failed save stops the job or, with
-    train.on_save_failure=continue, is a warning line (returns False)."""
+def checkpoint(run: Run, logger: RunLogger, save) -> bool:
+    """Run `save` (a save, or the publication of a background one); a failed save stops the job
+    or, with train.on_save_failure=continue, is a warning line (returns False)."""
     try:
-        run.checkpoints.save(run.trainer, done)
+        save()
     except SaveFailed as err:
         if run.job.train.on_save_failure == "stop":
             raise
@@ -251,6 +256,7 @@ def stop_with_checkpoint(run: Run, logger: RunLogger, done: int, saved: bool) ->
     """Every rank reached this after the same step (train/preemption.py): save and stop."""
     if not saved:
         run.checkpoints.save(run.trainer, done)  # a failed save here stops the job whatever the setting
+    run.checkpoints.finish_background()
     logger.info(f"preempted at step {done}, checkpoint saved")
     raise preemption.Preempted(done, preemption.signal_name())
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import time
@@ -76,8 +77,16 @@ class SaveFailed(RuntimeError):
 def checkpoint_bytes(state: dict) -> int:
     """Bytes the checkpoint of `state` will take: every entry's whole (global) size once, as DCP
     writes it, plus a margin for its index and meta.json."""
-    data = sum(t.numel() * t.element_size() for t in state.values())  # numel of a sharded tensor is the global one
+    data = sum(_global_bytes(t) for t in state.values())
     return data + data // 100 + (1 << 20)
+
+
+def _global_bytes(t: torch.Tensor) -> int:
+    """The whole tensor's bytes, of which this rank may hold a piece (a DTensor's numel is the global one)."""
+    if isinstance(t, ShardedTensor):
+        md = t.metadata()
+        return math.prod(md.size) * torch.empty((), dtype=md.tensor_properties.dtype).element_size()
+    return t.numel() * t.element_size()
 
 
 def model_signature(job) -> dict:
@@ -87,6 +96,15 @@ def model_signature(job) -> dict:
 
 def layout(job, dims: ParallelDims) -> dict:
     return {"world_size": dims.world_size, "parallel.ep": dims.ep, "deepspeed.zero_stage": job.deepspeed.zero_stage}
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    step: int
+    staging: Path
+    final: Path
+    needed: int
+    future: object  # concurrent.futures.Future of dcp.async_save
 
 
 @dataclass(frozen=True)
@@ -100,6 +118,8 @@ class CheckpointManager:
         self.dir = Path(ckpt_dir)
         self.job = job
         self.dims = dims
+        self._in_flight: _InFlight | None = None  # the background save not published yet
+        self._save_group = None  # gloo group of the background writes
 
     # -- finding ------------------------------------------------------------------------------
 
@@ -147,49 +167,96 @@ class CheckpointManager:
 
     # -- saving -------------------------------------------------------------------------------
 
-    def save(self, trainer: Trainer, step: int) -> Path:
-        """Every rank calls this; returns the published folder. A save that cannot be done (not
-        enough free space for the state's size, or a write that fails, e.g. ENOSPC) raises
-        SaveFailed on every rank, with the published checkpoints untouched."""
+    def save(self, trainer: Trainer, step: int, background: bool = False) -> Path:
+        """Every rank calls this; returns the folder the checkpoint is (or will be) published as.
+        A save that cannot be done (not enough free space for the state's size, or a write that
+        fails, e.g. ENOSPC) raises SaveFailed on every rank, with the published checkpoints
+        untouched.
+
+        `background`: torch.distributed.checkpoint's async_save. The call returns once the state is
+        copied to host memory; the files are written by a thread (its collectives on a gloo group
+        of their own), and the checkpoint is published by `finish_background`, which every rank
+        calls once every rank's write is done (the loop learns that through its per-step
+        all-reduce). At most one save is in flight: a new save first finishes the one before."""
+        self.finish_background()
         name = f"step_{step:06d}"
         final, staging = self.dir / name, self.dir / f"{name}.tmp"
         state = training_state(trainer, self.dims)
+        needed = checkpoint_bytes(state)
         problem = None
         if self.dims.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
-            problem = self._lacking_space(state, step)
+            problem = self._lacking_space(needed, step)
             if problem is None:
                 staging.mkdir()
         if any_rank(problem is not None, self.dims):
             raise SaveFailed(problem or f"checkpoint at step {step} not saved (see rank 0)")
+        writer = dcp.FileSystemWriter(str(staging))
         try:
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(staging)))
-            files = _gather_file_digests(staging, self.dims)
+            if background:
+                future = dcp.async_save(state, storage_writer=writer, process_group=self._background_group())
+                self._in_flight = _InFlight(step, staging, final, needed, future)
+                return final
+            dcp.save(state, storage_writer=writer)
         except (Exception, CheckpointException) as err:  # DCP fails every rank alike when one fails to write
-            _barrier(self.dims)
-            if self.dims.is_main:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise SaveFailed(self._write_failure(err, state, step)) from None
+            self._abandon(staging, err, needed, step)
+        self._complete(step, staging, final)
+        return final
+
+    @property
+    def in_flight(self) -> bool:
+        """A background save is waiting to be published (the same answer on every rank)."""
+        return self._in_flight is not None
+
+    def background_write_running(self) -> bool:
+        """This rank's background write has not finished yet (a local answer: see `save`)."""
+        return self._in_flight is not None and not self._in_flight.future.done()
+
+    def finish_background(self) -> Path | None:
+        """Every rank: wait for the background save in flight, if any, and publish it."""
+        if self._in_flight is None:
+            return None
+        flight, self._in_flight = self._in_flight, None
+        try:
+            flight.future.result()
+        except (Exception, CheckpointException) as err:
+            self._abandon(flight.staging, err, flight.needed, flight.step)
+        self._complete(flight.step, flight.staging, flight.final)
+        return flight.final
+
+    def _background_group(self):
+        """Collectives of the writing thread must not interleave with the training loop's."""
+        if self.dims.distributed and self._save_group is None:
+            self._save_group = dist.new_group(backend="gloo")
+        return self._save_group
+
+    def _complete(self, step: int, staging: Path, final: Path) -> None:
+        files = _gather_file_digests(staging, self.dims)
         if self.dims.is_main:
             meta = {"format": FORMAT_VERSION, "step": step, "model_signature": model_signature(self.job),
                     **layout(self.job, self.dims), "files": files}
             self._publish(staging, final, meta)
         _barrier(self.dims)
-        return final
 
-    def _lacking_space(self, state: dict, step: int) -> str | None:
-        needed, free = checkpoint_bytes(state), shutil.disk_usage(self.dir).free
+    def _abandon(self, staging: Path, err: BaseException, needed: int, step: int) -> None:
+        _barrier(self.dims)
+        if self.dims.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise SaveFailed(self._write_failure(err, needed, step)) from None
+
+    def _lacking_space(self, needed: int, step: int) -> str | None:
+        free = shutil.disk_usage(self.dir).free
         if needed <= free:
             return None
         return (f"checkpoint at step {step} not saved: {self.dir} needs {needed} bytes, {free} are free "
                 f"(the checkpoints saved before are intact)")
 
-    def _write_failure(self, err: BaseException, state: dict, step: int) -> str:
+    def _write_failure(self, err: BaseException, needed: int, step: int) -> str:
         """One line for a failed write; a full disk is named as such, whatever layer noticed it
         (an OSError ENOSPC, or torch's zip writer: "unexpected pos")."""
         text = str(err)
-        needed, free = checkpoint_bytes(state), shutil.disk_usage(self.dir).free
+        free = shutil.disk_usage(self.dir).free
         if _is_enospc(err) or "No space left on device" in text or free < needed:
             cause = f"no space left on device in {self.dir} ({free} bytes free, the checkpoint needs {needed})"
         else:
