@@ -51,7 +51,7 @@ from parallel.local_launch import run_local_ranks  # noqa: E402
 from parallel.memory import model_state_bytes, profiled_allocation_peak, total_bytes  # noqa: E402
 from planner.model_states import Layout, plan_model_states  # noqa: E402
 from train.metrics import flops_per_token  # noqa: E402
-from train.plan import compose_job  # noqa: E402
+from train.cli import compose_job  # noqa: E402
 
 MODES = ("none", "full", "moe")
 ZERO_WORLD, ZERO_EP = 4, 2

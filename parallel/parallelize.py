@@ -63,11 +63,14 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
         model.to(device)
 
 
+def parameter_groups(params) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """AdamW's two groups, in this order: matrices (weight decay) and 1-D tensors (norms: none)."""
+    params = list(params)
+    return [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+
+
 def adamw(params, optim) -> torch.optim.AdamW:
     """Weight decay on matrices only; norms (1-D) are left alone."""
-    params = list(params)
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    matrices, vectors = parameter_groups(params)
+    groups = [{"params": matrices, "weight_decay": optim.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)

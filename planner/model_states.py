@@ -92,11 +92,10 @@ def dense_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def optimizer_groups(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
-    """The AdamW param groups parallel/parallelize.py builds (matrices, then 1-D), in that order."""
-    from parallel.parallelize import adamw
-    from train.config import OptimConfig
+    """The AdamW param groups parallel/parallelize.py builds (matrices, then 1-D; empty ones dropped)."""
+    from parallel.parallelize import parameter_groups
 
-    return [group["params"] for group in adamw(params, OptimConfig()).param_groups]
+    return [group for group in parameter_groups(params) if group]
 
 
 def plan_model_states(model: nn.Module, layout: Layout, rank: int,

@@ -8,7 +8,7 @@ one saved; the training after it is the real loop of `python -m train`.
 import sys
 from pathlib import Path
 
-from train.check import compose_job
+from train.cli import compose_job
 from train.checkpoint.manager import CheckpointManager
 from train.loop import train
 from train.setup import setup

@@ -20,7 +20,8 @@ import pytest
 
 from tests.jobs import REPO, TINY, job_env, run_job
 from train import data
-from train.check import check_job, compose_job
+from train.check import check_job
+from train.cli import compose_job
 
 # (overrides, the error line or its start, world size). {tmp} is the test's folder, {file} a
 # regular file in it (so a path below it cannot be created, even by root).

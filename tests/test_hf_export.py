@@ -10,11 +10,11 @@ import torch
 
 from tests import hf_runs
 from tests.hf_runs import one_thread  # noqa: F401  (autouse)
-from train import hf_mapping
+from train.hf import mapping as hf_mapping
 from train.data.tokenizer import Tokenizer
 from train.export_hf import main as export_main
-from train.export_hf import write_hf_model
-from train.import_hf import load_hf_weights
+from train.hf.exporting import write_hf_model
+from train.hf.importing import load_hf_weights
 from train.checkpoint.run_weights import load_run_weights
 
 import transformers  # noqa: E402  (the hf extra; `make test` installs it)
@@ -175,7 +175,7 @@ def test_a_failure_while_writing_leaves_no_out_dir(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("train.export_hf.write_weights", disk_full)
+    monkeypatch.setattr("train.hf.exporting.write_weights", disk_full)
     model = hf_runs.random_model()
     with pytest.raises(OSError):
         write_hf_model(model.cfg, model.state_dict(), Tokenizer(), tmp_path / "hf")

@@ -10,7 +10,7 @@ from tests.hf_runs import one_thread  # noqa: F401  (autouse)
 from tests.ranks import run_ranks
 from train.data.tokenizer import Tokenizer
 from train.export_hf import main as export_main
-from train.export_hf import write_hf_model
+from train.hf.exporting import write_hf_model
 from models.generate import generate, generate_ids
 from train.generate import main as generate_main
 from train.checkpoint.run_weights import load_run_weights

@@ -15,9 +15,9 @@ from models.gpt import GPT
 from tests.jobs import run_job
 from train.data.tokenizer import Tokenizer
 from train.export_hf import main as export_main
-from train.export_hf import write_hf_model
+from train.hf.exporting import write_hf_model
 from train.hf.files import byte_tokenizer_backend
-from train.import_hf import load_hf_weights
+from train.hf.importing import load_hf_weights
 from train.import_hf import main as import_main
 from train.checkpoint.run_weights import load_run_weights
 
@@ -139,15 +139,16 @@ def test_broken_directories_are_refused_with_one_line(tmp_path, capsys, how, fil
 
 def test_init_from_checks_the_settings_before_any_process_starts(tmp_path, exported):
     from train.config import JobConfig
+    from train.preflight import preflight
 
     _, out = exported
     job = JobConfig()
     job.model.init_from = f"hf:{out}"
     with pytest.raises(ValueError, match=r"model\.n_layers=2, this run model\.n_layers=4; set model\.n_layers=2"):
-        job.validate()
+        preflight(job)
     job.model.init_from = "hf"
     with pytest.raises(ValueError, match=r"model\.init_from must be null, 'hf:"):
-        job.validate()
+        preflight(job)
     job.model.init_from = f"hf:{tmp_path}"
     with pytest.raises(ValueError, match="not a transformers directory"):
-        job.validate()
+        preflight(job)

@@ -10,6 +10,7 @@ from models.gpt import GPT
 from tests import hf_runs
 from tests.hf_runs import one_thread  # noqa: F401  (autouse)
 from train.config import JobConfig
+from train.preflight import preflight
 from train.hf.files import byte_tokenizer_backend
 from train.hf.init_from import source_weights, upcycle_state_dict
 
@@ -89,4 +90,4 @@ def test_upcycling_settings_are_checked_up_front(tmp_path_factory, data_cache):
         for key, value in moe.items():
             setattr(job.moe, key, value)
         with pytest.raises(ValueError, match=words):
-            job.validate()
+            preflight(job)

@@ -14,7 +14,7 @@ from models.moe.layer import MoEStats
 from parallel.dims import ParallelDims
 from train.loop import warn_dead_experts
 from train.metrics import MoEWindow
-from train.report import load_shares
+from train.plots import load_shares
 
 ONE_PROCESS = ParallelDims(world_size=1, rank=0, local_rank=0, ep=1)
 

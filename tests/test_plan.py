@@ -111,7 +111,7 @@ def test_plan_that_does_not_fit_exits_0_with_the_verdict(capsys):
     (["plan.bytes_per_param=3"], "plan.bytes_per_param must be one of 2, 4; got 3"),
     (["plan.world_size=two"], "plan.world_size must be an integer; got 'two'"),
     (["deepspeed.zero_stage=1", "plan.world_size=3"], "each expert is split over its 3 expert-data-parallel ranks"),
-    (["moe.num_expert=4"], "Could not override 'moe.num_expert'"),
+    (["moe.num_expert=4"], "moe.num_expert: no such setting (did you mean moe.num_experts"),  # as python -m train says
     (["+train.stepz=50"], "train.stepz: no such setting"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, line):

@@ -24,9 +24,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from parallel.collectives import peer_failure
 from parallel.dims import shutdown
-from train.check import hydra_error_line
 from train.checkpoint.files import write_atomic
 from train.checkpoint.manager import SaveFailed
+from train.cli import EXIT_USAGE, hydra_error_line, print_error
 from train.config import JobConfig, refuse_unknown_keys, register_configs
 from train.logging import quiet_third_party_logs
 from train import preemption
@@ -37,6 +37,8 @@ from train.sweep import in_sweep, is_first_process
 register_configs()
 _job_started = False  # an OSError before the job started comes from Hydra creating the run directory
 OTHER_RANKS_WAIT_S = 30.0
+EXIT_DIVERGED = 3
+EXIT_SAVE_FAILED = 4  # a checkpoint could not be saved (train.on_save_failure=stop)
 EXIT_PEER_FAILED = 5  # this rank stopped because another one died (its own exit code says what happened to it)
 
 
@@ -97,11 +99,13 @@ def record_settings(cfg: DictConfig) -> None:
 def report(message) -> None:
     """Rank 0 speaks for all: every rank checks the same settings and reaches the same verdict."""
     if is_first_process():
-        print(f"switchyard: error: {message}", file=sys.stderr, flush=True)
+        print_error(message)
 
 
 def exit_code(err: Exception) -> int:
-    return 3 if isinstance(err, TrainingDiverged) else 4 if isinstance(err, SaveFailed) else 2
+    if isinstance(err, SaveFailed):
+        return EXIT_SAVE_FAILED
+    return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_USAGE
 
 
 def fail(message: str, code: int) -> None:
@@ -115,7 +119,7 @@ def fail(message: str, code: int) -> None:
     else:
         time.sleep(OTHER_RANKS_WAIT_S)
         rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
-        print(f"switchyard: error: (rank {rank}) {message}", file=sys.stderr, flush=True)
+        print_error(f"(rank {rank}) {message}")
     sys.exit(code)
 
 
@@ -135,12 +139,12 @@ def cli() -> None:
     try:
         main()
     except (HydraException, OmegaConfBaseException) as err:  # bad override, wrong type, unknown key
-        fail(hydra_error_line(err, sys.argv[1:]), 2)
+        fail(hydra_error_line(err, sys.argv[1:]), EXIT_USAGE)
     except OSError as err:
         if _job_started:
             raise
         fail(f"cannot create the run directory: {err.filename}: {err.strerror} "
-             "(set run_name, hydra.run.dir or, for sweeps, hydra.sweep.dir to a writable place)", 2)
+             "(set run_name, hydra.run.dir or, for sweeps, hydra.sweep.dir to a writable place)", EXIT_USAGE)
     except (ValueError, TrainingDiverged, SaveFailed) as err:  # a sweep with a failed job: each job printed its line
         fail(f"at least one sweep job failed, e.g.: {err}", exit_code(err))
     except preemption.Preempted:  # a sweep stopped by a signal: its running job saved a checkpoint

@@ -1,15 +1,14 @@
 """Typed job configuration: dataclasses registered in Hydra's ConfigStore; YAML under conf/ only
 overrides them, so a misspelt key or a wrong type fails at composition time.
 
-`validate()` checks the cross-field rules once, before any process group or heavy work.
+`validate()` checks the settings and their cross-field rules once, before any process group or
+heavy work. It is pure: it reads no file and writes none (train/preflight.py looks at the machine).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Optional
@@ -50,7 +49,9 @@ class ParallelConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0  # ZeRO stage for the dense weights: 0, 1, 2 or 3 (experts stay whole on their EP rank)
+    # ZeRO stage 0-3: DeepSpeed partitions the dense weights, FSDP2 the routed experts over the ranks
+    # that hold the same experts (parallel/zero.py); the name is DeepSpeed's, as users know it.
+    zero_stage: int = 0
 
 
 @dataclass
@@ -219,21 +220,23 @@ class JobConfig:
         validate_zero_stage(self.deepspeed.zero_stage)
         self.optim.validate()
         check_data_config(self.data)
-        from train.hf.init_from import check_init_from  # local: it reads run directories through this module
-
-        check_init_from(self)
+        split_init_from(self.model.init_from)
         require_choice("logging.wandb.mode", self.logging.wandb.mode, WANDB_MODES)
         self.logging.validate()
-        if self.moe.backend == "megablocks":
-            _check_megablocks_available()
-        self.check_writable_places()
 
-    def check_writable_places(self) -> None:
-        """The places the job writes to, checked before any data is prepared or process started."""
-        require_writable_dir("data.cache_dir", self.data.cache_dir, "set data.cache_dir or $SWITCHYARD_CACHE")
-        where = "set run_name, hydra.run.dir or (sweeps) hydra.sweep.dir"
-        require_writable_dir("run directory", self.run_dir, where)
-        require_writable_dir("checkpoint directory", os.path.join(self.run_dir, "checkpoints"), where)
+
+INIT_FROM_KINDS = ("hf", "upcycle")
+
+
+def split_init_from(value: str | None) -> tuple[str, str] | None:
+    """model.init_from as written -> (kind, path), None when unset; a malformed value -> ValueError."""
+    if value is None:
+        return None
+    kind, sep, path = str(value).partition(":")
+    if not sep or kind not in INIT_FROM_KINDS or not path:
+        raise ValueError("model.init_from must be null, 'hf:<transformers dir>' or "
+                         f"'upcycle:<run dir or dense transformers dir>'; got {value!r}")
+    return kind, path
 
 
 def require_finite_numbers(node, prefix: str = "") -> None:
@@ -244,40 +247,6 @@ def require_finite_numbers(node, prefix: str = "") -> None:
             require_finite_numbers(value, f"{prefix}{f.name}.")
         else:
             require_finite(f"{prefix}{f.name}", value)
-
-
-def require_writable_dir(name: str, path: str, remedy: str) -> None:
-    """`path` is a directory the job can create files in, or one it can create: the nearest existing
-    folder on the way must be a directory that takes a new file (tried with an unnamed temporary
-    file, which also meets ACLs, read-only mounts and root squash, where mode bits would not)."""
-    target = os.path.abspath(os.path.expanduser(str(path)))
-    existing = target
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    problem = None
-    if not os.path.isdir(existing):
-        problem = f"{existing} is not a directory"
-    else:
-        try:
-            with tempfile.TemporaryFile(dir=existing):
-                pass
-        except OSError as err:
-            problem = f"cannot create a file in {existing} ({err.strerror})"
-    if problem:
-        raise ValueError(f"{name}: cannot write to {target}: {problem} ({remedy} to a writable place)")
-
-
-def _check_megablocks_available() -> None:
-    import importlib.util
-
-    import torch
-
-    if not torch.cuda.is_available() or importlib.util.find_spec("megablocks") is None:
-        raise ValueError(
-            "moe.backend=megablocks needs CUDA and the megablocks package (make setup-gpu); "
-            "this machine lacks one of them: use moe.backend=torch"
-        )
-    raise ValueError("moe.backend=megablocks is not implemented in this version yet: use moe.backend=torch")
 
 
 def refuse_unknown_keys(cfg, schema: type | None = None, prefix: str = "") -> None:

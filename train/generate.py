@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from models.generate import generate
+from train.cli import run_tool
 
 
 def main(argv: list[str]) -> int:
@@ -25,15 +26,13 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from train.checkpoint.run_weights import load_run_weights
 
-    try:
+    def sample() -> None:
         weights = load_run_weights(args.run_dir, args.step)
         model = weights.build_model()
         text = generate(model, weights.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
-    except ValueError as err:
-        print(f"switchyard: error: {err}", file=sys.stderr)
-        return 2
-    print(args.prompt + text)
-    return 0
+        print(args.prompt + text)
+
+    return run_tool(sample)
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def _for_wandb(metrics: dict, images: bool = True) -> dict:
         else:
             out[key] = value
     if loads and images:
-        from train.report import expert_load_figure, plt
+        from train.plots import expert_load_figure, plt
 
         load_LE = np.stack(loads)
         figure = expert_load_figure(load_LE / np.maximum(load_LE.sum(axis=1, keepdims=True), 1))

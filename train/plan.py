@@ -24,11 +24,12 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from train.cli import compose_job, run_tool
+from train.preflight import preflight
+
 PLAN_PREFIX = "plan."
 USAGE = """usage: python -m train.plan [job overrides, as for python -m train] [plan.KEY=VALUE ...]
 
@@ -77,35 +78,6 @@ def parse_plan_settings(overrides: list[str]) -> PlanConfig:
     return plan
 
 
-def compose_job(overrides: list[str]):
-    """The job config exactly as `python -m train` would compose it (Hydra, conf/, JobConfig)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from train.config import refuse_unknown_keys, register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(config_name="config", overrides=overrides)
-    except Exception as err:  # Hydra's override and schema errors: one line for the user
-        raise ValueError(_first_line(err)) from None
-    cfg.run_dir = "unused"  # ${hydra:runtime.output_dir} exists only inside a Hydra run
-    refuse_unknown_keys(cfg)  # `+train.stepz=50` is refused here as by python -m train
-    return OmegaConf.to_object(cfg)
-
-
-def _first_line(err: Exception) -> str:
-    cause = err.__cause__ or err.__context__
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    text = lines[0] if lines else type(err).__name__
-    if cause is not None and str(cause).strip():
-        text += f" ({str(cause).strip().splitlines()[0]})"
-    return text
-
-
 def check_layout(job, plan: PlanConfig) -> None:
     from parallel.dims import validate_degrees
 
@@ -124,10 +96,10 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from planner.report import build_report, render
 
-    try:
+    def plan_job() -> None:
         plan = parse_plan_settings([a for a in argv if a.startswith(PLAN_PREFIX)])
         job = compose_job([a for a in argv if not a.startswith(PLAN_PREFIX)])
-        job.validate()
+        preflight(job)
         check_layout(job, plan)
         from models.gpt import GPT
         from planner.model_states import Layout, check_even_expert_sharding
@@ -136,11 +108,9 @@ def main(argv: list[str]) -> int:
             model = GPT(job.gpt_config())
         layout = Layout(plan.world_size, job.parallel.ep, job.deepspeed.zero_stage, plan.bytes_per_param)
         check_even_expert_sharding(model, layout)
-    except ValueError as err:
-        print(f"switchyard: error: {err}", file=sys.stderr)
-        return 2
-    print(render(build_report(job, plan, model, layout)))
-    return 0
+        print(render(build_report(job, plan, model, layout)))
+
+    return run_tool(plan_job)
 
 
 if __name__ == "__main__":

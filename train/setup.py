@@ -19,6 +19,7 @@ from parallel.parallelize import parallelize
 from parallel.trainer import Trainer
 from train.checkpoint.manager import CheckpointManager
 from train.config import JobConfig, batch_layout
+from train.preflight import preflight
 from train.data import PreparedData, prepare_data
 from train.hf.init_from import load_initial_weights
 from train.metrics import flops_per_token
@@ -87,7 +88,7 @@ def take_run_lock(run_dir: str, dims: ParallelDims) -> RunLock:
 def setup(job: JobConfig, record_settings: Callable[[], None] | None = None) -> Run:
     """Everything that can fail because of the user's input fails here, as a ValueError.
     `record_settings` (rank 0, once every check passed) writes the run's settings into its folder."""
-    job.validate()
+    preflight(job)
     dims = init_parallel(job.parallel.ep, job.moe.num_experts, pick_device(job))
     if dims.device.type == "cuda":
         torch.cuda.set_device(dims.device)

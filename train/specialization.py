@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from models.moe.layer import tokens_per_expert_LE
+from train.cli import run_tool
 
 DEFAULT_MAX_TOKENS = 1_000_000  # per domain: enough for stable shares, bounded for a large corpus
 
@@ -262,18 +263,20 @@ def main(argv: list[str]) -> int:
     import datasets
 
     datasets.disable_progress_bars()  # reading the corpus again: errors stay one line
-    try:
+    def report() -> None:
         result = specialization(Path(args.run_dir), args.step, args.domain_field, args.max_tokens)
         paths = write_outputs(result, Path(args.out) if args.out else Path(args.run_dir) / "specialization")
-    except ValueError as err:
-        print(f"switchyard: error: {err}", file=sys.stderr)
-        return 2
+        print_results(result, paths)
+
+    return run_tool(report)
+
+
+def print_results(result: dict, paths: list[Path]) -> None:
     for layer in result["layers"]:
         print(f"MoE layer {layer['layer']}: JS divergence {layer['js_divergence']:.4f} bits between domains "
               f"({within_text(layer)} within a domain)")
     for path in paths:
         print(path)
-    return 0
 
 
 if __name__ == "__main__":

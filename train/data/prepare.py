@@ -40,8 +40,8 @@ FORMAT_VERSION = 1
 
 
 def check_data_config(cfg) -> None:
-    """Every data-setting mistake that can be seen without reading data -> one ValueError. Also
-    run by JobConfig.validate, before any process group exists."""
+    """Every data-setting mistake that can be seen from the settings alone -> one ValueError (pure:
+    no file is read; `check_data_files` looks at the files). Run by JobConfig.validate."""
     require_choice("data.corpus", cfg.corpus, CORPORA)
     require_choice("data.tokenizer.kind", cfg.tokenizer.kind, TOKENIZER_KINDS)
     require_number_in("data.val_fraction", cfg.val_fraction, 0, 1, low_open=True, high_open=True)
@@ -57,16 +57,26 @@ def check_data_config(cfg) -> None:
         # At least the 256 bytes + end-of-text; at most what a model takes (the tokenizers library
         # itself would abort on a huge value, after the corpus was read).
         require_int_in("data.tokenizer.vocab_size", tok.vocab_size, BYTES_VOCAB, MAX_VOCAB)
-    if tok.kind == "file":
-        if not tok.path:
-            raise ValueError("data.tokenizer.path must be set when data.tokenizer.kind='file'")
-        if not os.path.isfile(abspath(tok.path)):
-            raise ValueError(f"data.tokenizer.path: file not found: {abspath(tok.path)}")
+    if tok.kind == "file" and not tok.path:
+        raise ValueError("data.tokenizer.path must be set when data.tokenizer.kind='file'")
     if tok.kind == "hub" and not tok.name:
         raise ValueError("data.tokenizer.name must be set when data.tokenizer.kind='hub'")
-    if cfg.corpus == "files":
-        checked_paths(cfg)  # each file exists and is readable, with a known extension
     check_domain_field(cfg)
+
+
+def check_data_files(cfg) -> None:
+    """The files the data settings name exist, are readable and fit them (the pre-flight's part)."""
+    tok = cfg.tokenizer
+    if tok.kind == "file" and not os.path.isfile(abspath(tok.path)):
+        raise ValueError(f"data.tokenizer.path: file not found: {abspath(tok.path)}")
+    if cfg.corpus != "files":
+        return
+    paths = checked_paths(cfg)  # each file exists and is readable, with a known extension
+    field = getattr(cfg, "domain_field", None)
+    for path in paths if field is not None else ():
+        if FILE_BUILDERS[os.path.splitext(path)[1].lower()] == "text":
+            raise ValueError(f"data.domain_field={field!r}: {path} is a text file, whose document has no fields; "
+                             f"give the documents as .jsonl/.json/.parquet rows with a {field!r} column")
 
 
 def check_domain_field(cfg) -> None:
@@ -81,11 +91,6 @@ def check_domain_field(cfg) -> None:
         raise ValueError(f"data.domain_field must name the column that holds each row's domain, or be null; got {field!r}")
     if field == cfg.text_field:
         raise ValueError(f"data.domain_field must name a column other than data.text_field ({field!r})")
-    if cfg.corpus == "files":
-        for path in checked_paths(cfg):
-            if FILE_BUILDERS[os.path.splitext(path)[1].lower()] == "text":
-                raise ValueError(f"data.domain_field={field!r}: {path} is a text file, whose document has no fields; "
-                                 f"give the documents as .jsonl/.json/.parquet rows with a {field!r} column")
 
 
 def _file_sha256(path: str) -> str:
@@ -143,6 +148,7 @@ def prepare_data(cfg) -> PreparedData:
     was damaged afterwards (a truncated copy, a full disk) is found when opened, and rebuilt.
     """
     check_data_config(cfg)
+    check_data_files(cfg)
     inputs = cache_inputs(cfg)
     cache_dir = abspath(cfg.cache_dir)
     final = os.path.join(cache_dir, cache_key(inputs))

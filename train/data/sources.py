@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from train.data.classics import classics_documents, labelled_classics_documents, read_classics
+from train.cli import first_line
 from train.data.filecheck import check_text_file, diagnose
 
 if TYPE_CHECKING:  # datasets (with pandas, pyarrow) is imported where data is built, not by every rank
@@ -169,8 +170,7 @@ def _first_problem(paths: list[str], text_field: str) -> str | None:
 
 def _first_line(err: BaseException) -> str:
     """The first line of an error, or of its cause when the error itself is a generic wrapper."""
-    cause = err.__cause__ or err
-    return (str(cause).strip().splitlines() or [""])[0]
+    return first_line(str(err.__cause__ or err))
 
 
 def _load_hub(cfg) -> datasets.Dataset:

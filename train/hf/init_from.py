@@ -14,7 +14,7 @@ says. The router therefore keeps its random initialisation (tokens spread over e
 first step, so the copies diverge), shared experts start with a zero output projection, and
 `moe.normalize_topk=true` and `moe.capacity_factor=null` are required.
 
-`check_init_from` runs in JobConfig.validate (configs only, before any process exists);
+`check_init_from` runs in the pre-flight (train/preflight.py: configs only, before any process exists);
 `load_initial_weights` runs in the set-up of a fresh run on every rank, after parallelize: each
 rank copies its own shards out of the source's weights (which it reads whole). A resumed run
 loads its checkpoint instead and never reads the source.
@@ -29,20 +29,19 @@ import torch
 
 from models.config import GPTConfig
 from models.gpt import GPT
+from train.config import split_init_from
 from train.data.tokenizer import Tokenizer
 from train.hf.files import same_vocabulary
 from train.hf.mapping import moe_block_ids
 
-KINDS = ("hf", "upcycle")
 MODEL_KEYS = ("n_layers", "d_model", "n_heads", "activation", "tie_embeddings", "rope_theta", "norm_eps")
 
 
 def parse_init_from(value: str | None) -> tuple[str, Path] | None:
-    if value is None:
+    spec = split_init_from(value)
+    if spec is None:
         return None
-    kind, sep, path = str(value).partition(":")
-    if not sep or kind not in KINDS or not path:
-        raise ValueError(f"model.init_from must be null, 'hf:<transformers dir>' or 'upcycle:<run dir or dense transformers dir>'; got {value!r}")
+    kind, path = spec
     return kind, Path(path).expanduser().resolve()
 
 
@@ -56,7 +55,7 @@ def source_config(kind: str, path: Path) -> GPTConfig:
     if not path.is_dir():
         raise ValueError(f"{where}: no such directory")
     if _is_hf_dir(path):
-        from train.import_hf import read_hf_config
+        from train.hf.importing import read_hf_config
 
         return read_hf_config(path).cfg
     if kind == "upcycle" and (path / ".hydra" / "config.yaml").is_file():
@@ -70,7 +69,7 @@ def source_config(kind: str, path: Path) -> GPTConfig:
 
 def source_weights(kind: str, path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
     if _is_hf_dir(path):
-        from train.import_hf import load_hf_weights
+        from train.hf.importing import load_hf_weights
 
         model, state_dict = load_hf_weights(path)
         return model.cfg, state_dict, model.tokenizer
@@ -90,7 +89,7 @@ def _first_mismatch(have: dict[str, object], want: dict[str, object]) -> str | N
 
 def check_same_model(source: GPTConfig, target: GPTConfig, where: str) -> None:
     """hf: the run's settings must give the source's function exactly."""
-    from train.import_hf import shape_settings
+    from train.hf.importing import shape_settings
 
     hint = "(python -m train.import_hf HF_DIR prints every setting)"
     have, want = _settings(source, MODEL_KEYS), _settings(target, MODEL_KEYS)
@@ -128,7 +127,7 @@ def check_upcycle(source: GPTConfig, target: GPTConfig, where: str) -> None:
 
 
 def check_init_from(job) -> None:
-    """JobConfig.validate: the source exists, is readable and fits this run's settings."""
+    """The pre-flight's check: the source exists, is readable and fits this run's settings."""
     spec = parse_init_from(job.model.init_from)
     if spec is None:
         return
