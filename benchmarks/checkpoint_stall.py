@@ -39,8 +39,8 @@ def main() -> None:
 
     from train.check import compose_job
     from train.data import BatchSampler
-    from train.loop import run_step
     from train.logging import quiet_third_party_logs
+    from train.loop import run_step
     from train.metrics import MoEWindow
     from train.setup import setup
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from tests.jobs import TINY, job_env, run_job
-from train.run_lock import LOCK, RunLock, why_stale, this_holder
+from train.run_lock import LOCK, RunLock, this_holder, why_stale
 
 SHORT = [*TINY, "train.steps=2", "train.eval_interval=2", "train.ckpt_interval=2"]
 

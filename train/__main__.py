@@ -24,12 +24,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from parallel.collectives import peer_failure
 from parallel.dims import shutdown
+from train import preemption
 from train.checkpoint.files import write_atomic
 from train.checkpoint.manager import SaveFailed
 from train.cli import EXIT_USAGE, hydra_error_line, print_error
 from train.config import JobConfig, refuse_unknown_keys, register_configs
 from train.logging import quiet_third_party_logs
-from train import preemption
 from train.loop import TrainingDiverged, train
 from train.setup import setup
 from train.sweep import in_sweep, is_first_process

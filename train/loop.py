@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from models.generate import generate
 from models.moe.balance import router_losses
 from models.moe.layer import tokens_per_expert_LE
 from parallel.collectives import all_reduce_sum, any_rank_of
@@ -18,7 +19,6 @@ from train import preemption
 from train.checkpoint.manager import SaveFailed
 from train.config import JobConfig
 from train.data import BatchSampler, val_batches
-from models.generate import generate
 from train.logging import RunLogger
 from train.metrics import MoEWindow
 from train.setup import Run

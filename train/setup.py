@@ -18,12 +18,12 @@ from parallel.dims import ParallelDims, init_parallel
 from parallel.parallelize import parallelize
 from parallel.trainer import Trainer
 from train.checkpoint.manager import CheckpointManager
+from train.checkpoint.run_weights import save_run_tokenizer
 from train.config import JobConfig, batch_layout
-from train.preflight import preflight
 from train.data import PreparedData, prepare_data
 from train.hf.init_from import load_initial_weights
 from train.metrics import flops_per_token
-from train.checkpoint.run_weights import save_run_tokenizer
+from train.preflight import preflight
 from train.run_lock import RunLock
 
 
