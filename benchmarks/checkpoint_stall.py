@@ -96,7 +96,8 @@ def main() -> None:
     print("|---|---|---|")
     for mode, v in rows.items():
         print(f"| {mode} | {statistics.median(v) * 1e3:.0f} ms | {', '.join(f'{x * 1e3:.0f}' for x in v)} |")
-    print(f"async / sync stall: {result['async_over_sync']:.2f}; {len(steps_while_writing)} step(s) trained while writing, "
+    print(f"async / sync stall: {result['async_over_sync']:.2f}; "
+          f"{len(steps_while_writing)} step(s) trained while writing, "
           f"median {result['step_s_while_writing_median'] and result['step_s_while_writing_median'] * 1e3:.0f} ms")
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     run.lock.release()

@@ -29,8 +29,10 @@ def test_without_global_batch_the_micro_batch_is_per_rank():
 
 
 @pytest.mark.parametrize("overrides, nproc, message", [
-    (["train.global_batch=10"], 4, "train.global_batch=10 must be a multiple of the number of processes (4): each rank takes an equal share"),
-    (["train.global_batch=16", "train.grad_accum=2"], 1, "train.grad_accum=2: with train.global_batch set, grad_accum follows"),
+    (["train.global_batch=10"], 4,
+     "train.global_batch=10 must be a multiple of the number of processes (4): each rank takes an equal share"),
+    (["train.global_batch=16", "train.grad_accum=2"], 1,
+     "train.grad_accum=2: with train.global_batch set, grad_accum follows"),
     (["train.global_batch=0"], 1, "train.global_batch"),
 ])
 def test_a_global_batch_that_does_not_fit_is_one_line(overrides, nproc, message, tmp_path, monkeypatch):

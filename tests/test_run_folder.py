@@ -35,7 +35,8 @@ def test_a_refused_start_changes_nothing_in_the_run_folder(tmp_path, data_cache)
         assert snapshot(run) == before, refused
     assert not (run / LOCK).exists()
     # The tools read the settings the run trained with.
-    generate = subprocess.run([sys.executable, "-m", "train.generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "5"],
+    command = [sys.executable, "-m", "train.generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "5"]
+    generate = subprocess.run(command,
                               env=job_env(data_cache), capture_output=True, text=True, timeout=300)
     assert generate.returncode == 0, generate.stderr[-3000:]
     assert generate.stdout.startswith("ROMEO:")
@@ -54,7 +55,8 @@ def test_a_second_job_on_a_folder_in_use_stops_with_one_line(tmp_path, data_cach
         assert done.returncode == 2
         line = done.stderr.strip()
         assert "\n" not in line and line.startswith("switchyard: error: "), done.stderr
-        assert f"outputs/busy is in use by another job (pid {os.getpid()} on {socket.gethostname()}, started " in line, line
+        holder_words = f"(pid {os.getpid()} on {socket.gethostname()}, started "
+        assert f"outputs/busy is in use by another job {holder_words}" in line, line
         assert not (run / "checkpoints").exists() and not (run / ".hydra").exists()
     finally:
         holder.release()

@@ -146,7 +146,8 @@ class TrainConfig:
         if self.global_batch is not None:
             require_positive_int("train.global_batch", self.global_batch, MAX_BATCH)
             if self.grad_accum != 1:
-                raise ValueError(f"train.grad_accum={self.grad_accum}: with train.global_batch set, grad_accum follows from it "
+                raise ValueError(f"train.grad_accum={self.grad_accum}: with train.global_batch set, grad_accum follows "
+                                 "from it "
                                  "(global_batch / processes / micro_batch): leave train.grad_accum at 1")
         if self.seq_len > max_seq_len:
             raise ValueError(f"train.seq_len ({self.seq_len}) must be <= model.max_seq_len ({max_seq_len})")

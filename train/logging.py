@@ -130,7 +130,8 @@ class _ResumedHistory:
             if record is None or record["step"] > self.resume_step:
                 replaced.append(line)
                 continue
-            repeated = metrics.keys() & record.keys() - {"step"} if record["step"] == step == self.resume_step else set()
+            resumed_step = record["step"] == step == self.resume_step
+            repeated = metrics.keys() & record.keys() - {"step"} if resumed_step else set()
             if repeated:
                 replaced.append(json.dumps({"step": record["step"], **{k: record[k] for k in record if k in repeated}}))
                 record = {k: v for k, v in record.items() if k not in repeated}

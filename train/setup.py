@@ -95,7 +95,8 @@ def setup(job: JobConfig, record_settings: Callable[[], None] | None = None) -> 
     t = job.train
     t.micro_batch, t.grad_accum = batch_layout(t, dims.world_size)  # the loop reads these
     if t.global_batch is not None and dims.is_main:
-        print(f"switchyard: global batch {t.global_batch} = {dims.world_size} process(es) x {t.grad_accum} micro-batch(es) "
+        print(f"switchyard: global batch {t.global_batch} = {dims.world_size} process(es) x "
+              f"{t.grad_accum} micro-batch(es) "
               f"x {t.micro_batch} sequences")
     lock = take_run_lock(job.run_dir, dims)
     try:
