@@ -145,8 +145,9 @@ def stopped_step(log: str) -> int:
 
 def release_requeued(cluster: SlurmCluster, job_id: str, avoid_node: str | None = None, timeout: float = 120) -> None:
     """Waits until the job was requeued, then lets it start at once (SLURM 22.05 holds it back).
-    `avoid_node`: a job requeued after it ended must start on the other node: the node it ended
-    on still holds its revoked credential for a while ("Job credential revoked")."""
+    `avoid_node`: a job requeued as it ends must start on the other node: the node it ended on
+    still holds its revoked credential for a while ("Job credential revoked"), which SLURM's own
+    hold on requeued jobs outlasts."""
     deadline = time.monotonic() + timeout
     while cluster.job(job_id).get("Restarts") != "1":
         assert time.monotonic() < deadline, f"job {job_id} was not requeued: {cluster.job(job_id)}"
@@ -184,9 +185,10 @@ def test_lead_time_signal_saves_and_the_job_requeues_itself(slurm_cluster, pytho
                                                            uninterrupted):
     job_id = submit(slurm_cluster, python_on_path, tmp_path, data_cache, *RESUMABLE, "run_name=lead")
     wait_past_a_checkpoint(slurm_cluster, tmp_path, job_id, "lead")
+    node = slurm_cluster.job(job_id)["NodeList"]
     # What `#SBATCH --signal=B:USR1@120` does before the time limit: USR1 to the batch script.
     run("scancel", "--batch", "--signal=USR1", job_id, env=slurm_cluster.env())
-    release_requeued(slurm_cluster, job_id)
+    release_requeued(slurm_cluster, job_id, avoid_node=node)
     assert_completed(slurm_cluster, tmp_path, job_id)
     log = job_log(tmp_path, job_id, whole=True)
     assert "launch/slurm.sbatch: requeueing job" in log, log[-3000:]
