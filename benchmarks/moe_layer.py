@@ -21,7 +21,8 @@ What one run does:
    layer (router + dispatch + experts + combine) vs `run_experts_grouped` alone on pre-sorted
    inputs with the same per-expert counts, both forward + backward.
 
-Prints tables and writes JSON (default benchmarks/results/moe_layer_cpu.json).
+Prints tables and writes JSON to benchmarks/local/moe_layer_cpu.json (untracked); --update-results writes the
+committed benchmarks/results/moe_layer_cpu.json.
 """
 
 from __future__ import annotations
@@ -79,8 +80,13 @@ def parse_args(argv=None):
     p.add_argument("--floor-iters", type=int, default=20)
     p.add_argument("--check-tokens", type=int, default=64, help="tokens per rank of the correctness check")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "moe_layer_cpu.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the JSON record (default: benchmarks/local/moe_layer_cpu.json, untracked; see --update-results)")
+    p.add_argument("--update-results", action="store_true",
+                   help="write the committed record benchmarks/results/moe_layer_cpu.json instead")
     args = p.parse_args(argv)
+    if args.out is None:  # a trial run never overwrites the committed figures by accident
+        args.out = REPO / "benchmarks" / ("results" if args.update_results else "local") / "moe_layer_cpu.json"
     args.out = args.out.resolve()
     for k in args.top_k:
         if k not in (1, 2):

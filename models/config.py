@@ -90,12 +90,12 @@ def require_positive_int(name: str, value, high: int | None = None) -> None:
 
 @dataclass
 class MoEConfig:
-    num_experts: int = 8
-    top_k: int = 2
+    num_experts: int = 8  # routed experts per MoE layer
+    top_k: int = 2  # experts each token is sent to (1 … num_experts)
     every: int = 1  # an MoE feed-forward in every `every`-th block (1 = all, 2 = alternate)
-    expert_ffn_hidden: int = 512
+    expert_ffn_hidden: int = 512  # hidden width of each expert's feed-forward
     num_shared_experts: int = 0  # always-on experts, each of width expert_ffn_hidden
-    score: str = "softmax"  # "softmax" | "sigmoid"
+    score: str = "softmax"  # router scores: "softmax" over the experts | "sigmoid" per expert (DeepSeek-V3)
     normalize_topk: bool = True  # renormalise the k selected weights to sum to 1
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
     aux_loss_scope: str = "global_batch"  # over "micro_batch" | "sequence" | "global_batch" (models/moe/balance.py)
@@ -103,7 +103,7 @@ class MoEConfig:
     jitter: float = 0.0  # multiplicative input noise U(1-j, 1+j) on the router input, training only
     bias_update_rate: float = 0.0  # aux-loss-free balancing step (DeepSeek-V3); 0 = off
     capacity_factor: Optional[float] = None  # None = dropless; else per-expert capacity, overflow dropped
-    backend: str = "torch"  # "torch" (grouped GEMM / loop) | "megablocks" (CUDA)
+    backend: str = "torch"  # expert GEMMs: "torch" (grouped_mm, else a loop) | "megablocks" (CUDA, bf16)
 
     def validate(self) -> None:
         require_positive_int("moe.num_experts", self.num_experts, MAX_EXPERTS)
@@ -126,16 +126,16 @@ class MoEConfig:
 @dataclass
 class ModelConfig:
     vocab_size: int = 8192  # overwritten from the tokenizer by the training job
-    max_seq_len: int = 256
-    n_layers: int = 4
-    d_model: int = 256
-    n_heads: int = 4
+    max_seq_len: int = 256  # longest sequence the rotary tables cover (conf/ sets it to train.seq_len)
+    n_layers: int = 4  # transformer blocks
+    d_model: int = 256  # width of the residual stream (divisible by n_heads, with an even head size)
+    n_heads: int = 4  # attention heads
     ffn_hidden: int = 1024  # dense feed-forward width (blocks without MoE)
     activation: str = "swiglu"  # "swiglu" | "gelu", for dense FFN and experts alike
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    tie_embeddings: bool = True  # the output projection shares the token embedding's weights
+    rope_theta: float = 10000.0  # base of the rotary position embedding's frequencies
+    norm_eps: float = 1e-5  # RMSNorm's epsilon
+    init_std: float = 0.02  # standard deviation of the random initial weights
     # Initial weights of a fresh run: null (random), "hf:<dir>" or "upcycle:<dir>" (train/hf/init_from.py).
     init_from: Optional[str] = None
 

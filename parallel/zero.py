@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from models.config import require_choice
 from models.moe.experts import GroupedExperts
 from parallel.dims import ParallelDims
 
@@ -33,8 +34,7 @@ EXPERT_SHARD_DIM = 1  # see the module docstring
 
 
 def validate_zero_stage(stage) -> None:
-    if stage not in ZERO_STAGES:
-        raise ValueError(f"deepspeed.zero_stage must be one of 0, 1, 2, 3; got {stage!r}")
+    require_choice("deepspeed.zero_stage", stage, ZERO_STAGES)
 
 
 DEEPSPEED_DEFAULT_BUCKET = 500_000_000  # elements: DeepSpeed's default reduce_bucket_size

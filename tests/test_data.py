@@ -468,6 +468,7 @@ def test_hub_failure_is_a_clear_error(tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # past the reachability probe (tests/test_quiet_output.py): the load fails
     with pytest.raises(ValueError, match=r"^data\.hub_name='someone/corpus': could not load .*Couldn't reach"):
         data.prepare_data(make_cfg(tmp_path, corpus="hub", hub_name="someone/corpus"))
 

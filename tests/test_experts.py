@@ -93,3 +93,35 @@ def test_a_shard_built_on_meta_initialises_the_same_experts_as_the_whole_layer()
     shard.reset_parameters(0.1, 2, seed=123)
     for name in ("w1_EDF", "w2_EFD", "w3_EDF"):
         torch.testing.assert_close(getattr(shard, name), getattr(whole, name)[4:6], rtol=0, atol=0)
+
+
+def test_megablocks_backend_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
+    """moe.backend=megablocks: one line naming the setting and why. The settings (train.device=cpu,
+    train.dtype=fp32: its kernels are CUDA bf16) in the pure validation; the machine (CUDA, the
+    packages) in the pre-flight, here on this CUDA-less machine and with the packages faked present."""
+    import models.moe.megablocks_experts as megablocks_experts
+    from tests.jobs import TINY
+    from train.cli import compose_job
+    from train.preflight import check_megablocks_available
+
+    def job(*overrides):
+        return compose_job([*TINY, "moe.backend=megablocks", f"hydra.run.dir={tmp_path}", *overrides])
+
+    with pytest.raises(ValueError, match=r"^moe.backend=megablocks runs on CUDA only; got train.device='cpu'"):
+        job("train.device=cpu").validate()
+    with pytest.raises(ValueError, match=r"^moe.backend=megablocks runs bf16 only .* got train.dtype='fp32'"):
+        job("train.device=cuda", "train.dtype=fp32").validate()
+    job("train.device=cuda", "train.dtype=bf16").validate()  # the settings alone are fine
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^moe.backend=megablocks needs CUDA and the megablocks package .*"
+                                             r"this machine has no CUDA device: use moe.backend=torch$"):
+            check_megablocks_available()
+    monkeypatch.setattr(megablocks_experts, "megablocks_unavailable_reason", lambda: None)
+    check_megablocks_available()
+
+
+def test_megablocks_kernels_take_cuda_bf16_only():
+    from models.moe.megablocks_experts import run_experts_megablocks
+
+    with pytest.raises(ValueError, match=r"moe.backend=megablocks runs CUDA bf16 tensors only .*'cpu torch.float32'"):
+        run_experts_megablocks(torch.randn(3, 16), torch.tensor([1, 2]), torch.randn(2, 16, 8), torch.randn(2, 8, 16))

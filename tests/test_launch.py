@@ -42,3 +42,63 @@ def test_slurm_script_names_the_missing_variable(tmp_path, data_cache):
     done = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "SLURM_NNODES is not set" in done.stderr
+
+
+def _recording_program(path, log):
+    """An executable that appends its name and arguments to `log` and succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\necho "{path.name} $*" >> "{log}"\n')
+    path.chmod(0o755)
+
+
+def _launch_checkout(tmp_path):
+    """A checkout with the two launchers and a .venv whose python only records how it was called."""
+    import shutil
+
+    checkout = tmp_path / "checkout"
+    (checkout / "launch").mkdir(parents=True)
+    for script in ("torchrun.sh", "slurm.sbatch"):
+        shutil.copy(REPO / "launch" / script, checkout / "launch" / script)
+    log = tmp_path / "calls.log"
+    _recording_program(checkout / ".venv/bin/python", log)
+    bare = tmp_path / "bare-path"  # a PATH with bash and coreutils, no python, and srun/scontrol stand-ins
+    bare.mkdir()
+    for tool in ("bash", "dirname", "cat", "env"):
+        (bare / tool).symlink_to(subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip())
+    _recording_program(bare / "srun", log)
+    (bare / "scontrol").write_text("#!/bin/sh\necho n1\necho n2\n")
+    (bare / "scontrol").chmod(0o755)
+    return checkout, log, str(bare)
+
+
+def test_launchers_use_the_checkouts_venv_whatever_path_holds(tmp_path):
+    checkout, log, bare = _launch_checkout(tmp_path)
+    env = {"PATH": bare, "HOME": str(tmp_path)}
+    done = subprocess.run([f"{bare}/bash", "launch/torchrun.sh", "2", "model=tiny"], cwd=checkout, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    venv = checkout / ".venv/bin/python"
+    assert log.read_text().splitlines() == [
+        "python -m train.check --quiet --nproc 2 -- model=tiny",
+        "python -m torch.distributed.run --standalone --nproc_per_node=2 -m train model=tiny",
+    ]
+    # sbatch runs a copy of the script from its spool folder: the checkout is the submit directory.
+    log.unlink()
+    slurm = {**env, "SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_SUBMIT_DIR": str(checkout),
+             "SWITCHYARD_PROCS_PER_NODE": "1"}
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "slurm_script").write_text((checkout / "launch/slurm.sbatch").read_text())
+    done = subprocess.run([f"{bare}/bash", str(spool / "slurm_script"), "model=tiny"], cwd=checkout, env=slurm,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == "python -m train.check --quiet --nproc 2 -- model=tiny"
+    assert calls[1].startswith(f"srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=1 {venv} -m torch.distributed.run")
+    # SWITCHYARD_PYTHON wins over the checkout's .venv
+    log.unlink()
+    _recording_program(tmp_path / "mine/python3.12", log)
+    done = subprocess.run([f"{bare}/bash", "launch/torchrun.sh", "1"], cwd=checkout, capture_output=True, text=True, timeout=60,
+                          env={**env, "SWITCHYARD_PYTHON": str(tmp_path / "mine/python3.12")})
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[0] for line in log.read_text().splitlines()] == ["python3.12", "python3.12"]

@@ -12,7 +12,7 @@ import torch
 from models.moe.balance import RouterLosses
 from models.moe.layer import MoEStats
 from parallel.dims import ParallelDims
-from train.loop import warn_dead_experts
+from train.loop import DeadExpertWarnings
 from train.metrics import MoEWindow
 from train.plots import load_shares
 
@@ -75,15 +75,19 @@ def test_key_count_grows_with_layers_never_with_experts():
     assert not {k for k in keys(0, 4) if k.startswith("moe/")}  # a dense model logs no MoE key
 
 
-def test_dead_experts_get_a_warning_line():
-    lines = []
-
-    class Recorder:
-        def info(self, message):
-            lines.append(message)
-
-    warn_dead_experts(Recorder(), 40, {"moe/layer0/tokens_per_expert": [5, 0, 7, 0], "moe/layer1/tokens_per_expert": [1, 1]}, 10)
-    assert lines == ["warning: step 40: layer0: expert(s) [1, 3] got no token in the last 10 step(s)"]
+def test_dead_experts_get_a_warning_line_after_the_warm_up_when_they_change():
+    warnings = DeadExpertWarnings(after_step=30)
+    two_dead = {"moe/layer0/tokens_per_expert": [5, 0, 7, 0], "moe/layer1/tokens_per_expert": [1, 1]}
+    assert warnings.lines(30, two_dead, 10) == []  # the router is still warming up
+    assert warnings.lines(40, two_dead, 10) == ["warning: step 40: layer0: expert(s) [1, 3] got no token in the last 10 step(s)"]
+    assert warnings.lines(50, two_dead, 10) == []  # the same experts again: said once
+    one_dead = {"moe/layer0/tokens_per_expert": [5, 0, 7, 1], "moe/layer1/tokens_per_expert": [0, 2]}
+    assert warnings.lines(60, one_dead, 10) == ["warning: step 60: layer0: expert(s) [1] got no token in the last 10 step(s)",
+                                                "warning: step 60: layer1: expert(s) [0] got no token in the last 10 step(s)"]
+    alive = {"moe/layer0/tokens_per_expert": [5, 1, 7, 1], "moe/layer1/tokens_per_expert": [1, 2]}
+    assert warnings.lines(70, alive, 10) == []
+    assert warnings.lines(80, one_dead, 10) == ["warning: step 80: layer0: expert(s) [1] got no token in the last 10 step(s)",
+                                                "warning: step 80: layer1: expert(s) [0] got no token in the last 10 step(s)"]
 
 
 def write_run(run_dir):

@@ -19,6 +19,9 @@ def test_sweep_runs_every_valid_combination_and_reports_the_invalid_one(tmp_path
         cwd=tmp_path, env=job_env(data_cache), capture_output=True, text=True, timeout=600,
     )
     assert done.returncode != 0  # the sweep as a whole reports its failed job
+    last = done.stderr.rstrip().splitlines()[-1]  # and says where its summary is
+    assert last.startswith("switchyard: error: at least one sweep job failed") and \
+        last.endswith("every job's result is in sweep/sweep_summary.md"), done.stderr[-2000:]
     rows = {tuple(r["overrides"][:2]): r for r in map(json.loads, (tmp_path / "sweep/sweep_results.jsonl").read_text().splitlines())}
     assert len(rows) == 4
     bad = rows[("moe.num_experts=2", "moe.top_k=4")]

@@ -32,7 +32,7 @@ from train.config import JobConfig, refuse_unknown_keys, register_configs
 from train.logging import quiet_third_party_logs
 from train.loop import TrainingDiverged, train
 from train.setup import setup
-from train.sweep import in_sweep, is_first_process
+from train.sweep import in_sweep, is_first_process, written_summary
 
 register_configs()
 _job_started = False  # an OSError before the job started comes from Hydra creating the run directory
@@ -133,7 +133,13 @@ def sweep_figures(summary: dict) -> dict:
 
 
 def cli() -> None:
-    """Hydra's main, with Hydra's own errors (composition, run directory) as one line too."""
+    """Hydra's main, with Hydra's own errors (composition, run directory) as one line too. `--help`
+    is Switchyard's (every setting with its meaning, default and allowed values), not Hydra's."""
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        from train.help import job_help
+
+        print(job_help(), end="")
+        return
     # Hydra then raises its errors instead of printing a multi-line report and exiting with 1.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
@@ -146,7 +152,9 @@ def cli() -> None:
         fail(f"cannot create the run directory: {err.filename}: {err.strerror} "
              "(set run_name, hydra.run.dir or, for sweeps, hydra.sweep.dir to a writable place)", EXIT_USAGE)
     except (ValueError, TrainingDiverged, SaveFailed) as err:  # a sweep with a failed job: each job printed its line
-        fail(f"at least one sweep job failed, e.g.: {err}", exit_code(err))
+        summary = written_summary()  # Hydra skips on_multirun_end (which prints it) after a failed job
+        where = f"; every job's result is in {summary}" if summary else ""
+        fail(f"at least one sweep job failed, e.g.: {err}{where}", exit_code(err))
     except preemption.Preempted:  # a sweep stopped by a signal: its running job saved a checkpoint
         sys.exit(preemption.EXIT_PREEMPTED)
     except KeyboardInterrupt:  # Ctrl-C before the job installed its handler (while importing)

@@ -3,11 +3,13 @@
 - `compose_job(overrides)`: the typed `JobConfig` that `python -m train *overrides` would run,
   composed by Hydra from conf/, with Hydra's own errors as one line (`hydra_error_line`);
 - `print_error(message)`: the one line `switchyard: error: ...` on stderr;
-- `run_tool(body)`: a tool's body, with a `ValueError` turned into that line and exit code 2.
+- `run_tool(body)`: a tool's body, with a `ValueError` turned into that line and exit code 2;
+- `tool_parser(prog, doc)`: a tool's argument parser, whose `--help` shows every option's default.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -99,3 +101,26 @@ def _unparsable(overrides: list[str]) -> str | None:
         except OverrideParseException:
             return override
     return None
+
+
+class ToolHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its default (unless it has none, or says it itself)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not no_default and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def tool_parser(prog: str, doc: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of a user tool: its docstring's first paragraph (and the example after it,
+    when the paragraph ends with a colon), every option's default."""
+    paragraphs = doc.strip().split("\n\n")
+    description = "\n\n".join(paragraphs[:2] if paragraphs[0].endswith(":") and len(paragraphs) > 1 else paragraphs[:1])
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=ToolHelpFormatter)
+
+
+def wants_help(argv: list[str]) -> bool:
+    return any(arg in ("-h", "--help") for arg in argv)

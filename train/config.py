@@ -67,25 +67,25 @@ class DataConfig:
     corpus: str = "classics"  # "classics" (Shakespeare + KJV Bible) | "files" | "hub"
     paths: list[str] = field(default_factory=list)  # .txt/.json/.jsonl/.parquet, for corpus=files
     hub_name: Optional[str] = None  # for corpus=hub (needs a network)
-    text_field: str = "text"
+    text_field: str = "text"  # the column holding the text, for .json/.jsonl/.parquet files and hub datasets
     # The column holding each row's domain (e.g. "source"), for corpus=files (.json/.jsonl/.parquet)
     # or hub; read by the specialisation report (python -m train.specialization), never tokenized.
     domain_field: Optional[str] = None
-    val_fraction: float = 0.01
-    cache_dir: str = "~/.cache/switchyard"
-    num_proc: int = 2
+    val_fraction: float = 0.01  # share held out for validation (classics: each document's tail; files: the last rows)
+    cache_dir: str = "~/.cache/switchyard"  # where prepared token files are cached (shared by runs and ranks)
+    num_proc: int = 2  # processes that tokenize the corpus (datasets.map)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate (AdamW), reached after warmup_steps
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    warmup_steps: int = 30  # linear warm-up from 0 to lr
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's denominator epsilon
     grad_clip: float = 1.0  # max global grad norm; 0 = off
 
     def validate(self) -> None:
@@ -102,11 +102,13 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 400
-    # Sequences per forward on each rank; with global_batch set, the most per forward (see there).
+    steps: int = 400  # optimizer steps of the whole run
+    # Sequences per rank per forward pass; with global_batch set, the most per forward (see there).
     micro_batch: int = 8
-    seq_len: int = 256
-    grad_accum: int = 1  # micro-batches per optimizer step on each rank; derived when global_batch is set
+    seq_len: int = 256  # tokens per sequence
+    # Micro-batches per optimizer step (global batch = micro_batch x grad_accum x data-parallel
+    # ranks); derived when global_batch is set.
+    grad_accum: int = 1
     # Sequences per optimizer step over all ranks, kept whatever the number of processes: each rank
     # takes global_batch / world_size of them, in grad_accum micro-batches of the largest size that
     # divides its share and is at most micro_batch; the validation set is then eval_batches x
@@ -114,13 +116,13 @@ class TrainConfig:
     # requeue onto fewer nodes). null = micro_batch x grad_accum per rank (the global batch grows
     # with the number of processes).
     global_batch: Optional[int] = None
-    seed: int = 1234
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    seed: int = 1234  # seeds the weights, the batches and the router noise: the same seed gives the same run
+    device: str = "auto"  # where the job computes: "auto" (CUDA when available, else CPU) | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16"
-    log_interval: int = 10
-    eval_interval: int = 100
-    eval_batches: int = 8
-    ckpt_interval: int = 200
+    log_interval: int = 10  # steps between metric records (metrics.jsonl, W&B, console)
+    eval_interval: int = 100  # steps between validation-loss measurements
+    eval_batches: int = 8  # micro-batches of the validation split per measurement (see global_batch)
+    ckpt_interval: int = 200  # steps between checkpoints (and one at the end)
     # Write the periodic checkpoints in the background (torch.distributed.checkpoint async_save):
     # training waits only while the state is copied to host memory; the checkpoint is published
     # (latest, meta.json) once every rank finished writing; at most one save in flight. The final
@@ -131,7 +133,7 @@ class TrainConfig:
     # (one line, exit 4) or "continue" training (a warning line; the next save tries again).
     # Either way the checkpoints saved before are left as they were.
     on_save_failure: str = "stop"
-    resume: bool = False
+    resume: bool = False  # continue the run directory's latest checkpoint instead of starting afresh
     max_bad_steps: int = 5  # consecutive non-finite-loss steps (each skipped) before the run stops
     stop_at: Optional[int] = None  # end this invocation after this step, with a checkpoint (time-boxed jobs)
     peak_tflops: Optional[float] = None  # for MFU; null = measured table on known GPUs, none on CPU
@@ -176,19 +178,19 @@ def batch_layout(t: TrainConfig, world_size: int) -> tuple[int, int]:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # "offline" | "online" | "disabled"
-    project: str = "switchyard"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
+    mode: str = "offline"  # "offline" (a W&B run directory in the run directory, synced later with wandb sync) | "online" | "disabled"
+    project: str = "switchyard"  # W&B project
+    entity: Optional[str] = None  # W&B team or user (null: your default)
+    group: Optional[str] = None  # W&B group (a sweep sets it to the sweep's name)
+    tags: list[str] = field(default_factory=list)  # W&B tags
 
 
 @dataclass
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    progress_bar: bool = True
+    progress_bar: bool = True  # a progress bar on a terminal; one plain line per log_interval otherwise
     sample_tokens: int = 48  # at each evaluation, log a sampled continuation of sample_prompt this long; 0 = off
-    sample_prompt: str = "ROMEO:"
+    sample_prompt: str = "ROMEO:"  # the prompt of that sample
 
     def validate(self) -> None:
         require_int_in("logging.sample_tokens", self.sample_tokens, 0, MAX_SEQ_LEN)
@@ -206,8 +208,8 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    run_name: str = "default"
-    run_dir: str = "outputs/default"  # set to Hydra's output dir by the entry point
+    run_name: str = "default"  # the run directory is outputs/<run_name>
+    run_dir: str = "outputs/default"  # where the run writes: Hydra's hydra.run.dir (outputs/<run_name>); set hydra.run.dir to move it
 
     def gpt_config(self) -> GPTConfig:
         return GPTConfig(model=self.model, moe=self.moe)
@@ -224,6 +226,13 @@ class JobConfig:
         split_init_from(self.model.init_from)
         require_choice("logging.wandb.mode", self.logging.wandb.mode, WANDB_MODES)
         self.logging.validate()
+        if self.moe.backend == "megablocks":  # its kernels are CUDA and bf16 (the machine: train/preflight.py)
+            if self.train.device == "cpu":
+                raise ValueError("moe.backend=megablocks runs on CUDA only; got train.device='cpu': "
+                                 "use train.device=cuda (or auto), or moe.backend=torch")
+            if self.train.dtype == "fp32":
+                raise ValueError("moe.backend=megablocks runs bf16 only (grouped_gemm's kernels); got "
+                                 "train.dtype='fp32': use train.dtype=bf16 (or auto), or moe.backend=torch")
 
 
 INIT_FROM_KINDS = ("hf", "upcycle")

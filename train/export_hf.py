@@ -11,18 +11,17 @@ sibling directory that is renamed to OUT_DIR at the end: after a failure OUT_DIR
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from train.cli import run_tool
+from train.cli import run_tool, tool_parser
 from train.hf.exporting import DEFAULT_MAX_SHARD_BYTES, export_hf
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.export_hf", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", metavar="RUN_DIR")
-    parser.add_argument("out_dir", metavar="OUT_DIR")
+    parser = tool_parser("python -m train.export_hf", __doc__)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a checkpoint (outputs/<run_name>)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="the directory to create (must not exist, or be empty)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--max-shard-mb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e6, help="largest safetensors file (MB)")
     args = parser.parse_args(argv)

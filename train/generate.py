@@ -7,22 +7,21 @@ The sampling itself is models/generate.py's, which the training loop also calls 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from models.generate import generate
-from train.cli import run_tool
+from train.cli import run_tool, tool_parser
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", metavar="RUN_DIR")
-    parser.add_argument("--prompt", required=True)
+    parser = tool_parser("python -m train.generate", __doc__)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a checkpoint (outputs/<run_name>)")
+    parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="at most this many new tokens")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling: the same seed gives the same text")
     args = parser.parse_args(argv)
     from train.checkpoint.run_weights import load_run_weights
 

@@ -14,16 +14,18 @@ from __future__ import annotations
 import shlex
 import sys
 
-from train.cli import run_tool
+from train.cli import run_tool, tool_parser
 from train.hf.importing import load_hf_weights, training_overrides
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m train.import_hf HF_DIR   (prints the overrides for python -m train)", file=sys.stderr)
-        return 2
+    parser = tool_parser("python -m train.import_hf", __doc__)
+    parser.add_argument("hf_dir", metavar="HF_DIR", help="a transformers model directory (config.json, safetensors, "
+                        "tokenizer.json); the overrides for python -m train are printed")
+    args = parser.parse_args(argv)
+
     def print_overrides() -> None:
-        model, _ = load_hf_weights(argv[0])  # read everything once, so a broken file is found now
+        model, _ = load_hf_weights(args.hf_dir)  # read everything once, so a broken file is found now
         print(" ".join(shlex.quote(o) for o in training_overrides(model)))
 
     return run_tool(print_overrides)

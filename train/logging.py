@@ -1,5 +1,8 @@
 """Where figures go: console progress bar, JSONL in the run directory, W&B (offline by default).
 
+The progress bar is drawn only on a terminal; when the output goes to a file (make, SLURM logs,
+a pipe) the same figures come as one plain line per logged step, without carriage returns.
+
 Only the main rank builds a RunLogger; every other rank gets a silent one.
 
 Nothing a run wrote is lost when the run directory is used again:
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -43,6 +47,7 @@ class RunLogger:
         self.enabled = enabled
         self.wandb_run = None
         self.bar = None
+        self.plain_progress = False  # progress as lines, for output that is not a terminal
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -70,8 +75,11 @@ class RunLogger:
                 resume="allow" if first_step > 0 and not self.offline else None,
                 id=_wandb_run_id(run_dir, first_step),
             )
-        if progress_bar:
+        if progress_bar and sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True)
+        elif progress_bar:
+            self.plain_progress = True
+            self.total_steps, self.first_step, self.started = total_steps, first_step, time.perf_counter()
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -91,12 +99,16 @@ class RunLogger:
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix(postfix, refresh=True)
+        elif self.plain_progress:
+            print(progress_line(step, self.total_steps, self.first_step, time.perf_counter() - self.started, postfix), flush=True)
 
     def info(self, message: str) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.write(message)
+        elif self.plain_progress:
+            print(message, flush=True)
         else:
             log.info(message)
 
@@ -109,6 +121,21 @@ class RunLogger:
             self.jsonl.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def progress_line(step: int, total: int, first_step: int, elapsed_s: float, figures: dict) -> str:
+    """`train: step 20/400 (5%), loss=3.952, tok/s=1,714, 0:29 elapsed, eta 9:09`: the bar's figures as a line."""
+    done = step - first_step
+    eta = _clock(elapsed_s / done * (total - step)) if done > 0 else "?"
+    parts = [f"train: step {step}/{total} ({100 * step // max(total, 1)}%)", *(f"{k}={v}" for k, v in figures.items()),
+             f"{_clock(elapsed_s)} elapsed, eta {eta}"]
+    return ", ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class _ResumedHistory:
@@ -213,8 +240,19 @@ def _for_wandb(metrics: dict, images: bool = True) -> dict:
 
 
 def quiet_third_party_logs() -> None:
+    """Third-party banners silenced at their source, before the libraries are imported (they read
+    these variables at import time)."""
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed warns "Setting accelerator to CPU ..." on every rank when it finds no GPU; naming the
+    # accelerator it would pick anyway silences it (the one-line INFO it logs instead is below its level).
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # datasets' progress bars (tokenizing) are for terminals; in a log file they are carriage returns.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # DeepSpeed probes its ops by compiling test programs; the compiler's INFO lines are not ours.
     logging.getLogger("compilers").setLevel(logging.WARNING)
     # DeepSpeed's ZeRO calls these torch collectives on every step; torch 2.13 deprecates their names.

@@ -159,18 +159,36 @@ def finish_skipped_window(run: Run, x_BS: torch.Tensor, bad_micro_step: int) -> 
         run.trainer.step(0.0)
 
 
-def warn_dead_experts(logger: RunLogger, step: int, metrics: dict, window_steps: int) -> None:
-    for key, load in metrics.items():
-        if key.endswith("/tokens_per_expert") and 0 in load:
-            dead = [e for e, n in enumerate(load) if n == 0]
+class DeadExpertWarnings:
+    """One console line when a layer's set of experts that got no token changes, after `after_step`:
+    during the learning-rate warm-up a freshly initialised router leaves some experts idle for a
+    window on nearly every run, which says nothing yet. The counts are in the metrics either way
+    (`moe/layerN/dead_experts`)."""
+
+    def __init__(self, after_step: int):
+        self.after_step = after_step
+        self.last_warned: dict[str, list[int]] = {}
+
+    def lines(self, step: int, metrics: dict, window_steps: int) -> list[str]:
+        out = []
+        for key, load in metrics.items():
+            if not key.endswith("/tokens_per_expert"):
+                continue
             layer = key.split("/")[1]
-            logger.info(f"warning: step {step}: {layer}: expert(s) {dead} got no token in the last {window_steps} step(s)")
+            dead = [e for e, n in enumerate(load) if n == 0]
+            if step <= self.after_step or dead == self.last_warned.get(layer, []):
+                continue
+            self.last_warned[layer] = dead
+            if dead:
+                out.append(f"warning: step {step}: {layer}: expert(s) {dead} got no token in the last {window_steps} step(s)")
+        return out
 
 
 def train_steps(run: Run, logger: RunLogger) -> dict:
     job, dims, t = run.job, run.dims, run.job.train
     sampler = BatchSampler(run.data.train, t.seq_len, t.micro_batch, dims.world_size, dims.rank, t.grad_accum, t.seed)
     window = MoEWindow(len(run.model.moe_layers()), job.moe.num_experts)
+    dead_experts = DeadExpertWarnings(after_step=job.optim.warmup_steps)
     tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * dims.world_size
     loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()
     bad_in_a_row, bad_total, applied_total = 0, 0, 0
@@ -212,7 +230,8 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
             if t.peak_tflops:
                 metrics["perf/mfu"] = tokens_per_s * run.flops_per_token / (t.peak_tflops * 1e12 * dims.world_size)
             logger.log(done, metrics)
-            warn_dead_experts(logger, done, metrics, window_steps)
+            for line in dead_experts.lines(done, metrics, window_steps):
+                logger.info(line)
             logger.progress(done, {"loss": f"{mean_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"})
             summary.update(metrics)
             loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()

@@ -32,33 +32,26 @@ from train.config import batch_layout
 from train.preflight import preflight
 
 PLAN_PREFIX = "plan."
-USAGE = """usage: python -m train.plan [job overrides, as for python -m train] [plan.KEY=VALUE ...]
-
-plan.world_size=N            ranks (processes, one per GPU) the job runs on (default 1)
-plan.bytes_per_param=4|2     bytes of each weight and gradient element (default 4: the job keeps fp32 weights)
-plan.bytes_per_activation=4|2  bytes per activation value: 4 for fp32 (CPU), 2 for bf16 autocast (default 4)
-plan.device_memory_gb=X      memory per rank in GiB, 2^30 bytes ("80 GB" GPUs have 80 GiB) (default 80)
-
-example: python -m train.plan model.n_layers=32 model.d_model=4096 model.n_heads=32 moe.expert_ffn_hidden=14336 \\
+USAGE = "python -m train.plan [job overrides, as for python -m train] [plan.KEY=VALUE ...]"
+EXAMPLE = """example: python -m train.plan model.n_layers=32 model.d_model=4096 model.n_heads=32 moe.expert_ffn_hidden=14336 \\
            model.vocab_size=32000 model.tie_embeddings=false train.seq_len=4096 train.micro_batch=1 \\
            parallel.ep=8 deepspeed.zero_stage=1 plan.world_size=64 plan.bytes_per_activation=2 plan.device_memory_gb=80"""
 
 
 @dataclass
 class PlanConfig:
-    world_size: int = 1
-    bytes_per_param: int = 4
-    bytes_per_activation: int = 4
-    device_memory_gb: float = 80.0
+    world_size: int = 1  # ranks (processes, one per GPU) the job runs on
+    bytes_per_param: int = 4  # bytes of each weight and gradient element: the job keeps fp32 weights (2 asks "what if bf16")
+    bytes_per_activation: int = 4  # bytes per activation value: 4 = fp32 (CPU), 2 = bf16 autocast (train.dtype=auto on CUDA)
+    device_memory_gb: float = 80.0  # memory per rank in GiB (2^30 bytes: an "80 GB" GPU has 80 GiB)
 
     def validate(self) -> None:
-        from models.config import require_choice, require_positive_int
+        from models.config import require_choice, require_positive_int, require_positive_number
 
         require_positive_int("plan.world_size", self.world_size)
         for name in ("bytes_per_param", "bytes_per_activation"):
             require_choice(f"plan.{name}", getattr(self, name), (2, 4))
-        if not self.device_memory_gb > 0:
-            raise ValueError(f"plan.device_memory_gb must be a number > 0 (GiB per rank); got {self.device_memory_gb!r}")
+        require_positive_number("plan.device_memory_gb", self.device_memory_gb)
 
 
 def parse_plan_settings(overrides: list[str]) -> PlanConfig:
@@ -91,8 +84,14 @@ def check_layout(job, plan: PlanConfig) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+    from train.cli import wants_help
+    from train.help import job_settings_epilog, render_text, settings
+
+    if wants_help(argv):
+        print(f"usage: {USAGE}\n\n{__doc__.split(chr(10) * 2)[0]}\n")
+        print(render_text(settings(PlanConfig, PLAN_PREFIX), usage=None))
+        print(job_settings_epilog())
+        print(EXAMPLE)
         return 0
     # The planner reads DeepSpeed's config defaults only: no accelerator probing (and its log line).
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

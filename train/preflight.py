@@ -60,13 +60,12 @@ def require_writable_dir(name: str, path: str, remedy: str) -> None:
 
 
 def check_megablocks_available() -> None:
-    import importlib.util
+    """MegaBlocks' grouped GEMM needs a CUDA device and the megablocks and grouped_gemm packages."""
+    from models.moe.megablocks_experts import megablocks_unavailable_reason
 
-    import torch
-
-    if not torch.cuda.is_available() or importlib.util.find_spec("megablocks") is None:
+    reason = megablocks_unavailable_reason()
+    if reason is not None:
         raise ValueError(
-            "moe.backend=megablocks needs CUDA and the megablocks package (make setup-gpu); "
-            "this machine lacks one of them: use moe.backend=torch"
+            f"moe.backend=megablocks needs CUDA and the megablocks package (make setup-gpu); {reason}: "
+            "use moe.backend=torch"
         )
-    raise ValueError("moe.backend=megablocks is not implemented in this version yet: use moe.backend=torch")

@@ -8,16 +8,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from train.cli import run_tool
+from train.cli import run_tool, tool_parser
 from train.plots import write_report
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m train.report RUN_DIR", file=sys.stderr)
-        return 2
+    parser = tool_parser("python -m train.report", __doc__)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a metrics.jsonl (outputs/<run_name>); "
+                        "the plots go to RUN_DIR/plots/")
+    args = parser.parse_args(argv)
+
     def report() -> None:
-        for path in write_report(Path(argv[0])):
+        for path in write_report(Path(args.run_dir)):
             print(path)
 
     return run_tool(report)

@@ -29,7 +29,6 @@ Shape legend: L MoE layers, N domains, E experts, B blocks, S tokens per block.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 
 from models.moe.layer import tokens_per_expert_LE
-from train.cli import run_tool
+from train.cli import run_tool, tool_parser
 
 DEFAULT_MAX_TOKENS = 1_000_000  # per domain: enough for stable shares, bounded for a large corpus
 
@@ -227,7 +226,7 @@ def within_text(layer: dict) -> str:
 
 
 def plot_heatmaps(result: dict, out: Path) -> None:
-    from train.report import plt  # matplotlib, set up for files only
+    from train.plots import plt  # matplotlib, set up for files only
 
     domains, layers = result["domains"], result["layers"]
     num_experts = result["num_experts"]
@@ -253,8 +252,8 @@ def plot_heatmaps(result: dict, out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.specialization", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser = tool_parser("python -m train.specialization", __doc__)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a checkpoint (outputs/<run_name>)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--domain-field", default=None, help="the column holding each row's domain (overrides the run's data.domain_field)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="per domain, at most this many validation tokens")

@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 log = logging.getLogger("switchyard")
 ROWS = "sweep_results.jsonl"
 SUMMARY = "sweep_summary.md"
+_written: list[Path] = []  # the summary this process wrote last: a failed sweep's last line names it
+
 COLUMNS = (("val/loss", "val loss", "{:.4f}"), ("perf/tokens_per_s", "tokens/s", "{:,.0f}"), ("imbalance", "max/mean load", "{:.2f}"))
 
 
@@ -48,11 +50,17 @@ class SweepSummary(Callback):
         # sweep may be read while it still runs.
         rows = sorted((json.loads(line) for line in (sweep_dir / ROWS).read_text().splitlines()), key=lambda r: r["job"])
         (sweep_dir / SUMMARY).write_text(render_table(rows) + "\n")
+        _written[:] = [sweep_dir / SUMMARY]
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         summary = Path(config.hydra.sweep.dir) / SUMMARY
         if summary.exists():
             log.info("sweep summary (%s):\n%s", summary, summary.read_text())
+
+
+def written_summary() -> Path | None:
+    """The summary table this process wrote last (None outside a sweep, or before its first job ended)."""
+    return _written[0] if _written else None
 
 
 def swept(rows: list[dict]) -> list[list[str]]:

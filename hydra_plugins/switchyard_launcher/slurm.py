@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import subprocess
 import sys
 from typing import Any, Sequence
@@ -52,9 +53,36 @@ def sbatch_refusal(err: BaseException) -> str | None:
     return None
 
 
+class OnceFilter(logging.Filter):
+    """Lets the first record holding `words` through and drops its repeats. submitit warns that job
+    states "may be inaccurate" at every sacct call that fails (several per sweep on a cluster
+    without accounting); once says it all."""
+
+    def __init__(self, words: str):
+        super().__init__()
+        self.words, self.seen = words, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.words not in record.getMessage():
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        record.msg, record.args = f"{record.getMessage()} (said once; submitit still collects every job's result)", ()
+        return True
+
+
+def say_sacct_failures_once(logger: logging.Logger) -> None:
+    if not any(isinstance(f, OnceFilter) for f in logger.filters):
+        logger.addFilter(OnceFilter("status may be inaccurate"))
+
+
 class SwitchyardSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from submitit.core.logger import get_logger
         from submitit.core.utils import FailedJobError
+
+        say_sacct_failures_once(get_logger())
 
         # submitit echoes a failed sbatch's stderr before raising: held back, and replayed unless
         # the one line below says it.

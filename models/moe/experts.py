@@ -17,6 +17,7 @@ from torch import nn
 
 from models.config import EXPERT_BACKENDS
 from models.ffn import activate
+from models.moe.megablocks_experts import run_experts_megablocks
 
 
 def run_experts_loop(x_ND, counts_E, w1_EDF, w2_EFD, w3_EDF=None) -> torch.Tensor:
@@ -109,13 +110,11 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         assert counts_E.numel() == self.num_experts, (counts_E.numel(), self.num_experts)
         weights = (self.w1_EDF, self.w2_EFD, self.w3_EDF)
-        if self.backend == "megablocks":
-            # The seam for MegaBlocks' grouped kernels (CUDA only, imported lazily when it lands);
-            # the job refuses this backend at start-up until then (train/config.py).
-            raise NotImplementedError("moe.backend=megablocks is not implemented yet")
         dtype = compute_dtype(x_ND, self.w1_EDF)
         x_ND = x_ND.to(dtype)
         weights = tuple(w.to(dtype) if w is not None else None for w in weights)  # differentiable casts
+        if self.backend == "megablocks":  # MegaBlocks' grouped kernels: CUDA, bf16 (imported lazily)
+            return run_experts_megablocks(x_ND, counts_E, *weights)
         if grouped_mm_supported(x_ND, *(w for w in weights if w is not None)):
             return run_experts_grouped(x_ND, counts_E, *weights)
         return run_experts_loop(x_ND, counts_E, *weights)

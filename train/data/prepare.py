@@ -19,10 +19,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from models.config import MAX_VOCAB, require_choice, require_int_in, require_number_in, require_positive_int
+from train.checkpoint.files import follow_umask
 from train.data.classics import CLASSICS_PINS
 from train.data.sources import CORPORA, FILE_BUILDERS, abspath, checked_paths
 from train.data.tokenizer import BYTES_VOCAB, TOKENIZER_KINDS, Tokenizer
@@ -195,6 +197,7 @@ def _build(cfg, inputs: dict, final: str) -> None:
     try:
         log.info("preparing data into %s", final)
         write_prepared(cfg, inputs, tmp)
+        follow_umask(Path(tmp))  # mkdtemp made it private: a shared cache must be readable by the team
         _fsync(tmp)
         os.rename(tmp, final)
         _fsync(cache_dir)

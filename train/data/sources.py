@@ -8,8 +8,12 @@ documents with each one's domain (for the specialisation report).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import os
+import socket
+import urllib.parse
 from collections.abc import Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -149,8 +153,9 @@ def _load_files(cfg) -> datasets.Dataset:
         field = "text" if builder == "text" else cfg.text_field
         extra = {"sample_by": "document"} if builder == "text" else {}
         try:
-            ds = datasets.load_dataset(builder, data_files=group, split="train",
-                                       cache_dir=os.path.join(abspath(cfg.cache_dir), "hf"), **extra)
+            with _datasets_quiet():  # a bad file is Switchyard's one line below, not datasets' ERROR and bar
+                ds = datasets.load_dataset(builder, data_files=group, split="train",
+                                           cache_dir=os.path.join(abspath(cfg.cache_dir), "hf"), **extra)
         except Exception as err:  # datasets' errors name neither the file nor the line: find them
             raise ValueError(_first_problem(group, field) or f"data.paths: could not read {', '.join(group)}: "
                              f"{type(err).__name__}: {_first_line(err)}") from err
@@ -164,6 +169,24 @@ def _load_files(cfg) -> datasets.Dataset:
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
+@contextlib.contextmanager
+def _datasets_quiet():
+    """datasets' own log lines (it logs a JSON error at ERROR level, naming a 0-based row, before
+    raising) and its progress bar, silenced while local files are read."""
+    from datasets.utils import logging as datasets_logging
+
+    logger = logging.getLogger("datasets")
+    level, bars = logger.level, datasets_logging.is_progress_bar_enabled()
+    logger.setLevel(logging.CRITICAL)
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            datasets_logging.enable_progress_bar()
+
+
 def _first_problem(paths: list[str], text_field: str) -> str | None:
     return next(filter(None, (diagnose(path, text_field) for path in paths)), None)
 
@@ -173,8 +196,32 @@ def _first_line(err: BaseException) -> str:
     return first_line(str(err.__cause__ or err))
 
 
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def require_hub_reachable(setting: str, remedy: str) -> None:
+    """Fail at once, in one line, when the Hugging Face Hub cannot be reached: datasets and
+    huggingface_hub would otherwise retry for about half a minute, printing every retry. Skipped
+    offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: the libraries then read their cache) and behind
+    a proxy (which a direct probe cannot judge)."""
+    truthy = ("1", "true", "yes", "on")
+    if any(os.environ.get(v, "").lower() in truthy for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        raise ValueError(f"{setting}: cannot reach the Hugging Face Hub at {host}:{port} ({why}); it needs network "
+                         f"access ({remedy}, or set HF_HUB_OFFLINE=1 to use a copy already downloaded)") from None
+
+
 def _load_hub(cfg) -> datasets.Dataset:
     import datasets
+    require_hub_reachable(f"data.hub_name={cfg.hub_name!r}", "or use data.corpus=files")
     try:
         ds = datasets.load_dataset(cfg.hub_name, split="train", cache_dir=os.path.join(abspath(cfg.cache_dir), "hf"))
     except Exception as e:

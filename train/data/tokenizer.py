@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from train.data.sources import abspath
+from train.data.sources import abspath, require_hub_reachable
 
 if TYPE_CHECKING:  # datasets (with pandas, pyarrow) is imported where data is built, not by every rank
     import datasets
@@ -138,6 +138,7 @@ def make_tokenizer(cfg, train: datasets.Dataset) -> Tokenizer:
             raise ValueError(f"data.tokenizer.path={tok_cfg.path!r}: not a tokenizers JSON file ({e})") from e
         return Tokenizer(with_eot(backend))
     assert tok_cfg.kind == "hub", tok_cfg.kind
+    require_hub_reachable(f"data.tokenizer.name={tok_cfg.name!r}", "or use data.tokenizer.kind=file")
     try:
         backend = tokenizers.Tokenizer.from_pretrained(tok_cfg.name)
     except Exception as e:

@@ -14,6 +14,7 @@ import torch
 from models.config import GPTConfig
 from train.checkpoint.run_weights import load_run_weights
 from train.data.tokenizer import Tokenizer
+from train.checkpoint.files import follow_umask
 from train.hf.files import DEFAULT_MAX_SHARD_BYTES, fsync_tree, write_json, write_tokenizer, write_weights
 from train.hf.mapping import choose_model_type, has_selection_bias, hf_config, to_hf_tensors
 
@@ -42,6 +43,7 @@ def write_hf_model(cfg: GPTConfig, state_dict: dict[str, torch.Tensor], tokenize
         write_json(staging / "generation_config.json", {"bos_token_id": None, "eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.eot_id})
         write_tokenizer(tokenizer, staging, cfg.model.max_seq_len)
         write_weights(tensors, staging, max_shard_bytes)
+        follow_umask(staging)  # mkdtemp made it private; the team should read the export
         fsync_tree(staging)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); rename needs it gone

@@ -16,6 +16,7 @@ import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers
 
+from train.checkpoint.files import follow_umask
 from train.data.tokenizer import EOT_TOKEN, Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -54,6 +55,7 @@ def write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_byt
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for shard, name in zip(shards, names):
         save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        follow_umask(out_dir / name)  # safetensors writes 0600 files
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},

@@ -1,0 +1,51 @@
+"""`moe.backend=megablocks`: MegaBlocks' grouped-GEMM expert MLP, fed by Switchyard's router and dispatchers.
+
+Shape legend: N routed token copies (sorted by expert), D hidden, F expert width, E experts held here.
+
+MegaBlocks' dMoE (0.10, `mlp_impl='grouped'`) permutes the tokens by expert, counts them, and runs
+its `GroupedMLP` / `GroupedGLU`: one `grouped_gemm.ops.gmm(x, w, batch_sizes)` per weight over
+variable-size groups (dropless, nothing padded), batch sizes as an int64 host tensor. Our
+dispatchers already hand the experts that input (copies sorted by expert, with counts per local
+expert), so this backend calls the same kernels through MegaBlocks' `grouped_gemm_util`, with
+Switchyard's router, dispatch/combine and weight layout: [E, D, F] and [E, F, D] are exactly the
+`b` operands gmm multiplies without a transpose. The kernels are CUDA and bf16 only; megablocks is
+imported here lazily, so nothing else needs it installed. The per-expert loop in experts.py is the
+oracle (tests/test_megablocks_experts.py, marked `gpu`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from models.ffn import activate
+
+MEGABLOCKS_DTYPE = torch.bfloat16  # grouped_gemm's kernels take bf16 operands only
+
+
+def megablocks_unavailable_reason() -> str | None:
+    """Why `moe.backend=megablocks` cannot run on this machine, or None when it can."""
+    if not torch.cuda.is_available():
+        return "this machine has no CUDA device"
+    missing = [name for name in ("megablocks", "grouped_gemm") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"{' and '.join(missing)} is not installed (make setup-gpu)"
+    return None
+
+
+def run_experts_megablocks(x_ND, counts_E, w1_EDF, w2_EFD, w3_EDF=None) -> torch.Tensor:
+    """The expert MLP as MegaBlocks computes it: gmm(x, w1) -> activation (x gmm(x, w3)) -> gmm(., w2).
+    Inputs: CUDA bf16, rows grouped by expert with `counts_E` rows each (any device)."""
+    tensors = [t for t in (x_ND, w1_EDF, w2_EFD, w3_EDF) if t is not None]
+    if any(t.dtype != MEGABLOCKS_DTYPE or not t.is_cuda for t in tensors):
+        raise ValueError(f"moe.backend=megablocks runs CUDA bf16 tensors only (train.dtype=bf16); got "
+                         f"{sorted({f'{t.device.type} {t.dtype}' for t in tensors})}")
+    from megablocks import grouped_gemm_util as gg  # lazy: a CUDA-only package
+
+    gg.assert_grouped_gemm_is_available()
+    batch_sizes_E = counts_E.to(device="cpu", dtype=torch.int64)  # gmm reads the group sizes on the host
+    x_ND = x_ND.contiguous()  # gmm takes contiguous operands only
+    h_NF = gg.ops.gmm(x_ND, w1_EDF.contiguous(), batch_sizes_E)
+    gate_NF = gg.ops.gmm(x_ND, w3_EDF.contiguous(), batch_sizes_E) if w3_EDF is not None else None
+    return gg.ops.gmm(activate(h_NF, gate_NF).contiguous(), w2_EFD.contiguous(), batch_sizes_E)
