@@ -9,7 +9,8 @@ trains a few steps, then saves the same kind of checkpoint:
 - async: the stall is the `save` call (staging the state in host memory, starting the writer
   thread) plus, once the write is done, `finish_background` (CRCs, publish); the steps trained
   while the thread writes are timed too, to show what the writing costs them.
-Prints a table and writes JSON (default benchmarks/results/checkpoint_stall_cpu.json).
+Prints a table and writes JSON to benchmarks/local/checkpoint_stall_cpu.json (untracked);
+--update-results writes benchmarks/results/checkpoint_stall_cpu.json, the committed record.
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ if str(REPO) not in sys.path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4, help="saves of each kind")
-    parser.add_argument("--out", default=str(REPO / "benchmarks/results/checkpoint_stall_cpu.json"))
+    parser.add_argument("--out", default=None,
+                        help="the JSON record (default: benchmarks/local/checkpoint_stall_cpu.json, untracked)")
+    parser.add_argument("--update-results", action="store_true",
+                        help="write benchmarks/results/checkpoint_stall_cpu.json, the committed record")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = str(REPO / "benchmarks" / ("results" if args.update_results else "local") / "checkpoint_stall_cpu.json")
+        Path(args.out).parent.mkdir(exist_ok=True)
 
     import torch
 

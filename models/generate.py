@@ -3,8 +3,11 @@
 Under expert parallelism or ZeRO-3 the forward pass is collective: call it on every rank with the
 same arguments (the same seed gives the same tokens everywhere) and print on one.
 
-No KV cache: every new token reruns the whole context (at most model.max_seq_len tokens, the
-oldest dropped), which is the obviously-correct path and fast enough for samples.
+With `use_cache` (the default) the prompt runs once and each new token attends to the cached keys
+and values of the tokens before it (`models.gpt.KVCache`), while the whole sequence fits in
+model.max_seq_len. Without it (and beyond max_seq_len, where the oldest tokens are dropped and every
+position shifts) every new token reruns the whole context: the obviously-correct path, kept as the
+oracle the cache is tested against.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+
+from models.gpt import KVCache
 
 
 class TextCodec(Protocol):
@@ -26,9 +31,10 @@ class TextCodec(Protocol):
 
 @torch.no_grad()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 seed: int = 0, stop_id: int | None = None) -> list[int]:
+                 seed: int = 0, stop_id: int | None = None, use_cache: bool = True) -> list[int]:
     """New token ids after `prompt_ids` (without them); stops after `stop_id`'s first appearance,
-    which is not returned. `model(idx_BS)` returns (logits [B, S, V], stats), as `models.gpt.GPT` does."""
+    which is not returned. `model(idx_BS[, cache])` returns (logits [B, S, V], stats), as
+    `models.gpt.GPT` does."""
     if max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0; got {max_new_tokens}")
     if temperature < 0:
@@ -44,10 +50,15 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     was_training = gpt.training
     gpt.eval()  # no router jitter
     ids = list(prompt_ids)
+    cache = KVCache(gpt.cfg.model) if use_cache else None
     try:
         for _ in range(max_new_tokens):
-            context_BS = torch.tensor([ids[-max_len:]], device=device)
-            logits_V = model(context_BS)[0][0, -1].float().cpu()
+            if cache is not None and len(ids) <= max_len:  # every position still fits: only the new ones run
+                new_BS = torch.tensor([ids[cache.length:]], device=device)
+                logits_V = model(new_BS, cache)[0][0, -1].float().cpu()
+            else:
+                context_BS = torch.tensor([ids[-max_len:]], device=device)
+                logits_V = model(context_BS)[0][0, -1].float().cpu()
             next_id = _pick(logits_V, temperature, top_k, rng)
             if next_id == stop_id:
                 break

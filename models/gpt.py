@@ -1,22 +1,42 @@
-"""Decoder-only GPT with rotary embeddings, RMSNorm pre-norm, SDPA attention, dense or MoE FFNs.
+"""Decoder-only GPT with rotary embeddings, RMSNorm pre-norm, SDPA attention (multi-head, grouped-query
+or multi-query; optional q/k RMSNorm and qkv biases), dense or MoE FFNs.
 
-Shape legend: B batch, S sequence, D hidden, H heads, Dh head size, V vocabulary.
+Shape legend: B batch, S sequence, D hidden, H query heads, Hkv key/value heads, Dh head size, V vocabulary.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import GPTConfig, ModelConfig
+from models.config import GPTConfig, ModelConfig, RopeScalingConfig
 from models.ffn import FeedForward
 from models.moe.layer import MoELayer, MoEStats
 
 
-def rotary_tables(seq_len: int, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [S, Dh/2] for rotating channel pairs (x[2i], x[2i+1])."""
+def rope_inverse_frequencies(head_size: int, theta: float, scaling: RopeScalingConfig | None = None) -> torch.Tensor:
+    """[Dh/2] fp32 angle per position of each channel pair; Llama-3's scaling stretches the long wavelengths."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    if scaling is None or scaling.type == "none":
+        return inv_freq
+    # Llama-3 (rope_type "llama3" in transformers' modeling_rope_utils.py), step for step.
+    low_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotary_tables(seq_len: int, head_size: int, theta: float,
+                  scaling: RopeScalingConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [S, Dh/2] for rotating channel pairs (x[2i], x[2i+1])."""
+    inv_freq = rope_inverse_frequencies(head_size, theta, scaling)
     angles_SH = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     return angles_SH.cos(), angles_SH.sin()
 
@@ -27,19 +47,86 @@ def apply_rotary(x_BHSDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return rotated.flatten(-2).to(x_BHSDh.dtype)
 
 
+class LayerKV:
+    """One block's keys and values for generation: [B, Hkv, max_seq_len, Dh] each (allocated at the
+    first write, in the keys' dtype), filled up to `start` before the current forward."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k_BHSDh: torch.Tensor | None = None
+        self.v_BHSDh: torch.Tensor | None = None
+        self.start = 0
+
+    def append(self, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions; return every key and value so far."""
+        if self.k_BHSDh is None:
+            B, Hkv, _, Dh = k_BHSDh.shape
+            self.k_BHSDh = k_BHSDh.new_zeros(B, Hkv, self.max_len, Dh)
+            self.v_BHSDh = v_BHSDh.new_zeros(B, Hkv, self.max_len, Dh)
+        end = self.start + k_BHSDh.shape[2]
+        self.k_BHSDh[:, :, self.start:end] = k_BHSDh
+        self.v_BHSDh[:, :, self.start:end] = v_BHSDh
+        return self.k_BHSDh[:, :, :end], self.v_BHSDh[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every block for incremental decoding (`GPT.forward(idx, cache)`): each
+    forward appends its positions, which continue from `length`."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.max_len = cfg.max_seq_len
+        self.layers = [LayerKV(cfg.max_seq_len) for _ in range(cfg.n_layers)]
+        self.length = 0
+
+
 class CausalSelfAttention(nn.Module):
+    """One fused projection to q | k | v (rows [H·Dh | Hkv·Dh | Hkv·Dh], head-major), optional q/k
+    RMSNorm (model.qk_norm), RoPE, causal SDPA; K/V heads are shared by H/Hkv query heads without
+    being repeated in memory (`enable_gqa`)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_size = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        self.q_width, self.kv_width = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+        self.qkv = nn.Linear(cfg.d_model, self.q_width + 2 * self.kv_width, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(self.q_width, cfg.d_model, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = nn.RMSNorm(self.head_size if per_head else self.q_width, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_size if per_head else self.kv_width, eps=cfg.norm_eps)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3×[B, H, S, Dh]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash/fused kernel on CUDA
-        return self.proj(y_BHSDh.transpose(1, 2).reshape(B, S, D))
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
+        if self.qk_norm == "projection":  # over all heads at once (OLMoE)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BSHDh = q.view(B, S, self.n_heads, self.head_size)
+        k_BSHDh = k.view(B, S, self.n_kv_heads, self.head_size)
+        if self.qk_norm == "head":  # each head on its own, one gain for all (Qwen3)
+            q_BSHDh, k_BSHDh = self.q_norm(q_BSHDh), self.k_norm(k_BSHDh)
+        q_BHSDh = apply_rotary(q_BSHDh.transpose(1, 2), cos, sin)
+        k_BHSDh = apply_rotary(k_BSHDh.transpose(1, 2), cos, sin)
+        v_BHSDh = v.view(B, S, self.n_kv_heads, self.head_size).transpose(1, 2)
+        if kv is None:
+            y_BHSDh = attend(q_BHSDh, k_BHSDh, v_BHSDh, is_causal=True)
+        else:
+            start = kv.start
+            k_BHLDh, v_BHLDh = kv.append(k_BHSDh, v_BHSDh)
+            if start == 0 or S == 1:  # a prompt from position 0, or one new token that sees everything
+                y_BHSDh = attend(q_BHSDh, k_BHLDh, v_BHLDh, is_causal=start == 0)
+            else:  # new token i (position start + i) sees positions 0 .. start + i
+                mask_SL = torch.ones(S, start + S, dtype=torch.bool, device=x_BSD.device).tril(start)
+                y_BHSDh = attend(q_BHSDh, k_BHLDh, v_BHLDh, attn_mask=mask_SL)
+        return self.proj(y_BHSDh.transpose(1, 2).reshape(B, S, self.q_width))
+
+
+def attend(q_BHSDh: torch.Tensor, k_BHLDh: torch.Tensor, v_BHLDh: torch.Tensor, **mask) -> torch.Tensor:
+    """SDPA (flash/fused kernel on CUDA) with `is_causal` or `attn_mask`; with fewer K/V heads than
+    query heads, grouped-query attention without materialising the repeated K/V."""
+    if k_BHLDh.shape[1] != q_BHSDh.shape[1]:
+        return F.scaled_dot_product_attention(q_BHSDh, k_BHLDh, v_BHLDh, enable_gqa=True, **mask)
+    return F.scaled_dot_product_attention(q_BHSDh, k_BHLDh, v_BHLDh, **mask)
 
 
 class Block(nn.Module):
@@ -51,8 +138,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.ffn = MoELayer(m.d_model, m.activation, cfg.moe) if use_moe else FeedForward(m.d_model, m.ffn_hidden, m.activation)
 
-    def forward(self, x_BSD, cos, sin) -> tuple[torch.Tensor, MoEStats | None]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+    def forward(self, x_BSD, cos, sin, kv: LayerKV | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, kv)
         h = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoELayer):
             out, stats = self.ffn(h)
@@ -72,7 +159,7 @@ class GPT(nn.Module):
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         self.tie_weights()
-        self.register_buffer("rope_cos", torch.empty(m.max_seq_len, m.d_model // m.n_heads // 2), persistent=False)
+        self.register_buffer("rope_cos", torch.empty(m.max_seq_len, m.head_size // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty_like(self.rope_cos), persistent=False)
         if self.embed.weight.device.type != "meta":  # on meta, parallelize() initialises after materialising
             self.init_weights()
@@ -89,7 +176,7 @@ class GPT(nn.Module):
         and materialising with `to_empty` (see parallel/parallelize.py)."""
         m = self.cfg.model
         self.tie_weights()
-        cos, sin = rotary_tables(m.max_seq_len, m.d_model // m.n_heads, m.rope_theta)
+        cos, sin = rotary_tables(m.max_seq_len, m.head_size, m.rope_theta, m.rope_scaling)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         nn.init.normal_(self.embed.weight, std=m.init_std)
@@ -100,24 +187,35 @@ class GPT(nn.Module):
                 module.reset_parameters()  # ones
         for block in self.blocks:
             nn.init.normal_(block.attn.qkv.weight, std=m.init_std)
+            if block.attn.qkv.bias is not None:
+                nn.init.zeros_(block.attn.qkv.bias)
             nn.init.normal_(block.attn.proj.weight, std=m.init_std / (2 * m.n_layers) ** 0.5)
             block.ffn.reset_parameters(m.init_std, m.n_layers)
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
-    def forward(self, idx_BS: torch.Tensor) -> tuple[torch.Tensor, list[MoEStats]]:
-        """Returns logits [B, S, V] (fp32) and the stats of every MoE layer, in depth order."""
+    def forward(self, idx_BS: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, list[MoEStats]]:
+        """Returns logits [B, S, V] (fp32) and the stats of every MoE layer, in depth order. With a
+        `cache` (generation), idx_BS holds the positions after the cached ones, whose keys and values
+        are reused, and the cache grows by S."""
         S = idx_BS.shape[1]
-        if S > self.cfg.model.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds model.max_seq_len ({self.cfg.model.max_seq_len})")
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        start = 0 if cache is None else cache.length
+        if start + S > self.cfg.model.max_seq_len:
+            raise ValueError(f"sequence length {start + S} exceeds model.max_seq_len ({self.cfg.model.max_seq_len})")
+        cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         x_BSD = self.embed(idx_BS)
         all_stats = []
-        for block in self.blocks:
-            x_BSD, stats = block(x_BSD, cos, sin)
+        for i, block in enumerate(self.blocks):
+            if cache is None:
+                x_BSD, stats = block(x_BSD, cos, sin)
+            else:  # positionally: activation checkpointing's wrapper takes no keywords
+                cache.layers[i].start = start
+                x_BSD, stats = block(x_BSD, cos, sin, cache.layers[i])
             if stats is not None:
                 all_stats.append(stats)
+        if cache is not None:
+            cache.length = start + S
         return self.lm_head(self.norm(x_BSD)).float(), all_stats
 
     @torch.no_grad()

@@ -5,27 +5,45 @@ rank (DeepSpeed's `_hp_mapping` fragments, the mechanism behind its `safe_get_fu
 partitions each flattened parameter into equal ranges (`ds_tensor`, read through DeepSpeed's
 `safe_*_local_*` API); ZeRO-0 keeps everything whole on every rank. `DenseShards` hides the three
 behind one view: for each dense parameter, the range of its flattened elements held here, and the
-tensors for that range. Gradient clipping (parallel/grad_norm.py) and checkpoints
-(train/checkpoint/manager.py) touch DeepSpeed's internals through this module only; the tests pin its
-behaviour (one gradient norm and resharded optimizer state equal the single-process ones).
+tensors for that range.
+
+No other module reads DeepSpeed's internals (private attributes, `deepspeed.runtime`, `deepspeed.ops`):
+gradient clipping (parallel/grad_norm.py), the training state (parallel/training_state.py), the
+memory measurement (parallel/memory.py) and the planner's DeepSpeed defaults (planner/model_states.py)
+go through this module, and tests/test_layers.py checks that. The tests pin its behaviour (one
+gradient norm, resharded optimizer state and measured bytes equal the single-process ones and the plan).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
+
+from parallel.flat_split import Piece
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-@dataclass(frozen=True)
-class Piece:
-    """Elements [start, start + numel) of a flattened parameter."""
+def zero_settings(zero_optimization: dict) -> dict:
+    """DeepSpeed's own values (its defaults filled in) of the ZeRO settings the planner mirrors, for
+    the `zero_optimization` section of a DeepSpeed config."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    start: int
-    numel: int
+    zero = DeepSpeedZeroConfig(**zero_optimization)
+    return {"reduce_bucket_size": int(zero.reduce_bucket_size), "contiguous_gradients": bool(zero.contiguous_gradients),
+            "sub_group_size": int(zero.sub_group_size),
+            "param_persistence_threshold": int(zero.param_persistence_threshold),
+            "model_persistence_threshold": int(zero.model_persistence_threshold)}
+
+
+def skip_deepspeed_shm_op() -> None:
+    """DeepSpeed's CPU backend compiles its `deepspeed_shm_comm` op with gcc when it sets up
+    communication (slow on the first run, noisy, needs a compiler). The op only serves
+    `inference_all_reduce`, which training never calls, and DeepSpeed builds it only when its table
+    of compatible ops says so; that table is one module-level dict whose edits persist."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def ensure_adamw_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor] | None = None) -> None:
@@ -177,6 +195,39 @@ class DenseShards:
             safe_set_local_optimizer_state(p, padded, key)
             return
         self.optimizer_state(p, key).copy_(values)
+
+    # -- what is held, for parallel/memory.py ----------------------------------------------------
+
+    def partitioned_weights(self) -> list[torch.Tensor]:
+        """ZeRO-3's partitions of the weights (`ds_tensor`); under ZeRO 0-2 the parameters hold them."""
+        if self.zero_stage != 3:
+            return []
+        return [p.ds_tensor for _, p in self.named_parameters()]
+
+    def held_gradients(self) -> list[torch.Tensor]:
+        """Where DeepSpeed's ZeRO optimizers keep this rank's gradients between backward and step,
+        besides `param.grad`."""
+        zero_optimizer = self.engine.optimizer
+        if self.zero_stage in (1, 2):
+            held = list(getattr(zero_optimizer, "averaged_gradients", {}).values())
+            held += list(getattr(zero_optimizer, "all_grad_tensors", {}).values())
+            held += [p.grad for p in zero_optimizer.single_partition_of_fp32_groups]
+            return [g for g in held if g is not None]  # some are lists of tensors
+        if self.zero_stage == 3:
+            held = [zero_optimizer.grad_partitions_flat_buffer]
+            held += [p.grad for p in zero_optimizer.fp32_partitioned_groups_flat]
+            return [g for g in held if g is not None]
+        return []
+
+    def reduce_buckets(self) -> list[torch.Tensor]:
+        """DeepSpeed's gradient-reduction buckets (ZeRO >= 1)."""
+        if self.zero_stage == 0:
+            return []
+        buckets = []
+        for bucket in getattr(self.engine.optimizer, "ipg_buckets", {}).values():
+            buffer = bucket.buffer
+            buckets += buffer if isinstance(buffer, list) else [buffer]
+        return [b for b in buckets if b is not None]
 
     def step_count(self) -> float:
         return float(next(iter(self._step_states()))["step"])

@@ -35,6 +35,7 @@ class ParallelDims:
     ep: int
     device: torch.device = torch.device("cpu")  # where compute runs, and where every collective's tensors live
     mesh: Optional[DeviceMesh] = None  # axes MESH_AXES; None on one process
+    world_mesh: Optional[DeviceMesh] = None  # every rank on one axis (the dense weights' split); None on one process
 
     @property
     def edp(self) -> int:
@@ -114,7 +115,8 @@ def init_parallel(ep: int, num_experts: int, device: torch.device) -> ParallelDi
         dist.init_process_group(backend, store=dist.PrefixStore(f"switchyard/attempt{attempt}", store),
                                 rank=rank, world_size=world_size, timeout=timeout)
     mesh = init_device_mesh(device.type, (world_size // ep, ep), mesh_dim_names=MESH_AXES)
-    return ParallelDims(world_size, rank, local_rank, ep, device, mesh)
+    world_mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("world",))  # the default group, reused
+    return ParallelDims(world_size, rank, local_rank, ep, device, mesh, world_mesh)
 
 
 def shutdown() -> None:

@@ -73,30 +73,6 @@ def _adamw_state(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
     return [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
 
 
-def _deepspeed_gradients(zero_optimizer, zero_stage: int) -> list:
-    """Where DeepSpeed's ZeRO optimizers keep this rank's gradients between backward and step."""
-    if zero_stage in (1, 2):
-        held = list(getattr(zero_optimizer, "averaged_gradients", {}).values())
-        held += list(getattr(zero_optimizer, "all_grad_tensors", {}).values())
-        held += [p.grad for p in zero_optimizer.single_partition_of_fp32_groups]
-        return [g for g in held if g is not None]
-    if zero_stage == 3:
-        held = [zero_optimizer.grad_partitions_flat_buffer]
-        held += [p.grad for p in zero_optimizer.fp32_partitioned_groups_flat]
-        return [g for g in held if g is not None]
-    return []
-
-
-def _deepspeed_buckets(zero_optimizer, zero_stage: int) -> list[torch.Tensor]:
-    if zero_stage == 0:
-        return []
-    buckets = []
-    for bucket in getattr(zero_optimizer, "ipg_buckets", {}).values():
-        buffer = bucket.buffer
-        buckets += buffer if isinstance(buffer, list) else [buffer]
-    return [b for b in buckets if b is not None]
-
-
 def model_state_bytes(trainer) -> dict[str, dict[str, int]]:
     """{"dense" | "experts": {"weights" | "gradients" | "optimizer" | "buffers": bytes}} held by
     this rank now (see the module docstring for what each counts and when to call it)."""
@@ -105,26 +81,25 @@ def model_state_bytes(trainer) -> dict[str, dict[str, int]]:
 
 def count_model_states(trainer) -> ModelStateCount:
     count = ModelStateCount()
-    engine, stage = trainer.engine, trainer.zero_stage
-    module_params = list(engine.module.parameters())
+    dense = trainer.dense  # DeepSpeed's tensors, through parallel/deepspeed_state.py
+    module_params = [p for _, p in dense.named_parameters()]
 
     # Weights first, so that ZeRO-0's AdamW (which steps the parameters themselves) does not claim them.
     count.add_all("dense", "weights", [p.data for p in module_params])
-    if stage == 3:
-        count.add_all("dense", "weights", [p.ds_tensor for p in module_params])
+    count.add_all("dense", "weights", dense.partitioned_weights())
     count.add_all("experts", "weights", [p.data for _, p in trainer.named_expert_parameters])
 
     count.add_all("dense", "gradients", [p.grad for p in module_params])
-    count.add_all("dense", "gradients", _deepspeed_gradients(engine.optimizer, stage))
+    count.add_all("dense", "gradients", dense.held_gradients())
     count.add_all("experts", "gradients", [p.grad for _, p in trainer.named_expert_parameters])
 
-    client = trainer.dense.client_optimizer
+    client = dense.client_optimizer
     count.add_all("dense", "optimizer", list(client.state.keys()))  # fp32 master partitions (ZeRO >= 1)
     count.add_all("dense", "optimizer", _adamw_state(client))
     count.add_all("experts", "optimizer", _adamw_state(trainer.expert_optimizer))
 
-    count.add_all("dense", "buffers", list(engine.module.buffers()))
-    count.add_all("dense", "buffers", _deepspeed_buckets(engine.optimizer, stage))
+    count.add_all("dense", "buffers", list(trainer.module.buffers()))
+    count.add_all("dense", "buffers", dense.reduce_buckets())
     return count
 
 

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from parallel.activation_checkpointing import apply_activation_checkpointing
-from parallel.deepspeed_state import DenseShards, ensure_adamw_state
+from parallel.deepspeed_state import DenseShards, ensure_adamw_state, skip_deepspeed_shm_op
 from parallel.dims import ParallelDims
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.trainer import Trainer
-from parallel.zero import deepspeed_config, detach_experts, shard_experts, skip_deepspeed_shm_op
+from parallel.zero import deepspeed_config, detach_experts, shard_experts
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:

@@ -1,5 +1,6 @@
 """The trainer `parallelize` returns: the DeepSpeed engine over the dense weights, the experts with
-their own optimizer, and one gradient norm over both."""
+their own optimizer, one gradient norm over both, and the one owner of the sharded training state
+(`state_dict()` / `load_state_dict()`, as DTensors)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 from models.moe.experts import GroupedExperts
+from parallel import training_state
 from parallel.collectives import average_replicated_expert_gradients
 from parallel.deepspeed_state import DenseShards
 from parallel.dims import ParallelDims
@@ -72,29 +74,35 @@ class Trainer:
                     out.append((f"{prefix}.{name}" if prefix else name, buffer))
         return out
 
-    @torch.no_grad()
+    # -- the whole training state (parallel/training_state.py says what it holds) ----------------
+
+    def state_dict(self, with_rng: bool = True) -> dict[str, torch.Tensor]:
+        """This rank's part of the whole training state, as DTensors that torch.distributed.checkpoint
+        can save and read into any other layout: weights, AdamW state, buffers, step counts, and
+        (`with_rng`) this rank's random state. Weights and buffers are views of the live tensors."""
+        return training_state.state_dict(self, with_rng)
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Entries of `state_dict()`'s names and layout (typically filled in by DCP) into this
+        trainer; names not given keep their values. Every rank calls it with the same names."""
+        training_state.load_state_dict(self, state_dict)
+
     def load_model_state(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Weights named as in the single-process model (`GPT.state_dict()`, experts as the global
-        [E, ...] tensors) into this rank's shards. Names not in `state_dict` keep their values."""
-        for name, p in self.dense.named_parameters():
-            if name in state_dict:
-                flat = state_dict[name].reshape(-1)
-                piece = self.dense.piece(p)
-                if self.zero_stage == 3:  # only this rank's range of the flattened parameter
-                    if piece is None:
-                        continue
-                    flat = flat[piece.start : piece.start + piece.numel]
-                self.dense.load_weights(p, flat.to(self.dims.device))
-        for name, buffer in self.persistent_buffers():
-            if name in state_dict:
-                buffer.copy_(state_dict[name])
-        for name, p in self.named_expert_parameters:
-            if name in state_dict:
-                module = self.experts[name.rsplit(".", 1)[0]]
-                local = state_dict[name][module.first_expert : module.first_expert + module.num_experts]
-                if self.experts_sharded:  # FSDP's dim-1 slice (torch.chunk sizes, as FSDP cuts it)
-                    local = local.chunk(self.dims.edp, dim=EXPERT_SHARD_DIM)[self.dims.edp_rank]
-                local_tensor(p).copy_(local)
+        [E, ...] tensors, or anything whose [first:first + n] gives those experts' rows, as
+        train.hf.mapping.ExpertRows reads them from a file) into this rank's shards. Names not in
+        `state_dict` keep their values."""
+        whole = {name: t for name, t in state_dict.items() if isinstance(t, torch.Tensor)}
+        training_state.load_model_weights(self, whole)
+        for name, p in self.named_expert_parameters:  # lazy rows: read only this rank's experts
+            rows = state_dict.get(name)
+            if rows is None or isinstance(rows, torch.Tensor):
+                continue
+            module = self.experts[name.rsplit(".", 1)[0]]
+            local = rows[module.first_expert : module.first_expert + module.num_experts]
+            if self.experts_sharded:  # FSDP's dim-1 slice (torch.chunk sizes, as FSDP cuts it)
+                local = local.chunk(self.dims.edp, dim=EXPERT_SHARD_DIM)[self.dims.edp_rank]
+            local_tensor(p).copy_(local)
 
     def expert_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_expert_parameters]

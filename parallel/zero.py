@@ -62,16 +62,6 @@ def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, world_s
     }
 
 
-def skip_deepspeed_shm_op() -> None:
-    """DeepSpeed's CPU backend compiles its `deepspeed_shm_comm` op with gcc when it sets up
-    communication (slow on the first run, noisy, needs a compiler). The op only serves
-    `inference_all_reduce`, which training never calls, and DeepSpeed builds it only when its table
-    of compatible ops says so; that table is one module-level dict whose edits persist."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def detach_experts(model: nn.Module) -> dict[str, GroupedExperts]:
     """Unregister each MoE layer's experts from the module tree (the layer still calls them), so
     that `model.parameters()`, and with it DeepSpeed, sees only the dense weights. Returns them by

@@ -11,19 +11,22 @@ and the router's scores are fp32 (4 bytes); indices int64 (8).
 
     RMSNorm (each)                2·T·D·r + T·D·a + T·4
         its input and x·rstd (residual dtype), its output as the next matmul saves it, rstd
-    per block, attention half     RMSNorm + 7·T·D·a + T·H·4
-        rotated q and k (2), the qkv projection output that v is a view of (3), attention
-        output (1) and its reshaped copy (1), the log-sum-exp
+    per block, attention half     RMSNorm + T·(4·Q + 3·K)·a + T·H·4 (+ q/k norms)
+        Q = H·Dh query and K = Hkv·Dh key/value channels (Q = K = D for plain multi-head
+        attention: 7·T·D·a): rotated q and k (Q + K), the qkv projection output that v is a view
+        of (Q + 2K), attention output and its reshaped copy (2Q), the log-sum-exp; model.qk_norm
+        adds an RMSNorm over q and one over k (their rstd per head for `head`)
     per MoE feed-forward          RMSNorm + T·D·(r − a) + 3k·T·D·a + g·k·T·F·a + g·T·Fs·a + router + indices
         the router saves the RMSNorm output in the residual dtype (it runs outside autocast);
         the k token copies the experts compute on (k), their outputs and weighted outputs (2k);
         g = 4 tensors of width F per copy for SwiGLU (w1 out, w3 out, silu, product), 2 for
-        GELU; shared experts alike on T tokens; router: logits and probabilities 2·T·E·4, top-k
+        GELU; shared experts alike on T tokens (gated: + T·D·a + 2·T·a, their output and the
+        sigmoid of the gate); router: logits and probabilities 2·T·E·4, top-k
         weights 2·T·k·4, 3·T·4; indices: 4·T·k·8 (+2·T·k·8 for the regrouping under EP)
     per dense feed-forward        RMSNorm + g·T·Fd·a
     output                        RMSNorm + T·V·4 + 2·T·8
         the log-softmax of the fp32 logits, targets and token ids
-    under autocast (a != r), each matmul also saves its a-byte copy of the weight: + a·4·D² per
+    under autocast (a != r), each matmul also saves its a-byte copy of the weight: + a·D·(2Q + 2K) per
     attention half, a·(2 or 3)·D·(F·E/ep + Fs) per MoE and a·(2 or 3)·D·Fd per dense feed-forward,
     a·V·D for the output projection
 
@@ -31,7 +34,7 @@ Routing is assumed uniform: with expert parallelism each rank computes k·T copi
 The peak is the largest of the backward phases, each on top of what is still saved then:
     cross-entropy     everything saved + the logits' two gradients, 2·T·V·4
     a block           what the blocks up to it saved + its gradient working set: attention
-                      4·T·D·a; MoE max(3k·T·D, g/2·k·T·F − 2k·T·D)·a; dense FFN g/2·T·Fd·a
+                      2·T·(Q + K)·a; MoE max(3k·T·D, g/2·k·T·F − 2k·T·D)·a; dense FFN g/2·T·Fd·a
 Activation checkpointing (parallel/activation_checkpointing.py) saves only each checkpointed
 module's input in the forward pass and recomputes the module when the backward reaches it, so
 that phase also holds the module's saved tensors again: `full` keeps one block input (T·D·r) per
@@ -71,6 +74,13 @@ def block_parts(cfg: GPTConfig, tokens: int, heads_tokens: int, ep: int, r: int,
     D, k, g = m.d_model, moe.top_k, _gated(m.activation)
     Fs = moe.num_shared_experts * moe.expert_ffn_hidden
     norm = rms_norm_bytes(T, D, r, a)
+    Q, K = m.n_heads * m.head_size, m.kv_heads * m.head_size
+    qk_norms = 0
+    if m.qk_norm != "none":
+        qk_norms = rms_norm_bytes(T, Q, r, a) + rms_norm_bytes(T, K, r, a)
+        if m.qk_norm == "head":  # one rstd per head, not per token
+            qk_norms += T * (m.n_heads + m.kv_heads - 2) * FP32
+    gated_shared = T * D * a + 2 * T * a if moe.shared_expert_gate else 0
     indices = (4 + (2 if ep > 1 else 0)) * T * k * INDEX
     router = 2 * T * moe.num_experts * FP32 + 2 * T * k * FP32 + 3 * T * FP32
     # Under autocast (a != r) every matmul saves its a-byte copy of the weight it used.
@@ -78,12 +88,12 @@ def block_parts(cfg: GPTConfig, tokens: int, heads_tokens: int, ep: int, r: int,
     mats = g // 2 + 1  # weight matrices per feed-forward: w1, w2 (+ w3 for SwiGLU)
     local_experts = moe.num_experts // ep
     return {
-        "attention": norm + 7 * T * D * a + heads_tokens * FP32 + 4 * D * D * copies,
+        "attention": norm + T * (4 * Q + 3 * K) * a + heads_tokens * FP32 + qk_norms + D * (2 * Q + 2 * K) * copies,
         # The router reads the RMSNorm output outside autocast: saved in the residual dtype.
-        "moe": (norm + T * D * (r - a) + 3 * k * T * D * a + g * k * T * moe.expert_ffn_hidden * a + g * T * Fs * a
+        "moe": (norm + T * D * (r - a) + 3 * k * T * D * a + g * k * T * moe.expert_ffn_hidden * a + g * T * Fs * a + gated_shared
                 + router + indices + mats * D * (local_experts * moe.expert_ffn_hidden + Fs) * copies),
         "dense_ffn": norm + g * T * m.ffn_hidden * a + mats * D * m.ffn_hidden * copies,
-        "attention_backward": 4 * T * D * a,
+        "attention_backward": 2 * T * (Q + K) * a,
         "experts": (3 * k * T * D * a + g * k * T * moe.expert_ffn_hidden * a + indices
                     + mats * D * local_experts * moe.expert_ffn_hidden * copies),
         "moe_backward": max(3 * k * T * D, g // 2 * k * T * moe.expert_ffn_hidden - 2 * k * T * D) * a,

@@ -72,13 +72,10 @@ class DeepSpeedSettings:
     @classmethod
     def for_model(cls, model: nn.Module, zero_stage: int) -> "DeepSpeedSettings":
         """The settings parallel/zero.py gives DeepSpeed for this GPT (the bucket depends on d_model)."""
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
+        from parallel.deepspeed_state import zero_settings
         from parallel.zero import deepspeed_config
 
-        zero = DeepSpeedZeroConfig(**deepspeed_config(zero_stage, 1, 1, 1, model.cfg.model.d_model)["zero_optimization"])
-        return cls(int(zero.reduce_bucket_size), bool(zero.contiguous_gradients), int(zero.sub_group_size),
-                   int(zero.param_persistence_threshold), int(zero.model_persistence_threshold))
+        return cls(**zero_settings(deepspeed_config(zero_stage, 1, 1, 1, model.cfg.model.d_model)["zero_optimization"]))
 
 
 def empty_states() -> dict[str, dict[str, int]]:

@@ -114,3 +114,68 @@ def generate_with_ep2(rank: int, world_size: int, expected: list[int]) -> None:
     apply_expert_parallel(model, init_parallel(2, model.cfg.moe.num_experts, torch.device("cpu")))
     assert model.moe_layers()[0].experts.num_experts == 2  # half of the experts here
     assert generate_ids(model, list(b"To be"), 12, temperature=0.8, top_k=20, seed=5) == expected
+
+
+def _memory_kib() -> dict[str, int]:
+    """This process's resident memory now (VmRSS) and its peak since the last reset (VmHWM), KiB."""
+    import re
+
+    status = Path("/proc/self/status").read_text()
+    return {key: int(re.search(key + r":\s+(\d+)", status)[1]) for key in ("VmRSS", "VmHWM")}
+
+
+def import_with_ep4(rank: int, world_size: int, hf_dir: str, checkpoint_bytes: int, expert_bytes: int) -> None:
+    """Rank body for tests/test_hf_import.py: the job's import (load_initial_weights into a trainer
+    from parallel.parallelize, ep=4) reads only this rank's experts, and its peak resident memory
+    stays below the whole checkpoint's bytes."""
+    from parallel.dims import init_parallel
+    from parallel.parallelize import parallelize
+    from train.hf import importing as import_hf
+    from train.config import JobConfig
+    from train.data.tokenizer import Tokenizer
+    from train.hf.files import SafetensorsWeights
+    from train.hf.init_from import load_initial_weights
+
+    torch.set_num_threads(1)
+    source = import_hf.read_hf_config(hf_dir).cfg
+    job = JobConfig(model=source.model, moe=source.moe)
+    job.model.init_from = f"hf:{hf_dir}"
+    dims = init_parallel(4, job.moe.num_experts, torch.device("cpu"))
+    with torch.device("meta"):
+        model = GPT(job.gpt_config())
+    trainer = parallelize(model, dims, job)
+
+    readers = []
+
+    class CountingWeights(SafetensorsWeights):  # every reader the import opens, to count its bytes
+        def __init__(self, *args):
+            super().__init__(*args)
+            readers.append(self)
+
+    import_hf.SafetensorsWeights = CountingWeights
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _memory_kib()
+    load_initial_weights(trainer, job, Tokenizer())
+    peak_bytes = (_memory_kib()["VmHWM"] - before["VmRSS"]) * 1024
+    read = sum(r.bytes_read for r in readers)
+    # The dense weights whole, a quarter of the experts (each of them once).
+    assert read == checkpoint_bytes - expert_bytes + expert_bytes // 4, (rank, read, checkpoint_bytes)
+    assert peak_bytes < checkpoint_bytes, (rank, peak_bytes, checkpoint_bytes)
+
+    # The weights landed: this rank's experts are the source's rows for its experts.
+    from parallel.zero import local_tensor
+
+    _, whole = import_hf.load_hf_weights(hf_dir)
+    name = "blocks.0.ffn.experts.w1_EDF"
+    experts = trainer.experts[name.rsplit(".", 1)[0]]
+    first, local = experts.first_expert, experts.num_experts
+    assert local == job.moe.num_experts // 4
+    mine = local_tensor(dict(trainer.named_expert_parameters)[name]).detach()
+    assert torch.equal(mine, whole[name][first:first + local]), (rank, first, (mine - whole[name][first:first + local]).abs().max())
+
+    # The measure sees an import that reads everything: reading and stacking all experts exceeds it.
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _memory_kib()
+    everything = import_hf.load_hf_weights(hf_dir)
+    assert (_memory_kib()["VmHWM"] - before["VmRSS"]) * 1024 > checkpoint_bytes
+    del everything

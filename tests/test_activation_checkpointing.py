@@ -18,7 +18,12 @@ from train.config import JobConfig
 MODES = ("none", "full", "moe")
 
 
-def tiny_job(mode: str) -> JobConfig:
+# Grouped-query attention 2:1 with head_dim != d_model / n_heads, q/k norms, qkv biases and a gated shared expert.
+QWEN_LIKE = {"model": {"n_kv_heads": 2, "head_dim": 12, "qk_norm": "head", "qkv_bias": True},
+             "moe": {"num_shared_experts": 1, "shared_expert_gate": True}}
+
+
+def tiny_job(mode: str, settings: dict | None = None) -> JobConfig:
     job = JobConfig()
     job.model.vocab_size, job.model.max_seq_len, job.model.n_layers = 64, 16, 2
     job.model.d_model, job.model.n_heads, job.model.ffn_hidden = 32, 4, 64
@@ -26,11 +31,14 @@ def tiny_job(mode: str) -> JobConfig:
     job.train.micro_batch, job.train.seq_len = 2, 16
     job.train.activation_checkpointing = mode
     job.deepspeed.zero_stage = 2
+    for section, values in (settings or {}).items():
+        for key, value in values.items():
+            setattr(getattr(job, section), key, value)
     return job
 
 
-def one_step(mode: str, dims) -> dict:
-    job = tiny_job(mode)
+def one_step(mode: str, dims, settings: dict | None = None) -> dict:
+    job = tiny_job(mode, settings)
     with torch.device("meta"):
         model = GPT(job.gpt_config())
     trainer = parallelize(model, dims, job)
@@ -52,9 +60,9 @@ def one_step(mode: str, dims) -> dict:
     }
 
 
-def _worker(rank, world_size):
+def _worker(rank, world_size, settings=None):
     dims = init_parallel(ep=2, num_experts=4, device=torch.device("cpu"))
-    results = {mode: one_step(mode, dims) for mode in MODES}
+    results = {mode: one_step(mode, dims, settings) for mode in MODES}
     reference = results["none"]
     assert reference["num_stats"].item() == 2 and any(k.startswith("expert:") for k in reference)
     assert int(reference["tokens_per_expert"].sum()) == 2 * 2 * 16 * 2  # layers x tokens x top-k
@@ -66,6 +74,10 @@ def _worker(rank, world_size):
 
 def test_checkpointed_modes_give_the_same_step_with_ep2_and_zero2():
     run_ranks(2, _worker)
+
+
+def test_checkpointed_modes_give_the_same_step_with_gqa_qk_norms_biases_and_a_gated_shared_expert():
+    run_ranks(2, _worker, QWEN_LIKE)
 
 
 def test_checkpointed_run_logs_the_same_metrics(tmp_path, data_cache):

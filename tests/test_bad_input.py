@@ -34,7 +34,7 @@ BAD_SETTINGS = [
     (["moe.z_loss_coef=abc"], "moe.z_loss_coef: Value 'abc' of type 'str' could not be converted to Float", 1),
     (["train.steps=inf"], "train.steps: Value 'inf' of type 'float' could not be converted to Integer", 1),
     (["train.steps=["], "cannot parse the override 'train.steps=['", 1),
-    (["model=huge"], "model=huge: no such option (conf/model/ has: small, tiny)", 1),
+    (["model=huge"], "model=huge: no such option (conf/model/ has: mixtral_8x7b, olmoe_1b_7b, qwen1_5_moe_a2_7b, qwen3_30b_a3b, small, tiny)", 1),
     (["moe.top_k=${nope}"], "moe.top_k: Interpolation key 'nope' not found", 1),
     # model
     (["model.d_model=100", "model.n_heads=3"], "model.d_model (100) must be divisible by model.n_heads (3)", 1),
@@ -49,6 +49,15 @@ BAD_SETTINGS = [
     (["model.norm_eps=0"], "model.norm_eps must be a finite number > 0; got 0.0", 1),
     (["model.init_std=nan"], "model.init_std must be a finite number; got nan", 1),
     (["model.init_std=-0.02"], "model.init_std must be a finite number >= 0; got -0.02", 1),
+    (["model.n_kv_heads=3"], "model.n_kv_heads (3) must divide model.n_heads (4): each key/value head serves the same number of query heads", 1),
+    (["model.n_kv_heads=8"], "model.n_kv_heads must be an integer between 1 and model.n_heads (4); got 8", 1),
+    (["model.head_dim=7"], "model.head_dim must be even for rotary embeddings; got 7", 1),
+    (["model.qk_norm=layer"], "model.qk_norm must be one of 'none', 'head', 'projection'; got 'layer'", 1),
+    (["model.qkv_bias=maybe"], "model.qkv_bias: Value 'maybe' is not a valid bool", 1),
+    (["model.rope_scaling.type=yarn"], "model.rope_scaling.type must be one of 'none', 'llama3'; got 'yarn'", 1),
+    (["model.rope_scaling.type=llama3", "model.rope_scaling.factor=0.5"], "model.rope_scaling.factor must be a finite number >= 1; got 0.5", 1),
+    (["model.rope_scaling.type=llama3", "model.rope_scaling.high_freq_factor=0.5"],
+     "model.rope_scaling.high_freq_factor (0.5) must be greater than model.rope_scaling.low_freq_factor (1)", 1),
     # moe
     (["moe.top_k=0"], "moe.top_k must be an integer between 1 and moe.num_experts (4); got 0", 1),
     (["moe.top_k=9", "moe.num_experts=8"], "moe.top_k must be an integer between 1 and moe.num_experts (8); got 9", 1),
@@ -65,6 +74,8 @@ BAD_SETTINGS = [
     (["moe.capacity_factor=inf"], "moe.capacity_factor must be a finite number; got inf", 1),
     (["moe.score=relu"], "moe.score must be one of 'softmax', 'sigmoid'; got 'relu'", 1),
     (["moe.aux_loss_scope=batch"], "moe.aux_loss_scope must be one of 'micro_batch', 'sequence', 'global_batch'; got 'batch'", 1),
+    (["moe.shared_expert_gate=true"], "moe.shared_expert_gate=true gates the shared experts, but moe.num_shared_experts=0; "
+     "set moe.num_shared_experts >= 1 or moe.shared_expert_gate=false", 1),
     (["moe.backend=cutlass"], "moe.backend must be one of 'torch', 'megablocks'; got 'cutlass'", 1),
     (["moe.backend=megablocks"], "moe.backend=megablocks needs CUDA and the megablocks package", 1),
     # optimizer, named by its Hydra keys (torch would say "Invalid beta parameter at index 0")

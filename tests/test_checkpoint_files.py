@@ -144,3 +144,18 @@ def test_a_crafted_checkpoint_stops_the_job_with_one_line(run_dir, data_cache):
     assert last.startswith("switchyard: error:") and "asks to unpickle" in last and "open, which a checkpoint never needs" in last, last
     assert "Traceback" not in done.stderr and not marker.exists()
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (run_dir / "checkpoints").rglob("*")) == before  # nothing overwritten
+
+
+def test_the_model_signature_covers_the_attention_settings(run_dir):
+    """A checkpoint written before the signature had the attention keys resumes (they were the defaults);
+    one saved with other key/value heads is refused by name, before any tensor is read."""
+    path = run_dir / "checkpoints/step_000004/meta.json"
+    meta = json.loads(path.read_text())
+    for key in ("model.n_kv_heads", "model.head_dim", "model.qk_norm", "model.qkv_bias", "moe.shared_expert_gate"):
+        meta["model_signature"].pop(key)
+    path.write_text(json.dumps(meta))
+    assert resume_point(run_dir).folder.name == "step_000004"
+    meta["model_signature"]["model.n_kv_heads"] = 2
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"saved with model\.n_kv_heads=2, this run has model\.n_kv_heads=None"):
+        resume_point(run_dir)

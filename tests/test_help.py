@@ -63,7 +63,7 @@ def test_settings_follow_the_schema_groups_and_the_composed_defaults():
                 yield f"{prefix}{f.name}", hint
 
     assert sorted(keys) == sorted(k for k, _ in leaves(JobConfig))
-    assert [g for g, _, _ in groups][:3] == ["", "model", "moe"]
+    assert [g for g, _, _ in groups][:4] == ["", "model", "model.rope_scaling", "moe"]
     by_key = {s.key: s for s in schema_help.all_settings(groups)}
     assert by_key["moe.top_k"].default == "2"
     assert by_key["model.max_seq_len"].default == "same as train.seq_len"  # conf/config.yaml's interpolation
@@ -154,7 +154,7 @@ def test_python_m_train_help_is_switchyards_not_hydras():
     assert "powered by Hydra" not in done.stdout and done.stderr == ""
     assert done.stdout == schema_help.job_help()
     assert "moe.top_k=2  (int; integer 1 … moe.num_experts)\n      experts each token is sent to" in done.stdout
-    assert "model=small|tiny" in done.stdout  # the YAML groups
+    assert "model=mixtral_8x7b|olmoe_1b_7b|qwen1_5_moe_a2_7b|qwen3_30b_a3b|small|tiny" in done.stdout  # the YAML groups
 
 
 def test_check_says_what_it_checked(tmp_path, capsys):

@@ -14,10 +14,12 @@ from train.hf import mapping as hf_mapping
 from train.data.tokenizer import Tokenizer
 from train.export_hf import main as export_main
 from train.hf.exporting import write_hf_model
-from train.hf.importing import load_hf_weights
+from train.hf.importing import load_hf_weights, shape_settings
 from train.checkpoint.run_weights import load_run_weights
 
 import transformers  # noqa: E402  (the hf extra; `make test` installs it)
+from models.config import RopeScalingConfig
+from models.gpt import GPT
 
 TOLERANCE = 1e-4
 
@@ -44,6 +46,17 @@ VARIANTS = [  # (settings, transformers class)
     ({"moe_score": "sigmoid", "moe_num_shared_experts": 1, "moe_bias_update_rate": 0.01}, "Glm4MoeForCausalLM"),
     ({"moe_every": 5, "model_tie_embeddings": False}, "LlamaForCausalLM"),  # dense
     ({"moe_every": 5, "model_activation": "gelu"}, "ArceeForCausalLM"),  # dense GELU
+    # Grouped-query attention 4:1 with head_dim != d_model / n_heads, q/k norms, qkv biases, gated shared experts:
+    ({"model_n_heads": 8, "model_n_kv_heads": 2, "model_head_dim": 6}, "MixtralForCausalLM"),
+    ({"model_n_heads": 8, "model_n_kv_heads": 1, "model_qk_norm": "head", "moe_every": 2}, "Qwen3MoeForCausalLM"),
+    ({"model_n_kv_heads": 2, "model_qk_norm": "projection", "moe_normalize_topk": False}, "OlmoeForCausalLM"),
+    ({"model_qkv_bias": True, "model_n_kv_heads": 2, "moe_num_shared_experts": 2, "moe_shared_expert_gate": True},
+     "Qwen2MoeForCausalLM"),
+    ({"model_qkv_bias": True, "model_qk_norm": "head", "model_n_kv_heads": 1, "moe_score": "sigmoid", "moe_num_shared_experts": 1,
+      "moe_bias_update_rate": 0.01}, "Glm4MoeForCausalLM"),
+    ({"moe_every": 5, "model_n_heads": 8, "model_n_kv_heads": 1, "model_head_dim": 8,
+      "model_rope_scaling": RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 16)}, "LlamaForCausalLM"),  # Llama-3
+    ({"moe_every": 5, "model_qkv_bias": True, "model_n_kv_heads": 2}, "Qwen2ForCausalLM"),  # Qwen2.5
 ]
 
 
@@ -55,10 +68,20 @@ def test_export_gives_switchyards_logits_in_transformers(tmp_path, settings, hf_
     diff, hf_model = max_diff(model, tmp_path / "hf", ids_BS)
     assert type(hf_model).__name__ == hf_class
     assert diff <= TOLERANCE, diff
-    # And back: import(export(x)) is x, bit for bit.
-    _, state_dict = load_hf_weights(tmp_path / "hf")
-    assert state_dict.keys() == model.state_dict().keys()
-    assert all(torch.equal(state_dict[k], v) for k, v in model.state_dict().items())
+    # And back: import(export(x)) is x, bit for bit ...
+    imported, state_dict = load_hf_weights(tmp_path / "hf")
+    if not (settings.get("moe_num_shared_experts") and hf_class == "Qwen2MoeForCausalLM" and not settings.get("moe_shared_expert_gate")):
+        assert shape_settings(imported.cfg) == shape_settings(model.cfg)
+        assert state_dict.keys() == model.state_dict().keys()
+        assert all(torch.equal(state_dict[k], v) for k, v in model.state_dict().items())
+        return
+    # ... except an ungated shared expert, written as Qwen2-MoE's gated one with a zero gate: it reads
+    # back gated (moe.shared_expert_gate=true), computing the same function.
+    assert imported.cfg.moe.shared_expert_gate and not model.cfg.moe.shared_expert_gate
+    back = GPT(imported.cfg)
+    back.load_state_dict(state_dict)
+    with torch.no_grad():
+        assert (back.eval()(ids_BS)[0] - model(ids_BS)[0]).abs().max().item() <= TOLERANCE
 
 
 def test_the_rope_permutation_is_what_makes_it_exact(tmp_path, monkeypatch):

@@ -18,7 +18,9 @@ from train.hf.init_from import source_weights, upcycle_state_dict
 def moe_like(dense: GPT, **moe) -> GPT:
     """A fresh MoE model of the dense model's shape (random router, random experts)."""
     cfg = dense.cfg
-    settings = {f"model_{k}": getattr(cfg.model, k) for k in ("n_layers", "d_model", "n_heads", "ffn_hidden", "activation", "tie_embeddings")}
+    keys = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "qk_norm", "qkv_bias", "ffn_hidden", "activation",
+            "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps", "max_seq_len")
+    settings = {f"model_{k}": getattr(cfg.model, k) for k in keys}
     model = hf_runs.random_model(seed=7, vocab_size=cfg.model.vocab_size, moe_expert_ffn_hidden=cfg.model.ffn_hidden, **settings, **moe)
     return model
 
@@ -49,22 +51,34 @@ def test_upcycled_model_computes_the_dense_function(moe):
     assert all((s.tokens_per_expert > 0).sum() > 1 for s in stats)  # the random router spreads the tokens
 
 
-def test_upcycling_a_transformers_llama_gives_its_logits(tmp_path):
-    config = transformers.LlamaConfig(vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                      intermediate_size=24, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    llama = transformers.LlamaForCausalLM(config)
+DENSE_SOURCES = {  # transformers dense models people upcycle from, at real head ratios
+    "llama": lambda common: transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)),
+    "llama3 gqa 4:1, scaled rope": lambda common: transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+        **common, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8, "rope_parameters": {
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}})),
+    "qwen2.5 gqa 8:1, qkv bias": lambda common: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{
+        **common, "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 6})),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DENSE_SOURCES))
+def test_upcycling_a_transformers_dense_model_gives_its_logits(tmp_path, name):
+    common = dict(vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                  intermediate_size=24, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    dense = DENSE_SOURCES[name](common)
     torch.manual_seed(0)
     with torch.no_grad():
-        for p in llama.parameters():
+        for p in dense.parameters():
             p.normal_(0, 0.3) if p.ndim > 1 else p.uniform_(0.5, 1.5)
-    llama.save_pretrained(tmp_path)
+    dense.save_pretrained(tmp_path)
     byte_tokenizer_backend().save(str(tmp_path / "tokenizer.json"))
     dense_cfg, dense_sd, _ = source_weights("upcycle", tmp_path)
     moe_model = moe_like(GPT(dense_cfg), moe_top_k=2)
     load_upcycled(moe_model, dense_sd)
     ids_BS = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        diff = (moe_model.eval()(ids_BS)[0] - llama.eval()(ids_BS).logits).abs().max().item()
+        diff = (moe_model.eval()(ids_BS)[0] - dense.eval()(ids_BS).logits).abs().max().item()
     assert diff <= 1e-4
 
 

@@ -163,6 +163,12 @@ ACTIVATION_CONFIGS = {
     # alternate dense/MoE blocks, GELU, top-1 with a shared expert
     "every 2, gelu, shared": (ModelConfig(vocab_size=512, max_seq_len=128, activation="gelu"),
                               MoEConfig(every=2, top_k=1, num_shared_experts=1), 4, 128),
+    # grouped-query attention 4:1, head_dim != d_model / n_heads, per-head q/k norms, qkv biases, gated shared expert
+    "gqa, head_dim, qk norms, gated shared": (
+        ModelConfig(vocab_size=256, max_seq_len=128, n_heads=8, n_kv_heads=2, head_dim=48, qk_norm="head", qkv_bias=True),
+        MoEConfig(num_shared_experts=1, shared_expert_gate=True), 4, 128),
+    # q/k norms over the whole projection (OLMoE)
+    "qk norm projection": (ModelConfig(vocab_size=256, max_seq_len=128, qk_norm="projection"), MoEConfig(), 4, 128),
 }
 
 

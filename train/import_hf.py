@@ -5,8 +5,9 @@ Switchyard model, and print the overrides that start training from it:
 
 They set `model.init_from=hf:HF_DIR`, every model/MoE setting the weights fix, and the directory's
 tokenizer (`data.tokenizer.kind=file`). Supported: the classes train/hf/mapping.py maps exactly
-(Llama, Arcee, Mixtral, Qwen2-MoE, Glm4-MoE) with options Switchyard computes identically; anything
-else (grouped-query attention, qkv biases, Qwen3-MoE's q/k norms, ...) is refused with one line.
+(Llama, Qwen2, Arcee, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Glm4-MoE: grouped-query attention, q/k
+norms, qkv biases and Llama-3's RoPE scaling included) with options Switchyard computes identically;
+anything else (sliding windows, latent attention, other RoPE scalings, ...) is refused with one line.
 """
 
 from __future__ import annotations

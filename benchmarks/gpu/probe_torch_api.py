@@ -135,15 +135,15 @@ def _process_group():
     has_attrs(dist, "HashStore", "PrefixStore", "rendezvous", "destroy_process_group", "is_initialized")
 
 
-@check("torch.distributed.all_to_all_single(async_op=), all_reduce, barrier, all_gather_object",
-       "parallel/all_to_all.py, parallel/collectives.py, train/checkpoint/manager.py")
+@check("torch.distributed.all_to_all_single(async_op=), all_reduce, barrier, all_gather, all_gather_object",
+       "parallel/all_to_all.py, parallel/collectives.py, parallel/flat_split.py, train/checkpoint/manager.py")
 def _collectives():
     import torch.distributed as dist
 
     has_params(dist.all_to_all_single, "output", "input", "output_split_sizes", "input_split_sizes", "group",
                "async_op")
     has_params(dist.all_reduce, "tensor", "op", "group", "async_op")
-    has_attrs(dist, "barrier", "all_gather_object", "ReduceOp", "Work", "ProcessGroup")
+    has_attrs(dist, "barrier", "all_gather", "all_gather_object", "ReduceOp", "Work", "ProcessGroup")
 
 
 @check("torch.distributed.device_mesh.init_device_mesh(mesh_dim_names=), DeviceMesh.get_group, mesh[name]",
@@ -180,7 +180,7 @@ def _fsdp_module():
 
 
 @check("torch.distributed.tensor.DTensor.from_local(run_check=, shape=, stride=), Shard, Replicate",
-       "parallel/zero.py: expert_global_view")
+       "parallel/zero.py: expert_global_view; parallel/training_state.py: the dense state")
 def _dtensor():
     from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: F401
 
@@ -242,13 +242,12 @@ def _dcp_metadata():
     has_attrs(torch.serialization, "_get_layout")
 
 
-@check("ShardedTensor._init_from_local_shards, sharded_tensor.Shard, ShardMetadata",
-       "train/checkpoint/manager.py: DeepSpeed's flat dense shards in DCP")
-def _sharded_tensor():
-    from torch.distributed._shard.metadata import ShardMetadata  # noqa: F401
-    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor  # noqa: F401
+@check("torch.distributed.tensor.distribute_tensor(src_data_rank=)",
+       "parallel/training_state.py: whole weights (model.init_from) cut into each rank's DTensor piece")
+def _distribute_tensor():
+    from torch.distributed.tensor import distribute_tensor
 
-    has_attrs(ShardedTensor, "_init_from_local_shards")
+    has_params(distribute_tensor, "tensor", "device_mesh", "placements", "src_data_rank")
 
 
 # ---------------------------------------------------------------------------------------------

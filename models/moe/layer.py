@@ -53,6 +53,8 @@ class MoELayer(nn.Module):
             if cfg.num_shared_experts > 0
             else None
         )
+        # moe.shared_expert_gate: sigmoid(x · g) scales the shared experts' output per token (Qwen-MoE).
+        self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_expert_gate else None
         # Not a submodule: expert parallelism swaps in an all-to-all dispatcher (parallel/).
         self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts, cfg.top_k, cfg.capacity_factor)
 
@@ -64,6 +66,8 @@ class MoELayer(nn.Module):
         self.experts.reset_parameters(init_std, num_layers, expert_seed)
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters(init_std, num_layers)
+        if self.shared_expert_gate is not None:
+            nn.init.normal_(self.shared_expert_gate.weight, std=init_std)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         if x_BSD.dim() != 3 and self.aux_loss_scope == "sequence":
@@ -76,7 +80,9 @@ class MoELayer(nn.Module):
         x_ND, counts_local, state = self.dispatcher.dispatch(x_TD, routing.expert_ids_TK)
         y_ND = self.experts(x_ND, counts_local)
         out_TD = self.dispatcher.combine(y_ND, routing.weights_TK, state)
-        if self.shared_experts is not None:
+        if self.shared_expert_gate is not None:
+            out_TD = out_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_experts(x_TD)
+        elif self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         selected_BE, prob_mean_BE = routing_summary(routing.probs_TE.view(B, S, -1), routing.expert_ids_TK.view(B, S, -1),
                                                     self.router.num_experts)

@@ -1,25 +1,18 @@
-"""One checkpoint manager: save, find the latest, load and reshard the whole training state.
+"""One checkpoint manager: save, find the latest, load the whole training state; folders,
+metadata, CRCs and publishing. What the state holds and how it is split over the ranks is the
+trainer's (`Trainer.state_dict()` / `load_state_dict()`, parallel/training_state.py).
 
 A checkpoint is a folder `<run_dir>/checkpoints/step_NNNNNN/`, written by every rank at once with
-torch.distributed.checkpoint (DCP). What it contains, the one list:
+torch.distributed.checkpoint (DCP): the trainer's state dict (`model.*`, `optim.*`, `rng.*`), and
 
-    model.<name>             every parameter and persistent buffer of the single-process model,
-                             under its name there (`blocks.0.attn.qkv.weight`,
-                             `blocks.1.ffn.experts.w1_EDF`): experts as the global [E, ...]
-                             tensors, dense tensors flattened to 1-D (a ZeRO partition is a range
-                             of the flattened parameter)
-    optim.exp_avg.<name>     AdamW's moments of every parameter, laid out like the parameter
-    optim.exp_avg_sq.<name>
-    optim.step.<group>       AdamW's step count of the dense weights and of the experts
-    rng.<device>.rank<r>     each rank's random state (restored when the layout is unchanged)
     meta.json                format, step, model signature, layout, and the size and CRC-32 of
                              every file of the folder; written last, by rank 0
 
-Each rank writes only what it holds: its ZeRO range of each dense tensor and its experts (its EP
-shard, and under FSDP its slice of it). Loading asks DCP for exactly the pieces the new layout
-holds, so a run resumes on another world size, `parallel.ep` and `deepspeed.zero_stage` with
-every weight and AdamW moment kept, and no rank ever holds the whole model. On the same layout
-the resumed run continues bit for bit.
+Each rank writes only what it holds. The state dict's tensors are DTensors, pieces of the
+single-process model's tensors, so loading asks DCP for exactly the pieces the new layout holds: a
+run resumes on another world size, `parallel.ep` and `deepspeed.zero_stage` with every weight and
+AdamW moment kept, and no rank ever holds the whole model. On the same layout the resumed run also
+gets its random state back and continues bit for bit.
 
 Crash safety: every rank writes into `step_N.tmp/`; rank 0 then writes meta.json, renames the
 folder and only then replaces the `latest` marker atomically, so a crash never leaves a folder
@@ -31,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import shutil
 import time
@@ -44,25 +36,24 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed._shard.metadata import ShardMetadata
-from torch.distributed._shard.sharded_tensor import Shard as ShardedTensorShard
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from parallel.collectives import any_rank
-from parallel.deepspeed_state import ADAM_STATE_KEYS, Piece
 from parallel.dims import ParallelDims
 from parallel.trainer import Trainer
-from parallel.zero import expert_global_view, local_tensor
 from train.checkpoint.files import write_atomic
 from train.checkpoint.safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, UnsafeCheckpointError
 
-FORMAT_VERSION = 2  # 1 was DeepSpeed's files + dense.pt + experts_ep*.pt
+FORMAT_VERSION = 2  # 1 was DeepSpeed's files + dense.pt + experts_ep*.pt; 2 from ShardedTensors or DTensors alike
 LATEST = "latest"
 META = "meta.json"
 SHAPE_KEYS = {
-    "model": ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "activation", "tie_embeddings"),
-    "moe": ("num_experts", "every", "expert_ffn_hidden", "num_shared_experts"),
+    "model": ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "activation", "tie_embeddings",
+              "n_kv_heads", "head_dim", "qk_norm", "qkv_bias"),
+    "moe": ("num_experts", "every", "expert_ffn_hidden", "num_shared_experts", "shared_expert_gate"),
 }
+# Keys added after checkpoints were written without them: those checkpoints had the default.
+SIGNATURE_DEFAULTS = {"model.n_kv_heads": None, "model.head_dim": None, "model.qk_norm": "none", "model.qkv_bias": False,
+                      "moe.shared_expert_gate": False}
 
 
 class CheckpointError(ValueError):
@@ -83,9 +74,6 @@ def checkpoint_bytes(state: dict) -> int:
 
 def _global_bytes(t: torch.Tensor) -> int:
     """The whole tensor's bytes, of which this rank may hold a piece (a DTensor's numel is the global one)."""
-    if isinstance(t, ShardedTensor):
-        md = t.metadata()
-        return math.prod(md.size) * torch.empty((), dtype=md.tensor_properties.dtype).element_size()
     return t.numel() * t.element_size()
 
 
@@ -160,7 +148,7 @@ class CheckpointManager:
             raise CheckpointError(f"{folder} has checkpoint format {meta.get('format', 1)!r}; this Switchyard reads format "
                                   f"{FORMAT_VERSION} only: resume it with the version that wrote it")
         for key, want in model_signature(self.job).items():
-            have = meta["model_signature"].get(key)
+            have = meta["model_signature"].get(key, SIGNATURE_DEFAULTS.get(key))
             if have != want:
                 raise CheckpointError(f"train.resume=true: checkpoint {folder} was saved with {key}={have!r}, this run has {key}={want!r}")
         return meta
@@ -181,7 +169,7 @@ class CheckpointManager:
         self.finish_background()
         name = f"step_{step:06d}"
         final, staging = self.dir / name, self.dir / f"{name}.tmp"
-        state = training_state(trainer, self.dims)
+        state = trainer.state_dict()
         needed = checkpoint_bytes(state)
         problem = None
         if self.dims.is_main:
@@ -285,9 +273,9 @@ class CheckpointManager:
         folder, meta = point.folder, point.meta
         now = layout(self.job, self.dims)
         exact = all(meta.get(k) == v for k, v in now.items())
-        targets, put_back = load_targets(trainer, self.dims, with_rng=exact)
-        _read_into(targets, folder)
-        put_back()
+        state = trainer.state_dict(with_rng=exact)  # receivers for exactly what this rank holds now
+        _read_into(state, folder)
+        trainer.load_state_dict(state)
         if self.dims.is_main:
             saved = {k: meta.get(k) for k in now}
             how = "exact" if exact else f"resharded from {saved} to {now}, optimizer state kept"
@@ -391,133 +379,6 @@ def read_model_weights(folder: Path, model: torch.nn.Module) -> dict[str, torch.
             raise CheckpointError(f"{folder} holds no {name}: it was saved from another model")
         weights[name] = saved[key].view(like.shape)
     return weights
-
-
-# -- what a checkpoint holds --------------------------------------------------------------------
-
-
-def training_state(trainer: Trainer, dims: ParallelDims) -> dict[str, torch.Tensor]:
-    """This rank's part of the checkpoint (see the module docstring), as views: nothing is copied."""
-    dense = trainer.dense
-    state = {}
-    for name, p in dense.named_parameters():
-        piece = dense.piece(p)
-        if dense.zero_stage == 3:
-            state[f"model.{name}"] = _range(dense.full_numel(p), piece, dense.master_weights(p), dims)
-        else:
-            state[f"model.{name}"] = p.detach().reshape(-1)  # whole on every rank: DCP writes it once
-        for key in ADAM_STATE_KEYS:
-            values = dense.optimizer_state(p, key)
-            state[f"optim.{key}.{name}"] = _range(dense.full_numel(p), piece, values, dims) if dense.partitioned else values
-    for name, buffer in trainer.persistent_buffers():
-        state[f"model.{name}"] = buffer
-    state["optim.step.dense"] = torch.tensor(dense.step_count())
-    state.update(_expert_views(trainer, dims))
-    if trainer.expert_optimizer is not None:
-        state["optim.step.experts"] = torch.tensor(_expert_step(trainer))
-    state.update(_rng_state(dims))
-    return state
-
-
-def _expert_views(trainer: Trainer, dims: ParallelDims) -> dict[str, torch.Tensor]:
-    """Each expert weight and its AdamW moments as global [E, ...] views of this rank's shards:
-    what saving writes and what loading fills in place."""
-    views = {}
-    with torch.no_grad():
-        for name, p in trainer.named_expert_parameters:
-            views[f"model.{name}"] = expert_global_view(p.detach(), dims, trainer.experts_sharded)
-            for key in ADAM_STATE_KEYS:
-                views[f"optim.{key}.{name}"] = expert_global_view(trainer.expert_optimizer.state[p][key], dims, trainer.experts_sharded)
-    return views
-
-
-def load_targets(trainer: Trainer, dims: ParallelDims, with_rng: bool):
-    """Receivers for exactly the pieces this rank holds, and a function that puts them in place."""
-    dense = trainer.dense
-    targets: dict[str, torch.Tensor] = {}
-    for name, p in dense.named_parameters():
-        piece = dense.piece(p)
-        numel = dense.full_numel(p)
-        if dense.zero_stage == 3:
-            targets[f"model.{name}"] = _range(numel, piece, _empty(piece, dims.device), dims)
-        else:
-            targets[f"model.{name}"] = torch.empty(numel, device=dims.device)
-        for key in ADAM_STATE_KEYS:
-            targets[f"optim.{key}.{name}"] = _range(numel, piece, _empty(piece, dims.device), dims) if dense.partitioned \
-                else torch.empty(numel, device=dims.device)
-    buffers = trainer.persistent_buffers()
-    for name, buffer in buffers:
-        targets[f"model.{name}"] = torch.empty_like(buffer)
-    targets["optim.step.dense"] = torch.zeros(())
-    targets.update(_expert_views(trainer, dims))  # DCP fills these views of the live tensors in place
-    if trainer.expert_optimizer is not None:
-        targets["optim.step.experts"] = torch.zeros(())
-    rng = _rng_state(dims) if with_rng else {}
-    targets.update({key: torch.empty_like(value) for key, value in rng.items()})
-
-    def put_back() -> None:
-        for name, p in dense.named_parameters():
-            if dense.piece(p) is not None or dense.zero_stage != 3:
-                dense.load_weights(p, _local(targets[f"model.{name}"]))
-            if dense.piece(p) is not None:
-                for key in ADAM_STATE_KEYS:
-                    dense.load_optimizer_state(p, key, _local(targets[f"optim.{key}.{name}"]))
-        with torch.no_grad():
-            for name, buffer in buffers:
-                buffer.copy_(targets[f"model.{name}"])
-            for name, p in trainer.named_expert_parameters:
-                _copy_local(local_tensor(p), targets[f"model.{name}"])
-                for key in ADAM_STATE_KEYS:
-                    _copy_local(local_tensor(trainer.expert_optimizer.state[p][key]), targets[f"optim.{key}.{name}"])
-        dense.set_step_count(float(targets["optim.step.dense"]))
-        if trainer.expert_optimizer is not None:
-            for group in trainer.expert_optimizer.param_groups:
-                for p in group["params"]:
-                    trainer.expert_optimizer.state[p]["step"].fill_(float(targets["optim.step.experts"]))
-        if with_rng:
-            torch.set_rng_state(targets[f"rng.cpu.rank{dims.rank}"])
-            if torch.cuda.is_available() and f"rng.cuda.rank{dims.rank}" in targets:
-                torch.cuda.set_rng_state(targets[f"rng.cuda.rank{dims.rank}"])
-
-    return targets, put_back
-
-
-def _expert_step(trainer: Trainer) -> float:
-    state = trainer.expert_optimizer.state
-    return float(next(s["step"] for s in state.values() if "step" in s))
-
-
-def _rng_state(dims: ParallelDims) -> dict[str, torch.Tensor]:
-    state = {f"rng.cpu.rank{dims.rank}": torch.get_rng_state()}
-    if dims.device.type == "cuda":
-        state[f"rng.cuda.rank{dims.rank}"] = torch.cuda.get_rng_state(dims.device)
-    return state
-
-
-def _range(numel: int, piece: Piece | None, values: torch.Tensor | None, dims: ParallelDims) -> torch.Tensor:
-    """`values` holds elements [piece.start, +piece.numel) of a flat tensor of `numel` elements;
-    the ranks' pieces are disjoint and cover it (a ZeRO partition)."""
-    if not dims.distributed:
-        return values
-    shards = []
-    if piece is not None:
-        placement = f"rank:{dims.rank}/{values.device}"
-        shards.append(ShardedTensorShard(values, ShardMetadata([piece.start], [piece.numel], placement)))
-    return ShardedTensor._init_from_local_shards(shards, numel)
-
-
-def _empty(piece: Piece | None, device: torch.device) -> torch.Tensor | None:
-    return None if piece is None else torch.empty(piece.numel, device=device)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.local_shards()[0].tensor if isinstance(t, ShardedTensor) else t
-
-
-def _copy_local(live: torch.Tensor, loaded: torch.Tensor) -> None:
-    loaded_local = local_tensor(loaded)
-    if loaded_local.data_ptr() != live.data_ptr():
-        live.copy_(loaded_local)
 
 
 # -- files ----------------------------------------------------------------------------------------

@@ -66,36 +66,68 @@ def write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_byt
     return names
 
 
-def read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the directory's safetensors file(s); a missing, truncated or corrupt file is
-    one ValueError naming it."""
-    safe_open = _safetensors().safe_open
+class SafetensorsWeights:
+    """The tensors of a directory's safetensors file(s), read one at a time when asked for: names and
+    shapes come from the file headers, so a rank reads only the tensors it keeps (an expert-parallel
+    rank importing Mixtral-8x7B does not hold the whole model). A missing, truncated or corrupt file
+    is one ValueError naming it. `bytes_read` counts the tensor bytes read so far."""
 
-    if (hf_dir / INDEX).is_file():
-        weight_map = read_json(hf_dir / INDEX).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{hf_dir / INDEX}: no weight_map")
-        files = sorted(set(weight_map.values()))
-    elif (hf_dir / WEIGHTS).is_file():
-        files, weight_map = [WEIGHTS], None
-    else:
-        found = sorted(p.name for p in hf_dir.glob("*.bin")) or "none"
-        raise ValueError(f"{hf_dir}: no {WEIGHTS} or {INDEX} (Switchyard reads safetensors only; other weight files: {found})")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = hf_dir / name
-        if not path.is_file():
-            raise ValueError(f"{hf_dir / INDEX} names {name}, which does not exist")
+    def __init__(self, hf_dir: Path):
+        safe_open = _safetensors().safe_open
+        if (hf_dir / INDEX).is_file():
+            weight_map = read_json(hf_dir / INDEX).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{hf_dir / INDEX}: no weight_map")
+            files = sorted(set(weight_map.values()))
+        elif (hf_dir / WEIGHTS).is_file():
+            files, weight_map = [WEIGHTS], None
+        else:
+            found = sorted(p.name for p in hf_dir.glob("*.bin")) or "none"
+            raise ValueError(f"{hf_dir}: no {WEIGHTS} or {INDEX} (Switchyard reads safetensors only; other weight files: {found})")
+        self.file_of: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.bytes_read = 0
+        for name in files:
+            path = hf_dir / name
+            if not path.is_file():
+                raise ValueError(f"{hf_dir / INDEX} names {name}, which does not exist")
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        self.file_of[key] = path
+                        self.shapes[key] = tuple(f.get_slice(key).get_shape())
+            except Exception as err:  # SafetensorError: truncated header, not safetensors at all, ...
+                raise ValueError(f"{path}: not a complete safetensors file ({err})") from err
+        if weight_map is not None and set(weight_map) != set(self.file_of):
+            odd = sorted(set(weight_map) ^ set(self.file_of))[0]
+            raise ValueError(f"{hf_dir / INDEX}: its weight_map and the shards disagree about {odd}")
+
+    def names(self) -> set[str]:
+        return set(self.file_of)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        path = self.file_of[name]
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-        except Exception as err:  # SafetensorError: truncated, not safetensors at all, ...
+            with _safetensors().safe_open(str(path), framework="pt") as f:
+                t = f.get_tensor(name)
+        except Exception as err:  # data shorter than the header says
             raise ValueError(f"{path}: not a complete safetensors file ({err})") from err
-    if weight_map is not None and set(weight_map) != set(tensors):
-        odd = sorted(set(weight_map) ^ set(tensors))[0]
-        raise ValueError(f"{hf_dir / INDEX}: its weight_map and the shards disagree about {odd}")
-    return tensors
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+
+class TensorsInMemory:
+    """The same interface over tensors already in memory (tests, and transformers models' state dicts)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+        self.shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
 
 
 def read_json(path: Path) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from models.config import GPTConfig
 from train.data.tokenizer import Tokenizer
-from train.hf.files import read_json, read_tokenizer, read_weights
+from train.hf.files import SafetensorsWeights, read_json, read_tokenizer
 from train.hf.mapping import from_hf_tensors, gpt_config_from_hf, moe_block_ids
 
 
@@ -41,28 +41,47 @@ def read_hf_config(hf_dir: Path | str) -> HFModel:
     return HFModel(cfg, model_type, tokenizer, hf_dir)
 
 
-def load_hf_weights(hf_dir: Path | str) -> tuple[HFModel, dict[str, torch.Tensor]]:
-    """The model and its Switchyard state dict (fp32, experts stacked [E, ...])."""
+def load_hf_weights(hf_dir: Path | str, lazy_experts: bool = False) -> tuple[HFModel, dict[str, torch.Tensor]]:
+    """The model and its Switchyard state dict (fp32, experts stacked [E, ...]). With `lazy_experts`
+    the routed experts are train.hf.mapping.ExpertRows, read from the files only for the experts a
+    rank slices out (the job's import under expert parallelism)."""
     model = read_hf_config(hf_dir)
-    tensors = read_weights(model.path)
-    return model, from_hf_tensors(tensors, model.cfg, model.model_type, str(model.path))
+    weights = SafetensorsWeights(model.path)
+    return model, from_hf_tensors(weights, model.cfg, model.model_type, str(model.path), lazy_experts)
+
+
+MODEL_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "qk_norm", "qkv_bias", "activation", "tie_embeddings",
+              "rope_theta", "norm_eps")
+ROPE_SCALING_KEYS = ("type", "factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
+
+
+def model_settings(cfg: GPTConfig) -> dict[str, object]:
+    """The model.* settings (not the FFN widths) that must equal the source's for its weights to
+    compute the same function; rope_scaling flattened, its fields only when it is on."""
+    m = cfg.model
+    settings = {f"model.{k}": getattr(m, k) for k in MODEL_KEYS}
+    keys = ROPE_SCALING_KEYS if m.rope_scaling.type != "none" else ("type",)
+    settings.update({f"model.rope_scaling.{k}": getattr(m.rope_scaling, k) for k in keys})
+    return settings
 
 
 def shape_settings(cfg: GPTConfig) -> dict[str, object]:
     """The Hydra settings that must equal the source's for its weights to compute the same function."""
     m, moe = cfg.model, cfg.moe
-    settings = {f"model.{k}": getattr(m, k) for k in ("n_layers", "d_model", "n_heads", "activation", "tie_embeddings", "rope_theta", "norm_eps")}
+    settings = model_settings(cfg)
     moe_blocks = moe_block_ids(cfg)
     if len(moe_blocks) < m.n_layers:  # dense blocks exist
         settings["model.ffn_hidden"] = m.ffn_hidden
     if moe_blocks:
-        settings.update({f"moe.{k}": getattr(moe, k) for k in ("num_experts", "top_k", "every", "expert_ffn_hidden", "num_shared_experts", "score", "normalize_topk")})
+        settings.update({f"moe.{k}": getattr(moe, k) for k in ("num_experts", "top_k", "every", "expert_ffn_hidden", "num_shared_experts", "shared_expert_gate", "score", "normalize_topk")})
     else:
         settings["moe.every"] = m.n_layers + 1  # no MoE block
     return settings
 
 
 def _hydra_value(value: object) -> str:
+    if value is None:
+        return "null"
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

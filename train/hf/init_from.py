@@ -16,7 +16,9 @@ first step, so the copies diverge), shared experts start with a zero output proj
 
 `check_init_from` runs in the pre-flight (train/preflight.py: configs only, before any process exists);
 `load_initial_weights` runs in the set-up of a fresh run on every rank, after parallelize: each
-rank copies its own shards out of the source's weights (which it reads whole). A resumed run
+rank copies its own shards out of the source's weights. From a transformers directory a rank reads
+the dense weights and only its own experts (train.hf.mapping.ExpertRows); upcycled experts are
+views of the dense FFN (`expand`), never E copies. A resumed run
 loads its checkpoint instead and never reads the source.
 """
 
@@ -33,8 +35,6 @@ from train.config import split_init_from
 from train.data.tokenizer import Tokenizer
 from train.hf.files import same_vocabulary
 from train.hf.mapping import moe_block_ids
-
-MODEL_KEYS = ("n_layers", "d_model", "n_heads", "activation", "tie_embeddings", "rope_theta", "norm_eps")
 
 
 def parse_init_from(value: str | None) -> tuple[str, Path] | None:
@@ -67,11 +67,11 @@ def source_config(kind: str, path: Path) -> GPTConfig:
     raise ValueError(f"{where}: neither a transformers directory (config.json) nor a Switchyard run directory (.hydra/config.yaml)")
 
 
-def source_weights(kind: str, path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
+def source_weights(kind: str, path: Path, lazy_experts: bool = False) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
     if _is_hf_dir(path):
         from train.hf.importing import load_hf_weights
 
-        model, state_dict = load_hf_weights(path)
+        model, state_dict = load_hf_weights(path, lazy_experts)
         return model.cfg, state_dict, model.tokenizer
     from train.checkpoint.run_weights import load_run_weights
 
@@ -79,8 +79,10 @@ def source_weights(kind: str, path: Path) -> tuple[GPTConfig, dict[str, torch.Te
     return weights.job.gpt_config(), weights.state_dict, weights.tokenizer
 
 
-def _settings(cfg: GPTConfig, keys: tuple[str, ...]) -> dict[str, object]:
-    return {f"model.{k}": getattr(cfg.model, k) for k in keys}
+def _settings(cfg: GPTConfig) -> dict[str, object]:
+    from train.hf.importing import model_settings
+
+    return model_settings(cfg)
 
 
 def _first_mismatch(have: dict[str, object], want: dict[str, object]) -> str | None:
@@ -92,7 +94,7 @@ def check_same_model(source: GPTConfig, target: GPTConfig, where: str) -> None:
     from train.hf.importing import shape_settings
 
     hint = "(python -m train.import_hf HF_DIR prints every setting)"
-    have, want = _settings(source, MODEL_KEYS), _settings(target, MODEL_KEYS)
+    have, want = _settings(source), _settings(target)
     if key := _first_mismatch(have, want):
         raise ValueError(f"{where}: the source has {key}={have[key]}, this run {key}={want[key]}; set {key}={have[key]} {hint}")
     if moe_block_ids(source) != moe_block_ids(target):
@@ -110,7 +112,7 @@ def check_upcycle(source: GPTConfig, target: GPTConfig, where: str) -> None:
     target_moe = moe_block_ids(target)
     if not target_moe:
         raise ValueError(f"{where}: this run has no MoE block to upcycle into; set moe.every <= model.n_layers ({target.model.n_layers})")
-    have, want = _settings(source, MODEL_KEYS), _settings(target, MODEL_KEYS)
+    have, want = _settings(source), _settings(target)
     if len(target_moe) < target.model.n_layers:  # dense blocks are copied as they are
         have["model.ffn_hidden"], want["model.ffn_hidden"] = source.model.ffn_hidden, target.model.ffn_hidden
     if key := _first_mismatch(have, want):
@@ -153,7 +155,8 @@ def upcycle_state_dict(dense_sd: dict[str, torch.Tensor], target: GPTConfig) -> 
             out[key] = value
             continue
         # nn.Linear weights are [out, in]; experts are stored [E, in, out].
-        out[f"blocks.{ffn[1]}.ffn.{to_experts[ffn[2]]}"] = value.T.unsqueeze(0).repeat(target.moe.num_experts, 1, 1)
+        # A view (no copy): each rank copies only its experts out of it.
+        out[f"blocks.{ffn[1]}.ffn.{to_experts[ffn[2]]}"] = value.T.unsqueeze(0).expand(target.moe.num_experts, -1, -1)
     if target.moe.num_shared_experts:
         shared_width = target.moe.num_shared_experts * target.moe.expert_ffn_hidden
         for block in moe_blocks:  # shared experts add nothing until they have learnt something
@@ -169,7 +172,7 @@ def load_initial_weights(trainer, job, tokenizer: Tokenizer) -> None:
         return
     kind, path = spec
     where = f"model.init_from={job.model.init_from}"
-    source, state_dict, source_tokenizer = source_weights(kind, path)
+    source, state_dict, source_tokenizer = source_weights(kind, path, lazy_experts=True)
     if source.model.vocab_size != job.model.vocab_size:
         raise ValueError(f"{where}: mismatched vocab sizes: the source has {source.model.vocab_size} tokens, this run's "
                          f"data.tokenizer {job.model.vocab_size}; train with the source's tokenizer (data.tokenizer.kind=file)")
