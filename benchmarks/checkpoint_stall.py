@@ -39,7 +39,8 @@ def main() -> None:
                         help="write benchmarks/results/checkpoint_stall_cpu.json, the committed record")
     args = parser.parse_args()
     if args.out is None:
-        args.out = str(REPO / "benchmarks" / ("results" if args.update_results else "local") / "checkpoint_stall_cpu.json")
+        folder = REPO / "benchmarks" / ("results" if args.update_results else "local")
+        args.out = str(folder / "checkpoint_stall_cpu.json")
         Path(args.out).parent.mkdir(exist_ok=True)
 
     import torch
