@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 
 from parallel.collectives import any_rank
 from parallel.dims import ParallelDims
@@ -70,6 +71,20 @@ def checkpoint_bytes(state: dict) -> int:
     writes it, plus a margin for its index and meta.json."""
     data = sum(_global_bytes(t) for t in state.values())
     return data + data // 100 + (1 << 20)
+
+
+def _snapshot(state: dict) -> dict:
+    """A copy of the state that training cannot change or free while the writer thread runs (some
+    entries are views of buffers the next step reuses; DCP's own staging reads them too late)."""
+    copies = {}
+    for key, t in state.items():
+        if isinstance(t, DTensor):
+            local = t.to_local().detach().clone()
+            copies[key] = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape,
+                                             stride=t.stride())
+        else:
+            copies[key] = t.detach().clone()
+    return copies
 
 
 def _global_bytes(t: torch.Tensor) -> int:
@@ -183,7 +198,7 @@ class CheckpointManager:
         writer = dcp.FileSystemWriter(str(staging))
         try:
             if background:
-                future = dcp.async_save(state, storage_writer=writer, process_group=self._background_group())
+                future = dcp.async_save(_snapshot(state), storage_writer=writer, process_group=self._background_group())
                 self._in_flight = _InFlight(step, staging, final, needed, future)
                 return final
             dcp.save(state, storage_writer=writer)
