@@ -7,6 +7,8 @@ Shape legend: B batch, S sequence, D hidden, H query heads, Hkv key/value heads,
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +122,14 @@ class CausalSelfAttention(nn.Module):
                 y_BHSDh = attend(q_BHSDh, k_BHLDh, v_BHLDh, attn_mask=mask_SL)
         return self.proj(y_BHSDh.transpose(1, 2).reshape(B, S, self.q_width))
 
+    def reset_parameters(self, init_std: float, num_layers: int) -> None:
+        """The projections (the q/k norms are their own initialisation units)."""
+        nn.init.normal_(self.qkv.weight, std=init_std)
+        if self.qkv.bias is not None:
+            nn.init.zeros_(self.qkv.bias)
+        # The residual branch's output projection shrinks with depth (GPT-2).
+        nn.init.normal_(self.proj.weight, std=init_std / (2 * num_layers) ** 0.5)
+
 
 def attend(q_BHSDh: torch.Tensor, k_BHLDh: torch.Tensor, v_BHLDh: torch.Tensor, **mask) -> torch.Tensor:
     """SDPA (flash/fused kernel on CUDA) with `is_causal` or `attn_mask`; with fewer K/V heads than
@@ -174,31 +184,46 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """Every parameter and buffer from the global RNG: also after building on the meta device
         and materialising with `to_empty` (see parallel/parallelize.py)."""
-        m = self.cfg.model
         self.tie_weights()
+        self.init_buffers()
+        for _, init in self.init_units():
+            init()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The model's own buffers (rotary tables): no random draw."""
+        m = self.cfg.model
         cos, sin = rotary_tables(m.max_seq_len, m.head_size, m.rope_theta, m.rope_scaling)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        nn.init.normal_(self.embed.weight, std=m.init_std)
+
+    def init_units(self) -> list[tuple[nn.Module, Callable[[], None]]]:
+        """The initialisation as (module, function that initialises the parameters under it that no
+        earlier unit did), in the order of their draws from the global RNG. `init_weights` runs them
+        all; a sharded set-up (parallel/parallelize.py) can materialise one unit at a time, keep its
+        shard and free the rest, and still draw exactly these values."""
+        m = self.cfg.model
+        units: list[tuple[nn.Module, Callable[[], None]]] = [
+            (self.embed, lambda: nn.init.normal_(self.embed.weight, std=m.init_std)),
+        ]
         if not m.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=m.init_std)
-        for module in self.modules():
-            if isinstance(module, nn.RMSNorm):
-                module.reset_parameters()  # ones
+            units.append((self.lm_head, lambda: nn.init.normal_(self.lm_head.weight, std=m.init_std)))
+        norms = [module for module in self.modules() if isinstance(module, nn.RMSNorm)]  # q/k norms too
+        units += [(norm, norm.reset_parameters) for norm in norms]  # ones: no draw
         for block in self.blocks:
-            nn.init.normal_(block.attn.qkv.weight, std=m.init_std)
-            if block.attn.qkv.bias is not None:
-                nn.init.zeros_(block.attn.qkv.bias)
-            nn.init.normal_(block.attn.proj.weight, std=m.init_std / (2 * m.n_layers) ** 0.5)
-            block.ffn.reset_parameters(m.init_std, m.n_layers)
+            units.append((block.attn, partial(block.attn.reset_parameters, m.init_std, m.n_layers)))
+            units.append((block.ffn, partial(block.ffn.reset_parameters, m.init_std, m.n_layers)))
+        return units
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
-    def forward(self, idx_BS: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, list[MoEStats]]:
+    def forward(self, idx_BS: torch.Tensor, cache: KVCache | None = None,
+                logits: bool = True) -> tuple[torch.Tensor | None, list[MoEStats]]:
         """Returns logits [B, S, V] (fp32) and the stats of every MoE layer, in depth order. With a
         `cache` (generation), idx_BS holds the positions after the cached ones, whose keys and values
-        are reused, and the cache grows by S."""
+        are reused, and the cache grows by S. `logits=False` stops after the blocks (None for
+        logits): for a pass that only wants the routing."""
         S = idx_BS.shape[1]
         start = 0 if cache is None else cache.length
         if start + S > self.cfg.model.max_seq_len:
@@ -216,6 +241,8 @@ class GPT(nn.Module):
                 all_stats.append(stats)
         if cache is not None:
             cache.length = start + S
+        if not logits:
+            return None, all_stats
         return self.lm_head(self.norm(x_BSD)).float(), all_stats
 
     @torch.no_grad()

@@ -241,3 +241,24 @@ class DenseShards:
         for state in self.client_optimizer.state.values():
             if "step" in state:
                 yield state
+
+
+def partition_zero3(params: list[nn.Parameter], zero3_config: dict) -> None:
+    """ZeRO-3 partitioning of `params` in place, now: the conversion DeepSpeed's engine applies to a
+    whole model when it starts (`deepspeed.zero.Init(module=...)`: each parameter keeps this rank's
+    range in `ds_tensor` and frees the rest), done a few parameters at a time during set-up so that
+    no rank ever holds the whole dense model. The engine leaves converted parameters as they are."""
+    if not params:
+        return
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    deepspeed.init_distributed(dist_init_required=False)  # DeepSpeed's view of the existing process group
+    holder = nn.Module()
+    holder.weights = nn.ParameterList([p for p in params if not is_zero_param(p)])  # the same objects
+    deepspeed.zero.Init(module=holder, config_dict_or_path=zero3_config)
+
+
+def full_shape(p: nn.Parameter) -> torch.Size:
+    """The parameter's shape in the model, also when ZeRO-3 has partitioned it (then it is empty here)."""
+    return getattr(p, "ds_shape", p.shape)

@@ -36,6 +36,7 @@ class ParallelDims:
     device: torch.device = torch.device("cpu")  # where compute runs, and where every collective's tensors live
     mesh: Optional[DeviceMesh] = None  # axes MESH_AXES; None on one process
     world_mesh: Optional[DeviceMesh] = None  # every rank on one axis (the dense weights' split); None on one process
+    store: Optional[dist.Store] = None  # the rendezvous store (for wait_for_every_rank); None on one process
 
     @property
     def edp(self) -> int:
@@ -90,12 +91,33 @@ def process_group_backend(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
-def init_parallel(ep: int, num_experts: int, device: torch.device) -> ParallelDims:
-    """Validate degrees (before any collective, so a bad setting cannot hang), then build the groups."""
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting longer than this has hung
+
+
+def local_cuda_device(local_rank: int) -> torch.device:
+    """This process's GPU: the LOCAL_RANK-th visible one. A node started with more processes than
+    visible GPUs would otherwise fail later, deep inside CUDA, or share a GPU without saying so."""
+    visible = torch.cuda.device_count()
+    if local_rank >= visible:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ValueError(
+            f"LOCAL_RANK={local_rank} but this node shows {visible} CUDA device(s)"
+            + (f" (CUDA_VISIBLE_DEVICES={shown!r})" if shown is not None else "")
+            + f"; start at most {visible} process(es) per node, or set train.device=cpu"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def init_parallel(ep: int, num_experts: int, device: torch.device,
+                  timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> ParallelDims:
+    """Validate degrees (before any collective, so a bad setting cannot hang), then build the groups.
+    `timeout`: how long a collective may wait for the other ranks."""
     world_size, rank, local_rank = read_launch_env()
     validate_degrees(world_size, ep, num_experts)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+        device = local_cuda_device(local_rank)
+    # With a device, NCCL binds its communicators to this process's GPU at once (no guessing later).
+    device_id = {"device_id": device} if device.type == "cuda" else {}
     # torchrun's variables, also when started by srun or by hand: DeepSpeed reads them.
     for name, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank)):
         os.environ.setdefault(name, str(value))
@@ -103,20 +125,32 @@ def init_parallel(ep: int, num_experts: int, device: torch.device) -> ParallelDi
     if world_size == 1:
         # DeepSpeed wants a process group even for one process; an in-memory store needs no port.
         if not dist.is_initialized():
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **device_id)
         return ParallelDims(1, 0, 0, ep, device)
 
+    store = None
     if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=10)
         store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
         # After a torchrun restart the store can still hold the dead attempt's gloo addresses:
         # a per-attempt key prefix makes the new processes meet only each other.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"switchyard/attempt{attempt}", store),
-                                rank=rank, world_size=world_size, timeout=timeout)
+        store = dist.PrefixStore(f"switchyard/attempt{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **device_id)
     mesh = init_device_mesh(device.type, (world_size // ep, ep), mesh_dim_names=MESH_AXES)
     world_mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("world",))  # the default group, reused
-    return ParallelDims(world_size, rank, local_rank, ep, device, mesh, world_mesh)
+    return ParallelDims(world_size, rank, local_rank, ep, device, mesh, world_mesh, store)
+
+
+def wait_for_every_rank(dims: ParallelDims, what: str, timeout: datetime.timedelta) -> None:
+    """A barrier on the rendezvous store with its own, long timeout, for work whose length differs
+    between ranks by more than a collective may wait (COLLECTIVE_TIMEOUT): e.g. one node building
+    the data cache while another finds it ready. `what` names the barrier; use each name once."""
+    if not dims.distributed or dims.store is None:
+        return
+    arrived, done = f"wait/{what}/arrived", f"wait/{what}/done"
+    if dims.store.add(arrived, 1) == dims.world_size:
+        dims.store.set(done, "1")
+    dims.store.wait([done], timeout)
 
 
 def shutdown() -> None:

@@ -6,10 +6,13 @@ The order is the documentation (torchtitan's `parallelize_*` functions are the m
    Done first, on the meta device when the model was built there, so no rank ever allocates
    experts it does not hold.
 2. Materialise and initialise: only what this rank holds, from `train.seed` (dense weights
-   identical on every rank; each expert from its own seed, whatever the layout).
+   identical on every rank; each expert from its own seed, whatever the layout). Under ZeRO-3 the
+   dense weights are partitioned one initialisation unit at a time; experts that FSDP will shard
+   stay on the meta device until step 4.
 3. Activation checkpointing (`train.activation_checkpointing`): before any wrapper that must
    re-run in the recomputation (FSDP's all-gather of the experts).
-4. ZeRO for the experts: out of the dense module tree, sharded over their EDP group (FSDP2).
+4. ZeRO for the experts: out of the dense module tree, sharded over their EDP group (FSDP2), then
+   only this rank's shards are allocated and initialised.
 5. Optimizers and the DeepSpeed engine (ZeRO `deepspeed.zero_stage`) for the dense weights.
 
 `job` is the job config (train/config.py: JobConfig); read here: train.seed,
@@ -21,28 +24,40 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.moe.experts import GroupedExperts
 from parallel.activation_checkpointing import apply_activation_checkpointing
-from parallel.deepspeed_state import DenseShards, ensure_adamw_state, skip_deepspeed_shm_op
+from parallel.deepspeed_state import DenseShards, ensure_adamw_state, full_shape, partition_zero3, skip_deepspeed_shm_op
 from parallel.dims import ParallelDims
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.trainer import Trainer
-from parallel.zero import deepspeed_config, detach_experts, shard_experts
+from parallel.zero import (
+    EXPERT_SHARD_DIM,
+    deepspeed_config,
+    detach_experts,
+    experts_are_sharded,
+    local_tensor,
+    shard_experts,
+)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
+    config = deepspeed_config(job.deepspeed.zero_stage, job.train.micro_batch, job.train.grad_accum, dims.world_size,
+                              job.model.d_model)
+    experts_sharded = experts_are_sharded(dims, job.deepspeed.zero_stage)
     apply_expert_parallel(model, dims)  # 1
-    materialize(model, dims.device, job.train.seed)  # 2
+    materialize(model, dims.device, job.train.seed, zero3_config=config if job.deepspeed.zero_stage == 3 else None,
+                experts_stay_meta=experts_sharded)  # 2
     apply_activation_checkpointing(model, job.train.activation_checkpointing)  # 3
     experts = detach_experts(model)  # 4
-    experts_sharded = shard_experts(experts, dims, job.deepspeed.zero_stage)
+    shard_experts(experts, dims, job.deepspeed.zero_stage)
+    if experts_sharded:
+        materialize_expert_shards(experts, dims)
 
     dense_optimizer = adamw(model.parameters(), job.optim)  # 5
     expert_params = [p for module in experts.values() for p in module.parameters()]
     expert_optimizer = adamw(expert_params, job.optim) if expert_params else None
     if expert_optimizer is not None:
         ensure_adamw_state(expert_optimizer)  # so that a checkpoint can load into it before step 1
-    config = deepspeed_config(job.deepspeed.zero_stage, job.train.micro_batch, job.train.grad_accum, dims.world_size,
-                              job.model.d_model)
     import deepspeed  # heavy import, only where the engine is built
 
     skip_deepspeed_shm_op()
@@ -52,21 +67,70 @@ def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+def materialize(model: nn.Module, device: torch.device, seed: int, zero3_config: dict | None = None,
+                experts_stay_meta: bool = False) -> None:
     """Allocate a model built on the meta device and initialise it from `seed`; a model built on a
-    real device is only moved."""
-    if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device=device)
-        torch.manual_seed(seed)
-        model.init_weights()
-    else:
+    real device is only moved.
+
+    With `zero3_config` (DeepSpeed ZeRO-3) or `experts_stay_meta`, the model is materialised one
+    initialisation unit at a time (GPT.init_units: the embedding, a norm, an attention, a
+    feed-forward), with the same draws from the same RNG in the same order as `init_weights` on one
+    process. Under ZeRO-3 each unit's dense weights go to DeepSpeed at once, which keeps this rank's
+    partition and frees the rest: no rank ever holds the whole dense model. With `experts_stay_meta`
+    the routed experts keep only their initialisation recipe; `materialize_expert_shards` writes
+    the FSDP shards from it."""
+    if not any(p.is_meta for p in model.parameters()):
         model.to(device)
+        return
+    torch.manual_seed(seed)
+    if zero3_config is None and not experts_stay_meta:
+        model.to_empty(device=device)
+        model.init_weights()
+        return
+    if zero3_config is not None:
+        skip_deepspeed_shm_op()  # before DeepSpeed sets up its communication
+    model.to_empty(device=device, recurse=False)  # the model's own buffers
+    model.init_buffers()
+    for unit, init in model.init_units():
+        for module in unit.modules():
+            own_meta = any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
+            if own_meta and not (experts_stay_meta and isinstance(module, GroupedExperts)):
+                module.to_empty(device=device, recurse=False)  # (a unit may hold an earlier one: q/k norms)
+        model.tie_weights()  # to_empty gives the embedding a new parameter
+        init()
+        if zero3_config is not None:
+            partition_zero3(dense_parameters(unit), zero3_config)
+    left = [name for name, p in model.named_parameters()
+            if p.is_meta and not (experts_stay_meta and ".experts." in f".{name}")]
+    assert not left, f"no initialisation unit covers {left}"
+
+
+@torch.no_grad()
+def materialize_expert_shards(experts: dict[str, GroupedExperts], dims: ParallelDims) -> None:
+    """Allocate only this rank's FSDP shards of experts that were sharded on the meta device, and
+    write into them their piece of each expert's initial weights (one expert at a time)."""
+    for module in experts.values():
+        if not module.w1_EDF.is_meta:
+            continue  # built on a real device: FSDP sharded the initialised weights
+        module.to_empty(device=dims.device)
+        for local in range(module.num_experts):
+            for name, values in module.initial_weights(local).items():
+                # FSDP cuts dim 1 of the [E, ...] weight as torch.chunk does (dim 0 of one expert's).
+                piece = values.chunk(dims.edp, dim=EXPERT_SHARD_DIM - 1)[dims.edp_rank]
+                local_tensor(getattr(module, name))[local].copy_(piece)
+
+
+def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters under `module` that DeepSpeed owns: all but the routed experts' (FSDP2's)."""
+    experts = {id(p) for sub in module.modules() if isinstance(sub, GroupedExperts) for p in sub.parameters()}
+    return [p for p in module.parameters() if id(p) not in experts]
 
 
 def parameter_groups(params) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """AdamW's two groups, in this order: matrices (weight decay) and 1-D tensors (norms: none)."""
+    """AdamW's two groups, in this order: matrices (weight decay) and 1-D tensors (norms: none). A
+    ZeRO-3 partitioned parameter is empty here and keeps its shape in `ds_shape`."""
     params = list(params)
-    return [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    return [p for p in params if len(full_shape(p)) >= 2], [p for p in params if len(full_shape(p)) < 2]
 
 
 def adamw(params, optim) -> torch.optim.AdamW:

@@ -37,10 +37,16 @@ class Trainer:
     def module(self) -> nn.Module:
         return self.engine.module
 
-    def forward(self, idx_BS: torch.Tensor):
-        return self.engine(idx_BS)
+    def forward(self, idx_BS: torch.Tensor, logits: bool = True):
+        return self.engine(idx_BS, logits=logits)
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.experts_sharded:
+            # FSDP2 reduce-scatters expert gradients once per optimizer step, in the last micro-batch's
+            # backward; earlier ones accumulate the unsharded gradients locally.
+            sync = self.engine.is_gradient_accumulation_boundary()
+            for module in self.experts.values():
+                module.set_requires_gradient_sync(sync)
         self.engine.backward(loss)  # scales by 1/grad_accum; expert grads get the same scaling
 
     def step(self, lr: float) -> float | None:
@@ -102,7 +108,8 @@ class Trainer:
             local = rows[module.first_expert : module.first_expert + module.num_experts]
             if self.experts_sharded:  # FSDP's dim-1 slice (torch.chunk sizes, as FSDP cuts it)
                 local = local.chunk(self.dims.edp, dim=EXPERT_SHARD_DIM)[self.dims.edp_rank]
-            local_tensor(p).copy_(local)
+            with torch.no_grad():
+                local_tensor(p).copy_(local)
 
     def expert_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_expert_parameters]

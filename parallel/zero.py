@@ -48,7 +48,7 @@ def reduce_bucket_elements(d_model: int) -> int:
 
 
 def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, world_size: int, d_model: int) -> dict:
-    return {
+    config = {
         "train_batch_size": micro_batch * grad_accum * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
@@ -58,8 +58,16 @@ def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, world_s
         # The optimizer is ours (torch AdamW): DeepSpeed's fused CPU/GPU Adam would need JIT-built ops.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
+        # No DeepSpeed timing: its throughput timer is on by default and synchronises the device at the
+        # start of every forward and the end of every step (the loop times itself, without a sync).
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
+    if zero_stage in (1, 2):
+        # DeepSpeed's own gradient norm (a reduction over all partitions and a host copy in every step)
+        # is thrown away: ours covers dense and expert gradients together (parallel/grad_norm.py).
+        config["zero_optimization"]["compute_grad_norm"] = False
+    return config
 
 
 def detach_experts(model: nn.Module) -> dict[str, GroupedExperts]:

@@ -5,6 +5,15 @@ import pytest
 from tests.slurm_cluster import running_cluster, unavailable_reason
 
 
+@pytest.fixture(autouse=True)
+def no_gpu_unless_marked(request, monkeypatch):
+    """A test not marked `gpu` runs on the CPU also on a machine with GPUs: its own process and every
+    job or rank it starts (they inherit the environment) see no CUDA device, so `train.device=auto`
+    picks the CPU and no rank lands on a GPU by its LOCAL_RANK."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     """One prepared-data cache for every job in the session (preparation runs once per corpus)."""

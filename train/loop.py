@@ -37,13 +37,14 @@ def lr_at(step: int, job: JobConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def forward(run: Run, x_BS: torch.Tensor):
-    """(logits [B, S, V], MoE stats) of one micro-batch, under the job's autocast."""
+def forward(run: Run, x_BS: torch.Tensor, logits: bool = True):
+    """(logits [B, S, V], MoE stats) of one micro-batch, under the job's autocast (logits=False: no
+    logits, the pass stops after the last block)."""
     autocast = (
         torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
     )
     with autocast:
-        return run.trainer.forward(x_BS.to(run.device))
+        return run.trainer.forward(x_BS.to(run.device), logits=logits)
 
 
 def forward_loss(run: Run, x_BS: torch.Tensor, y_BS: torch.Tensor, step_selected_LE: torch.Tensor | None = None):
@@ -65,14 +66,14 @@ def count_routing(run: Run, sampler: BatchSampler, step: int) -> torch.Tensor:
 
     With gradient accumulation the first micro-batch's backward runs before the later ones are
     routed, so a routing-only pass over the step's micro-batches comes first (one extra forward
-    each, no graph kept). The random state is replayed, so router jitter draws the same noise as
-    the training pass that follows, which then routes exactly as counted here."""
+    each, without the output head, no graph kept). The random state is replayed, so router jitter
+    draws the same noise as the training pass that follows, which then routes exactly as counted here."""
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
     total_LE = None
     for micro_step in range(run.job.train.grad_accum):
         x, _ = sampler.get(step, micro_step)
-        _, stats = forward(run, x)
+        _, stats = forward(run, x, logits=False)
         counts_LE = tokens_per_expert_LE(stats)
         total_LE = counts_LE if total_LE is None else total_LE + counts_LE
     torch.set_rng_state(cpu_rng)

@@ -5,6 +5,7 @@ lock aside): a refused start leaves the settings, tokenizer and checkpoints of a
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from models.gpt import GPT, count_parameters
-from parallel.dims import ParallelDims, init_parallel
+from parallel.dims import ParallelDims, init_parallel, wait_for_every_rank
 from parallel.parallelize import parallelize
 from parallel.trainer import Trainer
 from train.checkpoint.manager import CheckpointManager
@@ -25,6 +26,9 @@ from train.hf.init_from import load_initial_weights
 from train.metrics import flops_per_token
 from train.preflight import preflight
 from train.run_lock import RunLock
+
+
+DATA_PREPARATION_TIMEOUT = datetime.timedelta(hours=6)
 
 
 @dataclass
@@ -110,6 +114,9 @@ def _set_up_locked(job: JobConfig, dims: ParallelDims, lock: RunLock, record_set
     job.data.cache_dir = os.path.abspath(os.path.expanduser(job.data.cache_dir))
     job.data.paths = [os.path.abspath(os.path.expanduser(p)) for p in job.data.paths]
     data = prepare_data(job.data)
+    # A node that builds the data cache (or waits for another process building it) may take far
+    # longer than a collective may wait; the others wait here, not in the first collective.
+    wait_for_every_rank(dims, "data", DATA_PREPARATION_TIMEOUT)
     job.model.vocab_size = data.vocab_size
     checkpoints = CheckpointManager(Path(job.run_dir) / "checkpoints", job, dims)
     resume_point = checkpoints.resume_point()  # before any heavy work: a bad checkpoint fails fast

@@ -77,6 +77,7 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"moe.backend must be one of {', '.join(map(repr, EXPERT_BACKENDS))}; got {backend!r}")
         self.num_experts = num_experts
         self.first_expert = 0  # global index of expert 0 of this module (its expert-parallel shard)
+        self.init_recipe: tuple[float, int, int] | None = None  # (init_std, num_layers, seed) of reset_parameters
         self.backend = backend
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, ffn_hidden))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, ffn_hidden, d_model))
@@ -86,16 +87,29 @@ class GroupedExperts(nn.Module):
     def reset_parameters(self, init_std: float, num_layers: int, seed: int) -> None:
         """Expert e (global index) is drawn from its own generator seeded with `seed + e`, so any
         expert-parallel shard initialises exactly the experts that one process would, without
-        materialising the others."""
+        materialising the others. On the meta device only the recipe is kept: a sharded set-up
+        (parallel/parallelize.py) later writes each shard from `initial_weights`."""
+        self.init_recipe = (init_std, num_layers, seed)
+        for local in range(self.num_experts):
+            if self.w1_EDF.is_meta:
+                break
+            for name, values in self.initial_weights(local).items():
+                getattr(self, name)[local].copy_(values)
+
+    def initial_weights(self, local: int) -> dict[str, torch.Tensor]:
+        """The initial weights of local expert `local` (name -> [D, F] or [F, D], on the CPU), from the
+        recipe of the last `reset_parameters`."""
+        init_std, num_layers, seed = self.init_recipe
         # Residual-branch output projections shrink with depth (GPT-2).
         stds = {"w1_EDF": init_std, "w3_EDF": init_std, "w2_EFD": init_std / math.sqrt(2 * num_layers)}
-        for local in range(self.num_experts):
-            generator = torch.Generator().manual_seed(seed + self.first_expert + local)
-            for name, std in stds.items():
-                weight = getattr(self, name)
-                if weight is not None:
-                    values = torch.empty(weight.shape[1:], dtype=weight.dtype, device="cpu").normal_(0.0, std, generator=generator)
-                    weight[local].copy_(values)
+        generator = torch.Generator().manual_seed(seed + self.first_expert + local)
+        values = {}
+        for name, std in stds.items():
+            weight = getattr(self, name)
+            if weight is not None:
+                values[name] = torch.empty(weight.shape[1:], dtype=weight.dtype, device="cpu")
+                values[name].normal_(0.0, std, generator=generator)
+        return values
 
     def keep_experts(self, first: int, count: int) -> None:
         """Drop every expert but [first, first + count): the expert-parallel shard of this rank.

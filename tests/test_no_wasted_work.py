@@ -1,0 +1,141 @@
+"""No wasted work in a training step: DeepSpeed neither times (its throughput timer synchronises the
+device) nor computes its own gradient norm under ZeRO-1/2 (ours is parallel/grad_norm.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.gpt import GPT
+from parallel.dims import init_parallel
+from parallel.parallelize import parallelize
+from tests.test_balance import global_batch, tiny_job
+
+
+def one_step(zero_stage: int, grad_accum: int = 2):
+    """A single-process trainer taking one optimizer step of `grad_accum` micro-batches."""
+    job = tiny_job(micro_batch=2, grad_accum=grad_accum, zero_stage=zero_stage)
+    dims = init_parallel(ep=1, num_experts=job.moe.num_experts, device=torch.device("cpu"))
+    with torch.device("meta"):
+        model = GPT(job.gpt_config())
+    trainer = parallelize(model, dims, job)
+    idx = global_batch()
+    return trainer, lambda: [step_micro_batch(trainer, idx[2 * m : 2 * m + 2]) for m in range(grad_accum)]
+
+
+def step_micro_batch(trainer, idx_BS):
+    logits, _ = trainer.forward(idx_BS[:, :-1])
+    trainer.backward(F.cross_entropy(logits.flatten(0, 1), idx_BS[:, 1:].flatten()))
+    return trainer.step(lr=1e-3)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_a_step_never_synchronises_the_device_for_deepspeed(monkeypatch, zero_stage):
+    from deepspeed.accelerator import get_accelerator
+
+    trainer, step = one_step(zero_stage)
+    accelerator = get_accelerator()
+    calls = []
+    original = accelerator.synchronize
+    monkeypatch.setattr(accelerator, "synchronize", lambda *a, **k: calls.append(1) or original(*a, **k))
+    norms = [step() for _ in range(3)]  # the throughput timer starts measuring after 2 steps
+    assert calls == []
+    assert norms[-1][-1] is not None and torch.isfinite(torch.tensor(norms[-1][-1]))
+    # The check can fail: DeepSpeed's default timer config synchronises.
+    assert trainer.engine.tput_timer.config.enabled is False
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_deepspeed_computes_no_gradient_norm_of_its_own(monkeypatch, zero_stage):
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    trainer, step = one_step(zero_stage)
+    assert isinstance(trainer.engine.optimizer, DeepSpeedZeroOptimizer)
+    calls = []
+    for name in ("scaled_global_norm", "get_grad_norm_direct"):
+        original = getattr(DeepSpeedZeroOptimizer, name)
+        monkeypatch.setattr(DeepSpeedZeroOptimizer, name,
+                            lambda self, *a, _original=original, **k: calls.append(1) or _original(self, *a, **k))
+    before = [p.detach().clone() for p in trainer.module.parameters()]
+    norms = step()
+    assert calls == []
+    assert norms[-1] is not None and norms[-1] > 0  # ours still is
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.module.parameters()))  # and the step applied
+
+
+ROWS, ACCUM = 16, 4  # a global batch of 16 sequences: 4 ranks x 4 micro-batches of 1
+
+
+def counting_on(group, collective, calls: list):
+    def counted(*args, **kwargs):
+        if kwargs.get("group") is group:
+            calls.append(1)
+        return collective(*args, **kwargs)
+
+    return counted
+
+
+def _expert_sync_worker(rank, world_size):
+    import torch.distributed as dist
+
+    from models.moe.balance import router_losses
+    from tests.test_balance import assert_pieces_match
+
+    dims = init_parallel(ep=2, num_experts=4, device=torch.device("cpu"))
+    job = tiny_job(micro_batch=1, grad_accum=ACCUM, zero_stage=2)
+    job.optim.grad_clip = 0.0  # the gradients as reduced, unclipped
+    with torch.device("meta"):
+        model = GPT(job.gpt_config())
+    trainer = parallelize(model, dims, job)
+    assert trainer.experts_sharded
+    torch.manual_seed(7)
+    idx = torch.randint(0, 64, (ROWS, 17))
+    rows = [slice(r, r + 1) for r in range(rank * ACCUM, (rank + 1) * ACCUM)]
+    with torch.no_grad():  # the step's expert counts (global_batch balance loss)
+        counts = sum(torch.stack([s.selected_BE.sum(0) for s in trainer.forward(idx[r, :-1])[1]]) for r in rows)
+    dist.all_reduce(counts)
+
+    # FSDP2 reduce-scatters with reduce_scatter_single (torch 2.13) or reduce_scatter_tensor (2.11).
+    expert_reductions, grads, originals = [], {}, {}
+    for name in ("reduce_scatter_tensor", "reduce_scatter_single"):
+        if hasattr(dist, name):
+            originals[name] = getattr(dist, name)
+            setattr(dist, name, counting_on(dims.edp_group, originals[name], expert_reductions))
+    optimizer_step = trainer.expert_optimizer.step
+
+    def capture_then_step(*args, **kwargs):
+        grads.update({name: p.grad.to_local().clone() for name, p in trainer.named_expert_parameters})
+        return optimizer_step(*args, **kwargs)
+
+    trainer.expert_optimizer.step = capture_then_step
+    try:
+        for r in rows:
+            logits, stats = trainer.forward(idx[r, :-1])
+            losses = router_losses(stats, job.moe.aux_loss_coef, job.moe.z_loss_coef, "global_batch", counts)
+            trainer.backward(F.cross_entropy(logits.flatten(0, 1), idx[r, 1:].flatten()) + losses.total)
+            trainer.step(lr=1e-3)
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+    # One reduce-scatter per expert module per optimizer step, not one per micro-batch.
+    assert len(expert_reductions) == len(trainer.experts), expert_reductions
+
+    # The gradients equal one process's taking all 16 sequences at once (balanced over all of them).
+    single = tiny_job(micro_batch=ROWS, grad_accum=1, zero_stage=0)
+    with torch.device("meta"):
+        whole = GPT(single.gpt_config())
+    from parallel.parallelize import materialize
+
+    materialize(whole, torch.device("cpu"), single.train.seed)
+    logits, stats = whole(idx[:, :-1])
+    losses = router_losses(stats, single.moe.aux_loss_coef, single.moe.z_loss_coef, "micro_batch")
+    (F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()) + losses.total).backward()
+    want = {name: p.grad for name, p in whole.named_parameters()}
+    pieces = {name: ("experts", trainer.experts[name.rsplit(".", 1)[0]].first_expert, grad, True)
+              for name, grad in grads.items()}
+    assert_pieces_match(pieces, want, dims)
+
+
+def test_expert_gradients_are_reduced_once_per_step_and_equal_one_process():
+    from tests.ranks import run_ranks
+
+    run_ranks(4, _expert_sync_worker)
