@@ -23,9 +23,15 @@ def all_reduce_sum(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
 
 def any_rank(flag: bool, dims: ParallelDims) -> bool:
     """True when `flag` is true on at least one rank: every rank takes the same branch."""
+    return any_rank_of((flag,), dims)[0]
+
+
+def any_rank_of(flags: tuple[bool, ...], dims: ParallelDims) -> tuple[bool, ...]:
+    """`any_rank` of several flags in one all-reduce (one collective per step carries them all)."""
     if not dims.distributed:
-        return flag
-    return bool(all_reduce_sum(torch.tensor([float(flag)], device=dims.device), dims).item() > 0)
+        return tuple(bool(f) for f in flags)
+    summed = all_reduce_sum(torch.tensor([float(f) for f in flags], device=dims.device), dims)
+    return tuple(bool(v > 0) for v in summed.tolist())
 
 
 def average_replicated_expert_gradients(params: list[torch.nn.Parameter], dims: ParallelDims) -> None:
@@ -53,3 +59,20 @@ def average_replicated_expert_gradients(params: list[torch.nn.Parameter], dims: 
     for p in params:
         p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
         offset += p.numel()
+
+
+PEER_LOST_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                   "NCCL communicator was aborted", "NCCL error", "Watchdog caught collective operation timeout")
+
+
+def peer_failure(err: BaseException) -> str | None:
+    """The cause, when `err` is a collective failing because another rank died (gloo's "Connection
+    closed by peer", NCCL's aborted communicator), else None."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    text = str(err)
+    if not isinstance(err, getattr(dist, "DistError", ())) and not any(sign in text for sign in PEER_LOST_SIGNS):
+        return None
+    line = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    line = line.split("] ", 1)[-1] if line.startswith("[") else line  # without gloo's source location
+    return line.split(". This is typically", 1)[0]  # and without its advice to read the other logs

@@ -104,6 +104,11 @@ BAD_SETTINGS = [
     (["train.eval_batches=0"], "train.eval_batches must be an integer between 1 and 1048576; got 0", 1),
     (["train.log_interval=0"], "train.log_interval must be an integer between 1 and 1099511627776; got 0", 1),
     (["train.max_bad_steps=0"], "train.max_bad_steps must be an integer between 1 and 1099511627776; got 0", 1),
+    (["train.keep_checkpoints=0"], "train.keep_checkpoints must be an integer between 1 and 1099511627776; got 0", 1),
+    (["train.on_save_failure=retry"], "train.on_save_failure must be one of 'stop', 'continue'; got 'retry'", 1),
+    (["train.global_batch=0"], "train.global_batch must be an integer between 1 and 1048576; got 0", 1),
+    (["train.global_batch=6"], "train.global_batch=6 must be a multiple of the number of processes (4): each rank takes an equal share", 4),
+    (["train.global_batch=8", "train.grad_accum=2"], "train.grad_accum=2: with train.global_batch set, grad_accum follows from it", 1),
     (["train.stop_at=0"], "train.stop_at must be an integer between 1 and 1099511627776; got 0", 1),
     (["train.seed=-1"], "train.seed must be an integer between 0 and 9223372036854775807; got -1", 1),
     (["train.seed=9223372036854775808"], "train.seed must be an integer between 0 and 9223372036854775807; got 9223372036854775808", 1),
@@ -175,7 +180,8 @@ def test_good_settings_pass_the_check(tmp_path):
     for overrides in ([], ["moe=deepseek"], ["moe=switch"], ["model=tiny", "train.steps=50"], ["deepspeed=zero3"],
                       ["moe.every=2"], ["moe.every=9"], ["optim.beta1=0", "optim.grad_clip=0", "optim.warmup_steps=0"],
                       ["train.seed=0"], ["train.seed=9223372036854775807"], ["data.tokenizer.vocab_size=1048576"],
-                      ["hydra/launcher=slurm"], ["run_name=other"]):
+                      ["hydra/launcher=slurm"], ["run_name=other"], ["train.global_batch=24", "train.async_save=true"],
+                      ["train.on_save_failure=continue", "train.keep_checkpoints=1"]):
         check_job(compose_job([*where, *overrides]))
     check_job(compose_job([*where, "parallel.ep=2"]), world_size=4)
     assert not (tmp_path / "run").exists()  # checking creates nothing

@@ -113,6 +113,24 @@ def test_resume_after_a_crash_keeps_the_history_and_replaces_the_repeated_steps(
     assert "moe/expert_load_heatmap/path" in rows[6] and "moe/expert_load_heatmap/path" not in rows[3]  # replay: no images
 
 
+def test_resume_replaces_only_the_repeated_figures_of_the_resumed_step(tmp_path):
+    """The resumed step's validation record also carried the sampled text: `val/loss` is logged
+    again by the resumed run, the text is kept, and no (step, key) appears twice."""
+    run_dir = tmp_path / "run"
+    first = [(0, {"val/loss": 5.5, "samples/text": "a"}), train(1, 4.9), train(2, 4.8), (2, {"val/loss": 4.7, "samples/text": "b"}),
+             train(3, 4.6)]
+    attempt(run_dir, 0, first, mode="disabled")
+    second = [(2, {"val/loss": 4.7}), train(3, 4.6)]
+    attempt(run_dir, 2, second, mode="disabled")
+    got = read_jsonl(run_dir / "metrics.jsonl")
+    keys = [(r["step"], k) for r in got for k in r if k != "step"]
+    assert len(keys) == len(set(keys)), got
+    assert {"step": 2, "samples/text": "b"} in got and {"step": 2, "val/loss": 4.7} in got
+    assert sorted(keys) == sorted({(s, k) for s, m in first for k in m})
+    (replaced,) = run_dir.glob("metrics.replaced-*.jsonl")
+    assert read_jsonl(replaced) == [{"step": 2, "val/loss": 4.7}, {"step": 3, **train(3, 4.6)[1]}]
+
+
 def test_fresh_run_in_a_used_directory_keeps_the_earlier_metrics_and_run_id(tmp_path):
     run_dir = tmp_path / "run"
     attempt(run_dir, 0, [train(1, 5.0), train(2, 4.9)], mode="disabled")

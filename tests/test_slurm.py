@@ -2,7 +2,9 @@
 `launch/slurm.sbatch` on 2 nodes x 2 processes gives the single-process loss curve; the Hydra
 submitit sweep runs its valid combinations and reports the bad one; a cancelled job resubmitted
 with train.resume=true and a requeued job continue exactly; a submission SLURM refuses is one
-line. Skipped, with the reason, where the cluster cannot run (`make setup-slurm` as root)."""
+line; a job stopped by SIGTERM (or by the lead-time USR1 the script asks for) saves the step it
+reached and its requeue resumes from there, no step lost. Skipped, with the reason, where the
+cluster cannot run (`make setup-slurm` as root)."""
 
 import json
 import os
@@ -83,10 +85,11 @@ def wait_past_a_checkpoint(cluster: SlurmCluster, workdir: Path, job_id: str, ru
 
 
 def assert_resumed_from_a_checkpoint(workdir: Path, run_name: str, log: str) -> None:
-    """One resume, from a checkpoint step and exactly (same layout), said in the job's log; a fresh
-    start would have set the earlier checkpoints aside."""
+    """One resume, exactly (same layout), said in the job's log, from the step the job stopped at:
+    SLURM's SIGTERM (scancel, requeue) makes it save the step it reached (train/preemption.py),
+    so no step is lost; a fresh start would have set the earlier checkpoints aside."""
     resumed = [int(m) for m in re.findall(r"switchyard: resumed from step (\d+) \(exact\)", log)]
-    assert len(resumed) == 1 and resumed[0] > 0 and resumed[0] % CKPT_INTERVAL == 0, (resumed, log[-3000:])
+    assert len(resumed) == 1 and resumed[0] > CKPT_INTERVAL, (resumed, log[-3000:])
     assert not list((workdir / "outputs" / run_name).glob("checkpoints.prev-*"))
 
 
@@ -115,6 +118,8 @@ def test_scancel_then_resubmit_with_resume_continues_exactly(slurm_cluster, pyth
     second = submit(slurm_cluster, python_on_path, tmp_path, data_cache, *RESUMABLE, "run_name=cancelled", "train.resume=true")
     assert_completed(slurm_cluster, tmp_path, second)
     assert_resumed_from_a_checkpoint(tmp_path, "cancelled", job_log(tmp_path, second, whole=True))
+    stopped_at = stopped_step(job_log(tmp_path, first, whole=True))  # SIGTERM from scancel: the step reached was saved
+    assert f"resumed from step {stopped_at} (exact)" in job_log(tmp_path, second, whole=True)
     assert train_losses(read_metrics(tmp_path, "cancelled")) == uninterrupted
 
 
@@ -130,6 +135,64 @@ def test_requeued_job_resumes_by_itself(slurm_cluster, python_on_path, tmp_path,
     assert "DUE TO JOB REQUEUE" in job_log(tmp_path, job_id, whole=True)  # one log, both attempts (--open-mode=append)
     assert_resumed_from_a_checkpoint(tmp_path, "requeued", job_log(tmp_path, job_id, whole=True))
     assert train_losses(read_metrics(tmp_path, "requeued")) == uninterrupted
+
+
+def stopped_step(log: str) -> int:
+    """The step the job stopped after on a signal, from its one line (train/preemption.py)."""
+    (step,) = [int(n) for n in re.findall(r"preempted at step (\d+), checkpoint saved", log)]
+    return step
+
+
+def release_requeued(cluster: SlurmCluster, job_id: str, avoid_node: str | None = None, timeout: float = 120) -> None:
+    """Waits until the job was requeued, then lets it start at once (SLURM 22.05 holds it back).
+    `avoid_node`: a job requeued as it ends must start on the other node: the node it ended on
+    still holds its revoked credential for a while ("Job credential revoked"), which SLURM's own
+    hold on requeued jobs outlasts."""
+    deadline = time.monotonic() + timeout
+    while cluster.job(job_id).get("Restarts") != "1":
+        assert time.monotonic() < deadline, f"job {job_id} was not requeued: {cluster.job(job_id)}"
+        time.sleep(0.3)
+    if cluster.wait_for(job_id, {"PENDING", "RUNNING"}) == "PENDING":
+        other = [f"ExcNodeList={avoid_node}"] if avoid_node else []
+        run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *other, env=cluster.env())
+
+
+def assert_continued_from(workdir: Path, run_name: str, log: str, step: int, uninterrupted: dict[int, float]) -> None:
+    """The requeued attempt resumed from the step the signal stopped at: no step lost, and the
+    whole curve is the uninterrupted run's."""
+    assert (workdir / "outputs" / run_name / "checkpoints/latest").read_text() == "step_000100"
+    assert re.findall(r"switchyard: resumed from step (\d+) \(exact\)", log) == [str(step)], log[-3000:]
+    assert train_losses(read_metrics(workdir, run_name)) == uninterrupted
+
+
+def test_sigterm_saves_the_step_and_a_requeue_resumes_with_no_step_lost(slurm_cluster, python_on_path, tmp_path,
+                                                                        data_cache, uninterrupted):
+    job_id = submit(slurm_cluster, python_on_path, tmp_path, data_cache, *RESUMABLE, "run_name=term")
+    wait_past_a_checkpoint(slurm_cluster, tmp_path, job_id, "term")
+    run("scancel", "--signal=TERM", job_id, env=slurm_cluster.env())  # every process of the job's step
+    slurm_cluster.wait_for(job_id)
+    node = slurm_cluster.job(job_id)["NodeList"]
+    step = stopped_step(job_log(tmp_path, job_id, whole=True))
+    assert step > CKPT_INTERVAL, job_log(tmp_path, job_id)
+    assert (tmp_path / "outputs/term/checkpoints/latest").read_text() == f"step_{step:06d}"
+    run("scontrol", "requeue", job_id, env=slurm_cluster.env())
+    release_requeued(slurm_cluster, job_id, avoid_node=node)
+    assert_completed(slurm_cluster, tmp_path, job_id)
+    assert_continued_from(tmp_path, "term", job_log(tmp_path, job_id, whole=True), step, uninterrupted)
+
+
+def test_lead_time_signal_saves_and_the_job_requeues_itself(slurm_cluster, python_on_path, tmp_path, data_cache,
+                                                           uninterrupted):
+    job_id = submit(slurm_cluster, python_on_path, tmp_path, data_cache, *RESUMABLE, "run_name=lead")
+    wait_past_a_checkpoint(slurm_cluster, tmp_path, job_id, "lead")
+    node = slurm_cluster.job(job_id)["NodeList"]
+    # What `#SBATCH --signal=B:USR1@120` does before the time limit: USR1 to the batch script.
+    run("scancel", "--batch", "--signal=USR1", job_id, env=slurm_cluster.env())
+    release_requeued(slurm_cluster, job_id, avoid_node=node)
+    assert_completed(slurm_cluster, tmp_path, job_id)
+    log = job_log(tmp_path, job_id, whole=True)
+    assert "launch/slurm.sbatch: requeueing job" in log, log[-3000:]
+    assert_continued_from(tmp_path, "lead", log, stopped_step(log), uninterrupted)
 
 
 def test_submitit_sweep_runs_the_valid_combinations_and_reports_the_bad_one(slurm_cluster, tmp_path, data_cache):

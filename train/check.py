@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from train.cli import compose_job, run_tool, tool_parser, wants_help
-from train.config import JobConfig
+from train.config import JobConfig, batch_layout
 from train.preflight import preflight
 
 
@@ -22,6 +22,7 @@ def check_job(job: JobConfig, world_size: int = 1) -> None:
 
     preflight(job)
     validate_degrees(world_size, job.parallel.ep, job.moe.num_experts)
+    batch_layout(job.train, world_size)
 
 
 def checked_summary(job: JobConfig, world_size: int, overrides: list[str]) -> str:

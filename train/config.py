@@ -37,6 +37,7 @@ from train.data.prepare import check_data_config
 WANDB_MODES = ("offline", "online", "disabled")
 DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+ON_SAVE_FAILURE = ("stop", "continue")
 MAX_STEPS = 2**40  # steps and step intervals: far beyond any run, small enough for every integer type on the way
 MAX_BATCH = 2**20  # micro_batch, grad_accum, eval_batches: rows or passes per step
 
@@ -102,16 +103,36 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 400  # optimizer steps of the whole run
-    micro_batch: int = 8  # sequences per rank per forward pass
+    # Sequences per rank per forward pass; with global_batch set, the most per forward (see there).
+    micro_batch: int = 8
     seq_len: int = 256  # tokens per sequence
-    grad_accum: int = 1  # micro-batches per optimizer step (global batch = micro_batch x grad_accum x data-parallel ranks)
+    # Micro-batches per optimizer step (global batch = micro_batch x grad_accum x data-parallel
+    # ranks); derived when global_batch is set.
+    grad_accum: int = 1
+    # Sequences per optimizer step over all ranks, kept whatever the number of processes: each rank
+    # takes global_batch / world_size of them, in grad_accum micro-batches of the largest size that
+    # divides its share and is at most micro_batch; the validation set is then eval_batches x
+    # global_batch sequences. So a job trains the same run on 1, 2 or 4 processes (and after a
+    # requeue onto fewer nodes). null = micro_batch x grad_accum per rank (the global batch grows
+    # with the number of processes).
+    global_batch: Optional[int] = None
     seed: int = 1234  # seeds the weights, the batches and the router noise: the same seed gives the same run
     device: str = "auto"  # where the job computes: "auto" (CUDA when available, else CPU) | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16"
     log_interval: int = 10  # steps between metric records (metrics.jsonl, W&B, console)
     eval_interval: int = 100  # steps between validation-loss measurements
-    eval_batches: int = 8  # micro-batches of the validation split per measurement
+    eval_batches: int = 8  # micro-batches of the validation split per measurement (see global_batch)
     ckpt_interval: int = 200  # steps between checkpoints (and one at the end)
+    # Write the periodic checkpoints in the background (torch.distributed.checkpoint async_save):
+    # training waits only while the state is copied to host memory; the checkpoint is published
+    # (latest, meta.json) once every rank finished writing; at most one save in flight. The final
+    # save and a preemption's are written at once.
+    async_save: bool = False
+    keep_checkpoints: int = 2  # complete checkpoints kept in the run folder (the newest ones; at least 1)
+    # A checkpoint that cannot be saved (not enough free space, a failed write): "stop" the job
+    # (one line, exit 4) or "continue" training (a warning line; the next save tries again).
+    # Either way the checkpoints saved before are left as they were.
+    on_save_failure: str = "stop"
     resume: bool = False  # continue the run directory's latest checkpoint instead of starting afresh
     max_bad_steps: int = 5  # consecutive non-finite-loss steps (each skipped) before the run stops
     stop_at: Optional[int] = None  # end this invocation after this step, with a checkpoint (time-boxed jobs)
@@ -119,11 +140,17 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # "none" | "full" (every block) | "moe" (only MoE feed-forwards)
 
     def validate(self, max_seq_len: int) -> None:
-        for name in ("steps", "log_interval", "eval_interval", "ckpt_interval", "max_bad_steps"):
+        for name in ("steps", "log_interval", "eval_interval", "ckpt_interval", "max_bad_steps", "keep_checkpoints"):
             require_positive_int(f"train.{name}", getattr(self, name), MAX_STEPS)
         for name in ("micro_batch", "grad_accum", "eval_batches"):
             require_positive_int(f"train.{name}", getattr(self, name), MAX_BATCH)
         require_positive_int("train.seq_len", self.seq_len, MAX_SEQ_LEN)
+        if self.global_batch is not None:
+            require_positive_int("train.global_batch", self.global_batch, MAX_BATCH)
+            if self.grad_accum != 1:
+                raise ValueError(f"train.grad_accum={self.grad_accum}: with train.global_batch set, grad_accum follows "
+                                 "from it "
+                                 "(global_batch / processes / micro_batch): leave train.grad_accum at 1")
         if self.seq_len > max_seq_len:
             raise ValueError(f"train.seq_len ({self.seq_len}) must be <= model.max_seq_len ({max_seq_len})")
         require_int_in("train.seed", self.seed, 0, MAX_SEED)
@@ -131,9 +158,22 @@ class TrainConfig:
             require_positive_int("train.stop_at", self.stop_at, MAX_STEPS)
         if self.peak_tflops is not None:
             require_positive_number("train.peak_tflops", self.peak_tflops)
+        require_choice("train.on_save_failure", self.on_save_failure, ON_SAVE_FAILURE)
         require_choice("train.device", self.device, DEVICES)
         require_choice("train.dtype", self.dtype, DTYPES)
         require_choice("train.activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+
+
+def batch_layout(t: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro_batch, grad_accum) of each rank on `world_size` processes (see TrainConfig.global_batch)."""
+    if t.global_batch is None:
+        return t.micro_batch, t.grad_accum
+    if t.global_batch % world_size:
+        raise ValueError(f"train.global_batch={t.global_batch} must be a multiple of the number of processes "
+                         f"({world_size}): each rank takes an equal share")
+    share = t.global_batch // world_size
+    micro_batch = max(d for d in range(1, min(share, t.micro_batch) + 1) if share % d == 0)
+    return micro_batch, share // micro_batch
 
 
 @dataclass

@@ -10,8 +10,9 @@ Nothing a run wrote is lost when the run directory is used again:
   `metrics.prev-<time>.jsonl` (`wandb_run_id.prev-<time>`), as setup does with checkpoints;
 - a run resumed from step R keeps the history up to R and moves what the crashed attempt logged
   after R (which the resumed run logs again) to `metrics.replaced-<time>.jsonl`, so that
-  `metrics.jsonl` holds each step once. The resumed run's first record (the validation loss at R)
-  replaces an earlier record of step R with the same keys. The file is rewritten (atomically) at
+  `metrics.jsonl` holds each (step, key) once. The resumed run's first record (the validation loss
+  at R) replaces those figures of an earlier record of step R (the rest of it, e.g. the sampled
+  text, stays). The file is rewritten (atomically) at
   the resumed run's first record, so an attempt that dies before logging changes nothing.
 - W&B cannot rewind an offline run (rewinding, `resume_from`, is a server-side preview feature):
   a resumed run keeps the run id, and its offline run starts with a replay of the kept history
@@ -144,21 +145,28 @@ class _ResumedHistory:
         self.path, self.resume_step, self.stamp = path, resume_step, stamp
 
     def settle(self, step: int, metrics: dict) -> list[dict]:
-        """Keep records up to the resume step, except one of that step with the same keys as the
-        first new record; move the others (and any line that is not a record, e.g. cut by a crash)
+        """Keep records up to the resume step, less the figures of that step that the first new
+        record logs again (whatever else the earlier record carries, e.g. `samples/text` beside
+        `val/loss`); move the others (and any line that is not a record, e.g. cut by a crash)
         aside. Returns the kept records."""
         if not self.path.is_file():
             return []
         kept, lines, replaced = [], [], []
         for line in self.path.read_text(errors="replace").splitlines():
             record = _parse_record(line)
-            superseded = record is not None and record["step"] == step == self.resume_step and \
-                record.keys() - {"step"} == metrics.keys()
-            if record is None or record["step"] > self.resume_step or superseded:
+            if record is None or record["step"] > self.resume_step:
                 replaced.append(line)
-            else:
-                kept.append(record)
-                lines.append(line)
+                continue
+            resumed_step = record["step"] == step == self.resume_step
+            repeated = metrics.keys() & record.keys() - {"step"} if resumed_step else set()
+            if repeated:
+                replaced.append(json.dumps({"step": record["step"], **{k: record[k] for k in record if k in repeated}}))
+                record = {k: v for k, v in record.items() if k not in repeated}
+                if record.keys() == {"step"}:
+                    continue
+                line = json.dumps(record)
+            kept.append(record)
+            lines.append(line)
         if replaced:
             aside = _free_name(self.path, "replaced", self.stamp)
             aside.write_text("".join(f"{line}\n" for line in replaced))

@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from models.generate import generate
 from models.moe.balance import router_losses
 from models.moe.layer import tokens_per_expert_LE
 from parallel.collectives import all_reduce_sum
+from train import preemption
+from train.checkpoint.manager import SaveFailed
 from train.config import JobConfig
 from train.data import BatchSampler, val_batches
-from models.generate import generate
 from train.logging import RunLogger
 from train.metrics import MoEWindow
 from train.setup import Run
@@ -82,11 +84,13 @@ def count_routing(run: Run, sampler: BatchSampler, step: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean validation cross-entropy over fixed blocks, averaged over all ranks."""
+    """Mean validation cross-entropy over fixed blocks, averaged over all ranks. With
+    train.global_batch set, the blocks are eval_batches x global_batch, whatever the layout."""
     t = run.job.train
     run.trainer.train(False)
     total = torch.zeros(2, dtype=torch.float64, device="cpu")
-    for x, y in val_batches(run.data.val, t.seq_len, t.micro_batch, t.eval_batches, run.dims.world_size, run.dims.rank):
+    num_batches = t.eval_batches * (t.grad_accum if t.global_batch is not None else 1)
+    for x, y in val_batches(run.data.val, t.seq_len, t.micro_batch, num_batches, run.dims.world_size, run.dims.rank):
         logits_BSV, _ = forward(run, x)
         ce = F.cross_entropy(logits_BSV.flatten(0, 1), y.to(run.device).flatten())
         total += torch.tensor([ce.item(), 1.0], dtype=torch.float64, device="cpu")
@@ -109,11 +113,14 @@ class StepResult:
     loss: float = float("nan")  # mean cross-entropy of this rank's micro-batches
     grad_norm: float = float("nan")  # global norm of all gradients, before clipping
     load_LE: torch.Tensor | None = None  # [L, E] int64 copies routed to each expert on this rank (compute device)
+    stop: bool = False  # some rank got a stop signal (train/preemption.py): save and stop after this step
+    writing: bool = False  # some rank's background checkpoint write was still running
 
 
 def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> StepResult:
     """One optimizer step over grad_accum micro-batches (`step` counts from 0). A non-finite loss
-    on any rank skips the step on every rank.
+    on any rank skips the step on every rank. The same all-reduce tells every rank whether any of
+    them got a stop signal, so they all stop after the same step.
 
     Host syncs: the figures of the micro-batches (finite, cross-entropy, load) are summed on the
     device, and read once, before the last backward (see README: the sync budget)."""
@@ -123,7 +130,7 @@ def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> S
     load_LE = torch.zeros(len(run.model.moe_layers()), run.job.moe.num_experts, dtype=torch.int64, device=run.device)
     ce_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     num_bad = torch.zeros((), dtype=torch.float64, device=run.device)  # micro-batches with a non-finite loss
-    step_selected_LE = None
+    step_selected_LE, stop, writing = None, False, False
     if run.job.moe.aux_loss_scope == "global_batch" and t.grad_accum > 1 and load_LE.numel():
         step_selected_LE = count_routing(run, sampler, step)
     for micro_step in range(t.grad_accum):
@@ -132,18 +139,23 @@ def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> S
         num_bad += (~torch.isfinite(loss)).double()
         ce_sum += ce.detach().double()
         if micro_step == t.grad_accum - 1:
-            # The step's one look at its losses: non-finite anywhere (summed over ranks), and ours.
-            num_bad_world, ce_total = torch.stack([all_reduce_sum(num_bad, dims), ce_sum]).tolist()
+            # The step's one look at the host: non-finite losses, stop signals and background writes
+            # on any rank (one all-reduce), and this rank's cross-entropy (one copy).
+            host_flags = torch.tensor([float(preemption.requested()), float(run.checkpoints.background_write_running())],
+                                      dtype=torch.float64, device=run.device)
+            world_3 = all_reduce_sum(torch.cat([num_bad[None], host_flags]), dims)
+            num_bad_world, stops, writes, ce_total = torch.cat([world_3, ce_sum[None]]).tolist()
+            stop, writing = stops > 0, writes > 0
             if num_bad_world > 0:
                 skip_step(run, loss)
-                return StepResult(applied=False)
+                return StepResult(applied=False, stop=stop, writing=writing)
         run.trainer.backward(loss)
         norm = run.trainer.step(lr)
         grad_norm = norm if norm is not None else grad_norm
         window.add(stats, losses)
         if stats:
             load_LE += tokens_per_expert_LE(stats)
-    return StepResult(True, ce_total / t.grad_accum, grad_norm, load_LE)
+    return StepResult(True, ce_total / t.grad_accum, grad_norm, load_LE, stop, writing)
 
 
 def skip_step(run: Run, last_loss: torch.Tensor) -> None:
@@ -201,6 +213,8 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
     for step in range(run.start_step, last_step):
         done = step + 1
         result = run_step(run, sampler, step, window)
+        if not result.applied and result.stop:
+            stop_with_checkpoint(run, logger, done, saved=False)
         if not result.applied:
             bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
             logger.info(f"step {done}: non-finite loss, step skipped ({bad_in_a_row} in a row, {bad_total} in all)")
@@ -244,11 +258,37 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
             logger.log(done, record)
             logger.info(f"step {done}: val loss {val_loss:.4f}")
             summary["val/loss"] = val_loss
-        if done % t.ckpt_interval == 0 or done == last_step:
-            run.checkpoints.save(run.trainer, done)
+        if run.checkpoints.in_flight and not result.writing:
+            checkpoint(run, logger, run.checkpoints.finish_background)  # every rank's write is done: publish
+        saved = (done % t.ckpt_interval == 0 or done == last_step) and checkpoint(
+            run, logger, lambda: run.checkpoints.save(run.trainer, done, background=t.async_save and done != last_step))
+        if result.stop:
+            stop_with_checkpoint(run, logger, done, saved)
     if bad_total and not applied_total:
         raise TrainingDiverged(f"every step of this run ({bad_total}) had a non-finite loss; nothing was trained or saved")
     return summary
+
+
+def checkpoint(run: Run, logger: RunLogger, save) -> bool:
+    """Run `save` (a save, or the publication of a background one); a failed save stops the job
+    or, with train.on_save_failure=continue, is a warning line (returns False)."""
+    try:
+        save()
+    except SaveFailed as err:
+        if run.job.train.on_save_failure == "stop":
+            raise
+        logger.info(f"warning: {err}; training continues (train.on_save_failure=continue)")
+        return False
+    return True
+
+
+def stop_with_checkpoint(run: Run, logger: RunLogger, done: int, saved: bool) -> None:
+    """Every rank reached this after the same step (train/preemption.py): save and stop."""
+    if not saved:
+        run.checkpoints.save(run.trainer, done)  # a failed save here stops the job whatever the setting
+    run.checkpoints.finish_background()
+    logger.info(f"preempted at step {done}, checkpoint saved")
+    raise preemption.Preempted(done, preemption.signal_name())
 
 
 def train(run: Run) -> dict:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from train.cli import compose_job, run_tool
+from train.config import batch_layout
 from train.preflight import preflight
 
 PLAN_PREFIX = "plan."
@@ -79,6 +80,7 @@ def check_layout(job, plan: PlanConfig) -> None:
         raise ValueError(f"parallel.ep ({ep}) must divide plan.world_size ({plan.world_size}); "
                          f"allowed: divisors of {plan.world_size}")
     validate_degrees(plan.world_size, ep, job.moe.num_experts)
+    job.train.micro_batch, job.train.grad_accum = batch_layout(job.train, plan.world_size)  # with train.global_batch
 
 
 def main(argv: list[str]) -> int:

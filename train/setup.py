@@ -1,6 +1,7 @@
-"""Setting up a run: devices, process groups, data, the model (built on the meta device), its
-parallel trainer, and where to resume from. Every user mistake surfaces here, as a ValueError,
-before any step runs."""
+"""Setting up a run: devices, process groups, the run folder's lock, data, the model (built on the
+meta device), its parallel trainer, and where to resume from. Every user mistake surfaces here, as
+a ValueError, before any step runs; and the run folder changes only after every check passed (the
+lock aside): a refused start leaves the settings, tokenizer and checkpoints of a run as they were."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from models.gpt import GPT, count_parameters
 from parallel.dims import ParallelDims, init_parallel, wait_for_every_rank
@@ -17,12 +20,13 @@ from parallel.parallelize import parallelize
 from parallel.precision import autocast_dtype
 from parallel.trainer import Trainer
 from train.checkpoint.manager import CheckpointManager
-from train.config import JobConfig
-from train.preflight import preflight
+from train.checkpoint.run_weights import save_run_tokenizer
+from train.config import JobConfig, batch_layout
 from train.data import PreparedData, prepare_data
 from train.hf.init_from import load_initial_weights
 from train.metrics import flops_per_token
-from train.checkpoint.run_weights import save_run_tokenizer
+from train.preflight import preflight
+from train.run_lock import RunLock
 
 
 DATA_PREPARATION_TIMEOUT = datetime.timedelta(hours=6)
@@ -40,6 +44,7 @@ class Run:
     checkpoints: CheckpointManager
     start_step: int
     flops_per_token: float
+    lock: RunLock  # held by rank 0 until the job ends (release it)
 
     @property
     def model(self) -> GPT:
@@ -58,20 +63,54 @@ def pick_device(job: JobConfig) -> torch.device:
     return torch.device("cuda")
 
 
-def setup(job: JobConfig) -> Run:
-    """Everything that can fail because of the user's input fails here, as a ValueError."""
+def take_run_lock(run_dir: str, dims: ParallelDims) -> RunLock:
+    """Rank 0 takes the run folder's lock; every rank gets its verdict (a ValueError naming the holder)."""
+    lock = RunLock(run_dir)
+    refusal = None
+    if dims.is_main:
+        try:
+            note = lock.acquire()
+            if note:
+                print(note, flush=True)
+        except ValueError as err:
+            refusal = str(err)
+    if dims.distributed:
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        raise ValueError(refusal)
+    return lock
+
+
+def setup(job: JobConfig, record_settings: Callable[[], None] | None = None) -> Run:
+    """Everything that can fail because of the user's input fails here, as a ValueError.
+    `record_settings` (rank 0, once every check passed) writes the run's settings into its folder."""
     preflight(job)
     dims = init_parallel(job.parallel.ep, job.moe.num_experts, pick_device(job))
     if dims.device.type == "cuda":
         torch.cuda.set_device(dims.device)
+    t = job.train
+    t.micro_batch, t.grad_accum = batch_layout(t, dims.world_size)  # the loop reads these
+    if t.global_batch is not None and dims.is_main:
+        print(f"switchyard: global batch {t.global_batch} = {dims.world_size} process(es) x "
+              f"{t.grad_accum} micro-batch(es) "
+              f"x {t.micro_batch} sequences")
+    lock = take_run_lock(job.run_dir, dims)
+    try:
+        return _set_up_locked(job, dims, lock, record_settings)
+    except BaseException:
+        lock.release()
+        raise
 
+
+def _set_up_locked(job: JobConfig, dims: ParallelDims, lock: RunLock, record_settings) -> Run:
     job.data.cache_dir = os.path.abspath(os.path.expanduser(job.data.cache_dir))
     job.data.paths = [os.path.abspath(os.path.expanduser(p)) for p in job.data.paths]
     data = prepare_data(job.data)
     # A node that builds the data cache (or waits for another process building it) may take far
     # longer than a collective may wait; the others wait here, not in the first collective.
     wait_for_every_rank(dims, "data", DATA_PREPARATION_TIMEOUT)
-    save_run_tokenizer(job.run_dir, data.tokenizer, dims.is_main)  # for export_hf / generate
     job.model.vocab_size = data.vocab_size
     checkpoints = CheckpointManager(Path(job.run_dir) / "checkpoints", job, dims)
     resume_point = checkpoints.resume_point()  # before any heavy work: a bad checkpoint fails fast
@@ -86,6 +125,13 @@ def setup(job: JobConfig) -> Run:
     else:
         start_step = 0
         load_initial_weights(trainer, job, data.tokenizer)  # model.init_from (hf: / upcycle:), if set
+    # Every check passed: from here on the job changes its run folder.
+    if dims.is_main:
+        if resume_point is None:
+            checkpoints.set_aside_earlier()
+        save_run_tokenizer(job.run_dir, data.tokenizer, dims.is_main)  # for export_hf / generate
+        if record_settings is not None:
+            record_settings()
     fpt = flops_per_token(active_params, embedding_params, job.model.n_layers, job.model.d_model, job.train.seq_len)
     if dims.is_main:
         print(
@@ -93,4 +139,4 @@ def setup(job: JobConfig) -> Run:
             f"{dims.world_size} process(es), ep={dims.ep}, ZeRO-{job.deepspeed.zero_stage}, device={dims.device}, "
             f"{len(data.train) / 1e6:.2f}M training tokens, vocab {data.vocab_size}"
         )
-    return Run(job, dims, autocast_dtype(job.train.dtype, dims.device), data, trainer, checkpoints, start_step, fpt)
+    return Run(job, dims, autocast_dtype(job.train.dtype, dims.device), data, trainer, checkpoints, start_step, fpt, lock)

@@ -10,14 +10,20 @@ job's processes, where it wraps the functions below. Nothing in train/ knows abo
                                        of its training steps (tests/sync_counter.py; evaluation,
                                        samples and checkpoints not counted); each rank writes
                                        DIR/rank<R>.json: {"steps": ..., "events": [[what, where], ...]}
+    SWITCHYARD_TEST_ENOSPC_IN_SAVE=4   writing step 4's checkpoint fails with ENOSPC after part of a
+                                       data file is written, as on a full disk
+    SWITCHYARD_TEST_FREE_BYTES=1000    the file system of the checkpoints reports this much free space
 """
 
+import errno
 import os
 import signal
 
 _NAN_STEPS = {int(s) for s in os.environ.get("SWITCHYARD_TEST_NAN_STEPS", "").split(",") if s.strip()}
 _KILL_STEP = os.environ.get("SWITCHYARD_TEST_KILL_IN_SAVE")
 _COUNT_SYNCS = os.environ.get("SWITCHYARD_TEST_COUNT_SYNCS")
+_ENOSPC_STEP = os.environ.get("SWITCHYARD_TEST_ENOSPC_IN_SAVE")
+_FREE_BYTES = os.environ.get("SWITCHYARD_TEST_FREE_BYTES")
 
 
 def _poison_steps() -> None:
@@ -93,9 +99,40 @@ def _count_syncs(out_dir: str) -> None:
     loop.train_steps = counted_train_steps
 
 
+def _disk_full_in_save() -> None:
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    write_data = FileSystemWriter.write_data
+
+    def write_data_or_enospc(self, plan, planner):
+        if f"step_{int(_ENOSPC_STEP):06d}.tmp" in str(self.path):
+            with open(os.path.join(str(self.path), "__0_0.distcp"), "wb") as f:
+                f.write(b"\0" * 4096)  # a partial file, as the write that ran out of space leaves it
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        return write_data(self, plan, planner)
+
+    FileSystemWriter.write_data = write_data_or_enospc
+
+
+def _little_free_space() -> None:
+    import shutil
+
+    disk_usage = shutil.disk_usage
+
+    def reported(path):
+        usage = disk_usage(path)
+        return usage._replace(free=int(_FREE_BYTES)) if "checkpoints" in str(path) else usage
+
+    shutil.disk_usage = reported
+
+
 if _NAN_STEPS:
     _poison_steps()
 if _KILL_STEP:
     _kill_before_publishing()
 if _COUNT_SYNCS:
     _count_syncs(_COUNT_SYNCS)
+if _ENOSPC_STEP:
+    _disk_full_in_save()
+if _FREE_BYTES:
+    _little_free_space()

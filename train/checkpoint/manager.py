@@ -22,6 +22,7 @@ that resume would load. Loading checks every file's size and CRC first and never
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -35,7 +36,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 
+from parallel.collectives import any_rank
 from parallel.dims import ParallelDims
 from parallel.trainer import Trainer
 from train.checkpoint.files import write_atomic
@@ -43,7 +46,6 @@ from train.checkpoint.safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanne
 
 FORMAT_VERSION = 2  # 1 was DeepSpeed's files + dense.pt + experts_ep*.pt; 2 from ShardedTensors or DTensors alike
 LATEST = "latest"
-KEEP_LAST = 2
 META = "meta.json"
 SHAPE_KEYS = {
     "model": ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "activation", "tie_embeddings",
@@ -59,6 +61,37 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: one line naming the file and what to do."""
 
 
+class SaveFailed(RuntimeError):
+    """A checkpoint that could not be saved (one line: the step, the folder, why); nothing
+    published was touched. train.on_save_failure says whether the job stops or goes on."""
+
+
+def checkpoint_bytes(state: dict) -> int:
+    """Bytes the checkpoint of `state` will take: every entry's whole (global) size once, as DCP
+    writes it, plus a margin for its index and meta.json."""
+    data = sum(_global_bytes(t) for t in state.values())
+    return data + data // 100 + (1 << 20)
+
+
+def _snapshot(state: dict) -> dict:
+    """A copy of the state that training cannot change or free while the writer thread runs (some
+    entries are views of buffers the next step reuses; DCP's own staging reads them too late)."""
+    copies = {}
+    for key, t in state.items():
+        if isinstance(t, DTensor):
+            local = t.to_local().detach().clone()
+            copies[key] = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape,
+                                             stride=t.stride())
+        else:
+            copies[key] = t.detach().clone()
+    return copies
+
+
+def _global_bytes(t: torch.Tensor) -> int:
+    """The whole tensor's bytes, of which this rank may hold a piece (a DTensor's numel is the global one)."""
+    return t.numel() * t.element_size()
+
+
 def model_signature(job) -> dict:
     """The settings that fix parameter shapes; a checkpoint only loads into a model with the same."""
     return {f"{section}.{key}": getattr(getattr(job, section), key) for section, keys in SHAPE_KEYS.items() for key in keys}
@@ -66,6 +99,15 @@ def model_signature(job) -> dict:
 
 def layout(job, dims: ParallelDims) -> dict:
     return {"world_size": dims.world_size, "parallel.ep": dims.ep, "deepspeed.zero_stage": job.deepspeed.zero_stage}
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    step: int
+    staging: Path
+    final: Path
+    needed: int
+    future: object  # concurrent.futures.Future of dcp.async_save
 
 
 @dataclass(frozen=True)
@@ -79,6 +121,8 @@ class CheckpointManager:
         self.dir = Path(ckpt_dir)
         self.job = job
         self.dims = dims
+        self._in_flight: _InFlight | None = None  # the background save not published yet
+        self._save_group = None  # gloo group of the background writes
 
     # -- finding ------------------------------------------------------------------------------
 
@@ -87,10 +131,8 @@ class CheckpointManager:
 
     def resume_point(self) -> ResumePoint | None:
         """The checkpoint to continue from: asked for with train.resume, or implied by a restart
-        after a failure (torchrun --max-restarts, SLURM requeue) when one exists. A fresh run
-        never overwrites an earlier run's checkpoints: they are moved aside."""
-        restarted = any(int(os.environ.get(v, "0") or 0) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
-        if self.job.train.resume or restarted:
+        after a failure (torchrun --max-restarts, SLURM requeue) when one exists. Reads only."""
+        if self.job.train.resume or restarted():
             folder = self.latest(announce=self.dims.is_main)
             if folder is not None:
                 meta = self.check(folder)
@@ -99,12 +141,16 @@ class CheckpointManager:
                 return ResumePoint(folder, meta)
             if self.job.train.resume:
                 raise CheckpointError(f"train.resume=true but there is no complete checkpoint in {self.dir}")
-            return None
-        if self.dims.is_main and self.latest() is not None:
-            aside = self.dir.with_name(f"checkpoints.prev-{time.strftime('%Y%m%d-%H%M%S')}")
-            shutil.move(self.dir, aside)
-            print(f"switchyard: starting fresh; earlier checkpoints moved to {aside} (use train.resume=true to continue)")
         return None
+
+    def set_aside_earlier(self) -> None:
+        """A fresh run never overwrites an earlier run's checkpoints: they are moved aside (rank 0,
+        once the job holds the run folder's lock and passed every check)."""
+        if self.job.train.resume or restarted() or self.latest() is None:
+            return
+        aside = self.dir.with_name(f"checkpoints.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(self.dir, aside)
+        print(f"switchyard: starting fresh; earlier checkpoints moved to {aside} (use train.resume=true to continue)")
 
     def check(self, folder: Path) -> dict:
         """meta.json of `folder`, after checking that this run can load it."""
@@ -124,23 +170,101 @@ class CheckpointManager:
 
     # -- saving -------------------------------------------------------------------------------
 
-    def save(self, trainer: Trainer, step: int) -> Path:
-        """Every rank calls this; returns the published folder."""
+    def save(self, trainer: Trainer, step: int, background: bool = False) -> Path:
+        """Every rank calls this; returns the folder the checkpoint is (or will be) published as.
+        A save that cannot be done (not enough free space for the state's size, or a write that
+        fails, e.g. ENOSPC) raises SaveFailed on every rank, with the published checkpoints
+        untouched.
+
+        `background`: torch.distributed.checkpoint's async_save. The call returns once the state is
+        copied to host memory; the files are written by a thread (its collectives on a gloo group
+        of their own), and the checkpoint is published by `finish_background`, which every rank
+        calls once every rank's write is done (the loop learns that through its per-step
+        all-reduce). At most one save is in flight: a new save first finishes the one before."""
+        self.finish_background()
         name = f"step_{step:06d}"
         final, staging = self.dir / name, self.dir / f"{name}.tmp"
+        state = trainer.state_dict()
+        needed = checkpoint_bytes(state)
+        problem = None
         if self.dims.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-        _barrier(self.dims)
-        dcp.save(trainer.state_dict(), storage_writer=dcp.FileSystemWriter(str(staging)))
+            problem = self._lacking_space(needed, step)
+            if problem is None:
+                staging.mkdir()
+        if any_rank(problem is not None, self.dims):
+            raise SaveFailed(problem or f"checkpoint at step {step} not saved (see rank 0)")
+        writer = dcp.FileSystemWriter(str(staging))
+        try:
+            if background:
+                future = dcp.async_save(_snapshot(state), storage_writer=writer, process_group=self._background_group())
+                self._in_flight = _InFlight(step, staging, final, needed, future)
+                return final
+            dcp.save(state, storage_writer=writer)
+        except (Exception, CheckpointException) as err:  # DCP fails every rank alike when one fails to write
+            self._abandon(staging, err, needed, step)
+        self._complete(step, staging, final)
+        return final
+
+    @property
+    def in_flight(self) -> bool:
+        """A background save is waiting to be published (the same answer on every rank)."""
+        return self._in_flight is not None
+
+    def background_write_running(self) -> bool:
+        """This rank's background write has not finished yet (a local answer: see `save`)."""
+        return self._in_flight is not None and not self._in_flight.future.done()
+
+    def finish_background(self) -> Path | None:
+        """Every rank: wait for the background save in flight, if any, and publish it."""
+        if self._in_flight is None:
+            return None
+        flight, self._in_flight = self._in_flight, None
+        try:
+            flight.future.result()
+        except (Exception, CheckpointException) as err:
+            self._abandon(flight.staging, err, flight.needed, flight.step)
+        self._complete(flight.step, flight.staging, flight.final)
+        return flight.final
+
+    def _background_group(self):
+        """Collectives of the writing thread must not interleave with the training loop's."""
+        if self.dims.distributed and self._save_group is None:
+            self._save_group = dist.new_group(backend="gloo")
+        return self._save_group
+
+    def _complete(self, step: int, staging: Path, final: Path) -> None:
         files = _gather_file_digests(staging, self.dims)
         if self.dims.is_main:
             meta = {"format": FORMAT_VERSION, "step": step, "model_signature": model_signature(self.job),
                     **layout(self.job, self.dims), "files": files}
             self._publish(staging, final, meta)
         _barrier(self.dims)
-        return final
+
+    def _abandon(self, staging: Path, err: BaseException, needed: int, step: int) -> None:
+        _barrier(self.dims)
+        if self.dims.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise SaveFailed(self._write_failure(err, needed, step)) from None
+
+    def _lacking_space(self, needed: int, step: int) -> str | None:
+        free = shutil.disk_usage(self.dir).free
+        if needed <= free:
+            return None
+        return (f"checkpoint at step {step} not saved: {self.dir} needs {needed} bytes, {free} are free "
+                f"(the checkpoints saved before are intact)")
+
+    def _write_failure(self, err: BaseException, needed: int, step: int) -> str:
+        """One line for a failed write; a full disk is named as such, whatever layer noticed it
+        (an OSError ENOSPC, or torch's zip writer: "unexpected pos")."""
+        text = str(err)
+        free = shutil.disk_usage(self.dir).free
+        if _is_enospc(err) or "No space left on device" in text or free < needed:
+            cause = f"no space left on device in {self.dir} ({free} bytes free, the checkpoint needs {needed})"
+        else:
+            cause = _last_line(err)
+        return f"checkpoint at step {step} not saved: {cause} (the checkpoints saved before are intact)"
 
     def _publish(self, staging: Path, final: Path, meta: dict) -> None:
         write_atomic(staging / META, json.dumps(meta, indent=2))
@@ -150,8 +274,8 @@ class CheckpointManager:
         self._prune(keep=final.name)
 
     def _prune(self, keep: str) -> None:
-        """Drop stale staging folders and all but the newest KEEP_LAST complete checkpoints."""
-        for old in complete_checkpoints(self.dir)[:-KEEP_LAST]:
+        """Drop stale staging folders and all but the newest train.keep_checkpoints complete checkpoints."""
+        for old in complete_checkpoints(self.dir)[:-self.job.train.keep_checkpoints]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.dir.glob("step_*.tmp"):
@@ -175,6 +299,11 @@ class CheckpointManager:
 
 
 # -- finding ------------------------------------------------------------------------------------
+
+
+def restarted() -> bool:
+    """This process is a restart after a failure or preemption (torchrun --max-restarts, SLURM requeue)."""
+    return any(int(os.environ.get(v, "0") or 0) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -325,6 +454,19 @@ def _last_line(err: BaseException) -> str:
     """DCP's CheckpointException carries each rank's traceback; its last line is the cause."""
     text = str(err).strip().splitlines()
     return text[-1] if text else type(err).__name__
+
+
+def _is_enospc(err: BaseException | None) -> bool:
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        failures = getattr(err, "failures", None)  # DCP's CheckpointException: {rank: exception}
+        if isinstance(failures, dict) and any(_is_enospc(getattr(f, "exception", f)) for f in failures.values()
+                                              if isinstance(getattr(f, "exception", f), BaseException)):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 def _barrier(dims: ParallelDims) -> None:
