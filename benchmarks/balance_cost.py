@@ -66,14 +66,22 @@ def build_arm(arm: str, grad_accum: int, args, tokens: np.ndarray, dims):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6,
-                        help="timed rounds (each arm one step per round), after one untimed")
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="timed rounds (each arm one step per round), after one untimed"
+    )
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="the JSON record (default: benchmarks/local/balance_cost_cpu.json, untracked)")
-    parser.add_argument("--update-results", action="store_true",
-                        help="write the committed record benchmarks/results/balance_cost_cpu.json instead")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the JSON record (default: benchmarks/local/balance_cost_cpu.json, untracked)",
+    )
+    parser.add_argument(
+        "--update-results",
+        action="store_true",
+        help="write the committed record benchmarks/results/balance_cost_cpu.json instead",
+    )
     args = parser.parse_args(argv)
     if args.out is None:  # a trial run never overwrites the committed figures by accident
         args.out = REPO / "benchmarks" / ("results" if args.update_results else "local") / "balance_cost_cpu.json"
@@ -99,23 +107,39 @@ def main(argv=None) -> None:
     rows = []
     for (scope, accum), total in seconds.items():
         tokens = args.rounds * accum * args.micro_batch * args.seq_len
-        rows.append({"aux_loss_scope": scope, "grad_accum": accum, "tokens_per_s": round(tokens / total, 1),
-                     "tokens_per_wall_s": round(tokens / wall[(scope, accum)], 1)})
+        rows.append(
+            {
+                "aux_loss_scope": scope,
+                "grad_accum": accum,
+                "tokens_per_s": round(tokens / total, 1),
+                "tokens_per_wall_s": round(tokens / wall[(scope, accum)], 1),
+            }
+        )
     for row in rows:
         base = next(r for r in rows if r["grad_accum"] == row["grad_accum"] and r["aux_loss_scope"] == "micro_batch")
         row["vs_micro_batch"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
         row["vs_micro_batch_wall"] = round(row["tokens_per_wall_s"] / base["tokens_per_wall_s"], 3)
-    print("| `train.grad_accum` | `moe.aux_loss_scope` | tokens per CPU-second | vs micro_batch "
-          "| (wall clock: vs micro_batch) |")
+    print(
+        "| `train.grad_accum` | `moe.aux_loss_scope` | tokens per CPU-second | vs micro_batch "
+        "| (wall clock: vs micro_batch) |"
+    )
     print("|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['grad_accum']} | {row['aux_loss_scope']} | {row['tokens_per_s']:.0f} "
-              f"| {row['vs_micro_batch']:.3f} | {row['vs_micro_batch_wall']:.3f} |")
-    record = {"command": "python benchmarks/balance_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-              "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}, "results": rows}
+        print(
+            f"| {row['grad_accum']} | {row['aux_loss_scope']} | {row['tokens_per_s']:.0f} "
+            f"| {row['vs_micro_batch']:.3f} | {row['vs_micro_batch_wall']:.3f} |"
+        )
+    record = {
+        "command": "python benchmarks/balance_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "torch": torch.__version__,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "results": rows,
+    }
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -29,8 +29,14 @@ LAST_STEPS = 100  # imbalance is averaged over the log windows of the run's last
 
 def arm_overrides(scope: str, prefix: str, extra: list[str]) -> list[str]:
     # W&B and the progress bar off: they change no figure, and the machine is shared.
-    return ["parallel.ep=2", f"moe.aux_loss_scope={scope}", f"run_name={prefix}_{scope}",
-            "logging.wandb.mode=disabled", "logging.progress_bar=false", *extra]
+    return [
+        "parallel.ep=2",
+        f"moe.aux_loss_scope={scope}",
+        f"run_name={prefix}_{scope}",
+        "logging.wandb.mode=disabled",
+        "logging.progress_bar=false",
+        *extra,
+    ]
 
 
 def final_step(run_dir: Path) -> int | None:
@@ -58,8 +64,13 @@ def train_arm(scope: str, args) -> dict:
 
 
 def report_arm(run_dir: Path) -> dict:
-    done = subprocess.run([sys.executable, "-m", "train.specialization", str(run_dir)], cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "train.specialization", str(run_dir)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         sys.exit(f"specialization report on {run_dir} failed: {done.stderr.strip()}")
     return json.loads((run_dir / "specialization" / "specialization.json").read_text())
@@ -70,7 +81,11 @@ def metrics_figures(run_dir: Path) -> dict:
     val = {r["step"]: r["val/loss"] for r in records if "val/loss" in r}
     windows = [r for r in records if "moe/layer0/imbalance_max_over_mean" in r]
     last_step = windows[-1]["step"]
-    layers = sorted(int(k.split("/")[1].removeprefix("layer")) for k in windows[-1] if k.endswith("/imbalance_max_over_mean") and "/layer" in k)
+    layers = sorted(
+        int(k.split("/")[1].removeprefix("layer"))
+        for k in windows[-1]
+        if k.endswith("/imbalance_max_over_mean") and "/layer" in k
+    )
     late = [r for r in windows if r["step"] > last_step - LAST_STEPS]
 
     def mean(values):
@@ -79,8 +94,12 @@ def metrics_figures(run_dir: Path) -> dict:
     return {
         "val_loss": val,
         "final_val_loss": val[max(val)],
-        "imbalance_last_steps_per_layer": [mean([r[f"moe/layer{l}/imbalance_max_over_mean"] for r in late]) for l in layers],
-        "imbalance_whole_run_per_layer": [mean([r[f"moe/layer{l}/imbalance_max_over_mean"] for r in windows]) for l in layers],
+        "imbalance_last_steps_per_layer": [
+            mean([r[f"moe/layer{l}/imbalance_max_over_mean"] for r in late]) for l in layers
+        ],
+        "imbalance_whole_run_per_layer": [
+            mean([r[f"moe/layer{l}/imbalance_max_over_mean"] for r in windows]) for l in layers
+        ],
         "aux_loss_last_steps_per_layer": [mean([r[f"moe/layer{l}/aux_loss"] for r in late]) for l in layers],
         "tokens_per_s": mean([r["perf/tokens_per_s"] for r in windows]),
     }
@@ -95,24 +114,38 @@ def markdown(results: dict) -> str:
     def mean(values):
         return sum(values) / len(values)
 
-    lines = ["| moe.aux_loss_scope | " + " | ".join(f"val loss @{s}" for s in steps)
-             + f" | max/mean load, last {LAST_STEPS} steps | max/mean load, whole run | JS between domains (bits) "
-             "| JS within a domain (bits) |",
-             "|---|" + "---|" * (len(steps) + 4)]
+    lines = [
+        "| moe.aux_loss_scope | "
+        + " | ".join(f"val loss @{s}" for s in steps)
+        + f" | max/mean load, last {LAST_STEPS} steps | max/mean load, whole run | JS between domains (bits) "
+        "| JS within a domain (bits) |",
+        "|---|" + "---|" * (len(steps) + 4),
+    ]
     for scope, r in results.items():
         spec = r["specialization"]["layers"]
-        lines.append(f"| {scope} | " + " | ".join(f"{r['val_loss'][s]:.4f}" for s in steps)
-                     + f" | {mean(r['imbalance_last_steps_per_layer']):.3f} | {mean(r['imbalance_whole_run_per_layer']):.3f}"
-                     + f" | {mean([l['js_divergence'] for l in spec]):.4f} | {mean([l['js_divergence_within_mean'] for l in spec]):.4f} |")
-    lines += ["", "(load and JS: means over the MoE layers)", "",
-              "| MoE layer | " + " | ".join(f"max/mean load ({s}) | JS between ({s}) | JS within ({s})" for s in scopes) + " |",
-              "|---|" + "---|---|---|" * len(scopes)]
+        lines.append(
+            f"| {scope} | "
+            + " | ".join(f"{r['val_loss'][s]:.4f}" for s in steps)
+            + f" | {mean(r['imbalance_last_steps_per_layer']):.3f} | {mean(r['imbalance_whole_run_per_layer']):.3f}"
+            + f" | {mean([l['js_divergence'] for l in spec]):.4f} | {mean([l['js_divergence_within_mean'] for l in spec]):.4f} |"
+        )
+    lines += [
+        "",
+        "(load and JS: means over the MoE layers)",
+        "",
+        "| MoE layer | "
+        + " | ".join(f"max/mean load ({s}) | JS between ({s}) | JS within ({s})" for s in scopes)
+        + " |",
+        "|---|" + "---|---|---|" * len(scopes),
+    ]
     for layer in layers:
         cells = []
         for s in scopes:
             spec = results[s]["specialization"]["layers"][layer]
-            cells.append(f"{results[s]['imbalance_last_steps_per_layer'][layer]:.3f} | {spec['js_divergence']:.4f} | "
-                         f"{spec['js_divergence_within_mean']:.4f}")
+            cells.append(
+                f"{results[s]['imbalance_last_steps_per_layer'][layer]:.3f} | {spec['js_divergence']:.4f} | "
+                f"{spec['js_divergence_within_mean']:.4f}"
+            )
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -120,12 +153,21 @@ def markdown(results: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prefix", default="balance", help="run names are <prefix>_<scope>")
-    parser.add_argument("--reuse", action="store_true", help="skip training an arm whose run directory holds a checkpoint")
+    parser.add_argument(
+        "--reuse", action="store_true", help="skip training an arm whose run directory holds a checkpoint"
+    )
     parser.add_argument("--skip-report", action="store_true", help="train only")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="the JSON record (default: benchmarks/local/balance_scope.json, untracked; see --update-results)")
-    parser.add_argument("--update-results", action="store_true",
-                        help="write the committed record benchmarks/results/balance_scope.json instead")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the JSON record (default: benchmarks/local/balance_scope.json, untracked; see --update-results)",
+    )
+    parser.add_argument(
+        "--update-results",
+        action="store_true",
+        help="write the committed record benchmarks/results/balance_scope.json instead",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both arms (after --)")
     args = parser.parse_args()
     if args.out is None:  # a trial run never overwrites the committed figures by accident
@@ -141,9 +183,16 @@ def main() -> int:
         results[scope] = {**arm, **metrics_figures(run_dir), "specialization": report_arm(run_dir)}
     table = markdown(results)
     print(table)
-    record = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-              "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "machine": platform.platform(),
-              "cpus": os.cpu_count(), "python": platform.python_version(), "results": results, "tables": table}
+    record = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "results": results,
+        "tables": table,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwritten: {args.out}")

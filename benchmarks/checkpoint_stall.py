@@ -33,10 +33,14 @@ if str(REPO) not in sys.path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4, help="saves of each kind")
-    parser.add_argument("--out", default=None,
-                        help="the JSON record (default: benchmarks/local/checkpoint_stall_cpu.json, untracked)")
-    parser.add_argument("--update-results", action="store_true",
-                        help="write benchmarks/results/checkpoint_stall_cpu.json, the committed record")
+    parser.add_argument(
+        "--out", default=None, help="the JSON record (default: benchmarks/local/checkpoint_stall_cpu.json, untracked)"
+    )
+    parser.add_argument(
+        "--update-results",
+        action="store_true",
+        help="write benchmarks/results/checkpoint_stall_cpu.json, the committed record",
+    )
     args = parser.parse_args()
     if args.out is None:
         folder = REPO / "benchmarks" / ("results" if args.update_results else "local")
@@ -55,8 +59,15 @@ def main() -> None:
     torch.set_num_threads(1)
     quiet_third_party_logs()
     workdir = Path(tempfile.mkdtemp(prefix="ckpt-stall-"))
-    job = compose_job(["logging.wandb.mode=disabled", "logging.progress_bar=false", "data.tokenizer.kind=bytes",
-                       f"hydra.run.dir={workdir}/run", "train.keep_checkpoints=2"])
+    job = compose_job(
+        [
+            "logging.wandb.mode=disabled",
+            "logging.progress_bar=false",
+            "data.tokenizer.kind=bytes",
+            f"hydra.run.dir={workdir}/run",
+            "train.keep_checkpoints=2",
+        ]
+    )
     job.run_dir = str(workdir / "run")
     run = setup(job)
     t = job.train
@@ -104,9 +115,11 @@ def main() -> None:
     print("|---|---|---|")
     for mode, v in rows.items():
         print(f"| {mode} | {statistics.median(v) * 1e3:.0f} ms | {', '.join(f'{x * 1e3:.0f}' for x in v)} |")
-    print(f"async / sync stall: {result['async_over_sync']:.2f}; "
-          f"{len(steps_while_writing)} step(s) trained while writing, "
-          f"median {result['step_s_while_writing_median'] and result['step_s_while_writing_median'] * 1e3:.0f} ms")
+    print(
+        f"async / sync stall: {result['async_over_sync']:.2f}; "
+        f"{len(steps_while_writing)} step(s) trained while writing, "
+        f"median {result['step_s_while_writing_median'] and result['step_s_while_writing_median'] * 1e3:.0f} ms"
+    )
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     run.lock.release()
 

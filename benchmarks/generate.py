@@ -37,8 +37,17 @@ from train.hf.exporting import write_hf_model
 
 def build(max_len: int) -> GPT:
     cfg = GPTConfig(
-        ModelConfig(vocab_size=257, max_seq_len=max_len, n_layers=4, d_model=256, n_heads=8, n_kv_heads=2, head_dim=64,
-                    qk_norm="head", ffn_hidden=512),
+        ModelConfig(
+            vocab_size=257,
+            max_seq_len=max_len,
+            n_layers=4,
+            d_model=256,
+            n_heads=8,
+            n_kv_heads=2,
+            head_dim=64,
+            qk_norm="head",
+            ffn_hidden=512,
+        ),
         MoEConfig(num_experts=16, top_k=4, expert_ffn_hidden=128),
     )
     torch.manual_seed(0)
@@ -55,10 +64,14 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=None,
-                        help="the JSON record (default: benchmarks/local/generate_cpu.json, untracked; see --update-results)")
-    parser.add_argument("--update-results", action="store_true",
-                        help="write benchmarks/results/generate_cpu.json, the committed record")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="the JSON record (default: benchmarks/local/generate_cpu.json, untracked; see --update-results)",
+    )
+    parser.add_argument(
+        "--update-results", action="store_true", help="write benchmarks/results/generate_cpu.json, the committed record"
+    )
     args = parser.parse_args()
     if args.out is None:
         args.out = str(Path(__file__).parent / ("results" if args.update_results else "local") / "generate_cpu.json")
@@ -74,7 +87,7 @@ def main() -> int:
     def hf_generate(n: int) -> list[int]:
         with torch.no_grad():
             out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return out[0, len(prompt):].tolist()
+        return out[0, len(prompt) :].tolist()
 
     peers = {
         "switchyard, KV cache": lambda n: generate_ids(model, prompt, n),
@@ -98,11 +111,23 @@ def main() -> int:
     for name, rate in rates.items():
         print(f"{name:<60} {rate:>9.1f} {rate / reference:>9.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "prompt": args.prompt, "new": args.new,
-        "rounds": args.rounds, "seconds": seconds, "tokens_per_s": rates,
-    }, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "machine": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "prompt": args.prompt,
+                "new": args.new,
+                "rounds": args.rounds,
+                "seconds": seconds,
+                "tokens_per_s": rates,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return 0
 
 

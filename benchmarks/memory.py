@@ -47,12 +47,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from models.gpt import GPT, count_parameters  # noqa: E402
 from models.moe.balance import router_losses  # noqa: E402
-from planner.activations import activation_peak  # noqa: E402
 from parallel.local_launch import run_local_ranks  # noqa: E402
 from parallel.memory import model_state_bytes, profiled_allocation_peak, total_bytes  # noqa: E402
+from planner.activations import activation_peak  # noqa: E402
 from planner.model_states import Layout, plan_model_states  # noqa: E402
-from train.metrics import flops_per_token  # noqa: E402
 from train.cli import compose_job  # noqa: E402
+from train.metrics import flops_per_token  # noqa: E402
 
 MODES = ("none", "full", "moe")
 ZERO_WORLD, ZERO_EP = 4, 2
@@ -63,12 +63,23 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=1024, help="part B: train.seq_len (and model.max_seq_len)")
     p.add_argument("--warmup", type=int, default=1, help="part B: untimed steps per mode")
     p.add_argument("--steps", type=int, default=5, help="part B: timed steps per mode (interleaved)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="part B: torch threads (1: on a shared machine two threads can spin for seconds per op)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="the JSON record (default: benchmarks/local/memory_cpu.json, untracked; see --update-results)")
-    p.add_argument("--update-results", action="store_true",
-                   help="write the committed record benchmarks/results/memory_cpu.json instead")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="part B: torch threads (1: on a shared machine two threads can spin for seconds per op)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the JSON record (default: benchmarks/local/memory_cpu.json, untracked; see --update-results)",
+    )
+    p.add_argument(
+        "--update-results",
+        action="store_true",
+        help="write the committed record benchmarks/results/memory_cpu.json instead",
+    )
     args = p.parse_args(argv)
     if args.out is None:  # a trial run never overwrites the committed figures by accident
         args.out = REPO / "benchmarks" / ("results" if args.update_results else "local") / "memory_cpu.json"
@@ -99,6 +110,7 @@ def train_step(trainer, job, seed: int, lr: float = 1e-3, step: bool = True) -> 
 
 
 # -- A: ZeRO stages, 4 ranks, ep 2 -------------------------------------------------------------
+
 
 def zero_worker(rank: int, world_size: int, out_dir: str) -> None:
     from parallel.dims import init_parallel
@@ -136,8 +148,11 @@ def run_zero_stages() -> dict:
     for stage in map(str, range(4)):
         ranks = [held(per_rank[r][stage]) for r in range(ZERO_WORLD)]
         planned = [per_rank[r][stage]["planned"] for r in range(ZERO_WORLD)]
-        stages[stage] = {"measured_per_rank": ranks, "planned_per_rank": planned,
-                         "planned_equals_measured": ranks == planned}
+        stages[stage] = {
+            "measured_per_rank": ranks,
+            "planned_per_rank": planned,
+            "planned_equals_measured": ranks == planned,
+        }
     zero0 = stages["0"]["measured_per_rank"][0]["experts"]["optimizer"]
     for stage in stages.values():
         stage["expert_optimizer_over_zero0"] = stage["measured_per_rank"][0]["experts"]["optimizer"] / zero0
@@ -145,6 +160,7 @@ def run_zero_stages() -> dict:
 
 
 # -- B: activation checkpointing ----------------------------------------------------------------
+
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -163,8 +179,16 @@ def run_checkpointing(args) -> dict:
     from parallel.dims import init_parallel
 
     torch.set_num_threads(args.threads)
-    jobs = {m: compose_job([f"train.seq_len={args.seq_len}", f"model.max_seq_len={args.seq_len}",
-                            f"train.activation_checkpointing={m}"]) for m in MODES}
+    jobs = {
+        m: compose_job(
+            [
+                f"train.seq_len={args.seq_len}",
+                f"model.max_seq_len={args.seq_len}",
+                f"train.activation_checkpointing={m}",
+            ]
+        )
+        for m in MODES
+    }
     job = jobs["none"]
     dims = init_parallel(1, job.moe.num_experts, torch.device("cpu"))
     trainers = {m: build(jobs[m], dims) for m in MODES}
@@ -180,9 +204,14 @@ def run_checkpointing(args) -> dict:
             model = GPT(jobs[m].gpt_config())
         planned_states = total_bytes(plan_model_states(model, Layout(1, 1, 0), 0))
         estimate = activation_peak(jobs[m].gpt_config(), job.train.micro_batch, args.seq_len, 1, m, 4)
-        memory[m] = {"model_states_at_rest": at_rest, "step_peak_above_rest": step_peak,
-                     "peak": at_rest + step_peak, "planned_activation_peak": estimate.peak,
-                     "planned_peak": planned_states + estimate.peak, "planned_phase": estimate.phase}
+        memory[m] = {
+            "model_states_at_rest": at_rest,
+            "step_peak_above_rest": step_peak,
+            "peak": at_rest + step_peak,
+            "planned_activation_peak": estimate.peak,
+            "planned_peak": planned_states + estimate.peak,
+            "planned_phase": estimate.phase,
+        }
     times = {m: [] for m in MODES}
     for i in range(args.steps):
         for m in MODES:  # interleaved, so that a change in the machine's load hits every mode alike
@@ -193,48 +222,72 @@ def run_checkpointing(args) -> dict:
     results = {}
     for m in MODES:
         median = statistics.median(times[m])
-        results[m] = {**memory[m], "step_times_s": times[m], "median_step_s": median,
-                      "tokens_per_s": tokens / median, "mfu": fpt * tokens / median / peak_flops}
+        results[m] = {
+            **memory[m],
+            "step_times_s": times[m],
+            "median_step_s": median,
+            "tokens_per_s": tokens / median,
+            "mfu": fpt * tokens / median / peak_flops,
+        }
     for m in MODES:
         results[m]["time_over_none"] = results[m]["median_step_s"] / results["none"]["median_step_s"]
         results[m]["peak_over_none"] = results[m]["peak"] / results["none"]["peak"]
-    return {"matmul_peak_gflops": peak_flops / 1e9, "tokens_per_step": tokens, "flops_per_token": fpt,
-            "parameters": total, "active_parameters": active, "modes": results}
+    return {
+        "matmul_peak_gflops": peak_flops / 1e9,
+        "tokens_per_step": tokens,
+        "flops_per_token": fpt,
+        "parameters": total,
+        "active_parameters": active,
+        "modes": results,
+    }
 
 
 # -- output -------------------------------------------------------------------------------------
+
 
 def mib(n: float) -> str:
     return f"{n / 2**20:.2f}"
 
 
 def print_tables(zero: dict, ckpt: dict, args) -> None:
-    print(f"\nA. model states per rank (MiB), default model, {ZERO_WORLD} ranks, parallel.ep={ZERO_EP} (expert-data-parallel "
-          f"groups of {ZERO_WORLD // ZERO_EP}); gradients at the accumulation boundary, the rest at rest after a step; rank 0")
-    head = ("| ZeRO | dense weights | dense grads | dense optim | dense buffers | expert weights | expert grads | expert optim "
-            "| expert optim / ZeRO-0 | all states | max over ranks | = planner |")
+    print(
+        f"\nA. model states per rank (MiB), default model, {ZERO_WORLD} ranks, parallel.ep={ZERO_EP} (expert-data-parallel "
+        f"groups of {ZERO_WORLD // ZERO_EP}); gradients at the accumulation boundary, the rest at rest after a step; rank 0"
+    )
+    head = (
+        "| ZeRO | dense weights | dense grads | dense optim | dense buffers | expert weights | expert grads | expert optim "
+        "| expert optim / ZeRO-0 | all states | max over ranks | = planner |"
+    )
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for stage, s in zero.items():
         r0 = s["measured_per_rank"][0]
         d, e = r0["dense"], r0["experts"]
         worst = max(total_bytes(r) for r in s["measured_per_rank"])
-        print(f"| {stage:>4} | {mib(d['weights']):>13} | {mib(d['gradients']):>11} | {mib(d['optimizer']):>11} | {mib(d['buffers']):>13} | "
-              f"{mib(e['weights']):>14} | {mib(e['gradients']):>12} | {mib(e['optimizer']):>12} | "
-              f"{s['expert_optimizer_over_zero0']:>21.3f} | {mib(total_bytes(r0)):>10} | {mib(worst):>14} | "
-              f"{'yes' if s['planned_equals_measured'] else 'NO':>9} |")
+        print(
+            f"| {stage:>4} | {mib(d['weights']):>13} | {mib(d['gradients']):>11} | {mib(d['optimizer']):>11} | {mib(d['buffers']):>13} | "
+            f"{mib(e['weights']):>14} | {mib(e['gradients']):>12} | {mib(e['optimizer']):>12} | "
+            f"{s['expert_optimizer_over_zero0']:>21.3f} | {mib(total_bytes(r0)):>10} | {mib(worst):>14} | "
+            f"{'yes' if s['planned_equals_measured'] else 'NO':>9} |"
+        )
     modes = ckpt["modes"]
-    print(f"\nB. train.activation_checkpointing, default model, train.seq_len={args.seq_len}, micro-batch 8 "
-          f"({ckpt['tokens_per_step']} tokens/step), 1 process, {args.threads} threads, fp32; "
-          f"fp32 matmul peak {ckpt['matmul_peak_gflops']:.1f} GFLOP/s; median of {args.steps} steps")
-    head = "| mode | peak MiB | peak / none | planner peak MiB | activations (planner) MiB | step s | time / none | MFU |"
+    print(
+        f"\nB. train.activation_checkpointing, default model, train.seq_len={args.seq_len}, micro-batch 8 "
+        f"({ckpt['tokens_per_step']} tokens/step), 1 process, {args.threads} threads, fp32; "
+        f"fp32 matmul peak {ckpt['matmul_peak_gflops']:.1f} GFLOP/s; median of {args.steps} steps"
+    )
+    head = (
+        "| mode | peak MiB | peak / none | planner peak MiB | activations (planner) MiB | step s | time / none | MFU |"
+    )
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for m in MODES:
         r = modes[m]
-        print(f"| {m:>4} | {mib(r['peak']):>8} | {r['peak_over_none']:>11.2f} | {mib(r['planned_peak']):>16} | "
-              f"{mib(r['planned_activation_peak']):>25} | {r['median_step_s']:>6.2f} | {r['time_over_none']:>11.2f} | "
-              f"{100 * r['mfu']:>2.1f}% |")
+        print(
+            f"| {m:>4} | {mib(r['peak']):>8} | {r['peak_over_none']:>11.2f} | {mib(r['planned_peak']):>16} | "
+            f"{mib(r['planned_activation_peak']):>25} | {r['median_step_s']:>6.2f} | {r['time_over_none']:>11.2f} | "
+            f"{100 * r['mfu']:>2.1f}% |"
+        )
 
 
 def machine_info() -> dict:
@@ -242,13 +295,22 @@ def machine_info() -> dict:
 
     cpu_model = platform.processor()
     try:
-        cpu_model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("model name"))
+        cpu_model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model, "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "load_average_at_start": os.getloadavg()}
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "load_average_at_start": os.getloadavg(),
+    }
 
 
 def main(argv=None) -> None:
@@ -256,17 +318,26 @@ def main(argv=None) -> None:
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     started = datetime.datetime.now(datetime.timezone.utc)
     machine = machine_info()
-    print(f"{command}\nload average at start: {machine['load_average_at_start']}\nA: ZeRO stages on {ZERO_WORLD} ranks...", flush=True)
+    print(
+        f"{command}\nload average at start: {machine['load_average_at_start']}\nA: ZeRO stages on {ZERO_WORLD} ranks...",
+        flush=True,
+    )
     zero = run_zero_stages()
     print("B: activation checkpointing...", flush=True)
     ckpt = run_checkpointing(args)
     print_tables(zero, ckpt, args)
     machine["load_average_at_end"] = os.getloadavg()
     print(f"\nload average at end: {machine['load_average_at_end']}")
-    record = {"benchmark": "memory_cpu", "command": command, "date_utc": started.isoformat(timespec="seconds"),
-              "wall_s": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1),
-              "machine": machine, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "zero_stages": zero, "activation_checkpointing": ckpt}
+    record = {
+        "benchmark": "memory_cpu",
+        "command": command,
+        "date_utc": started.isoformat(timespec="seconds"),
+        "wall_s": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1),
+        "machine": machine,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "zero_stages": zero,
+        "activation_checkpointing": ckpt,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {os.path.relpath(args.out, REPO)}")

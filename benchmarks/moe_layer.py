@@ -80,10 +80,17 @@ def parse_args(argv=None):
     p.add_argument("--floor-iters", type=int, default=20)
     p.add_argument("--check-tokens", type=int, default=64, help="tokens per rank of the correctness check")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
-                   help="the JSON record (default: benchmarks/local/moe_layer_cpu.json, untracked; see --update-results)")
-    p.add_argument("--update-results", action="store_true",
-                   help="write the committed record benchmarks/results/moe_layer_cpu.json instead")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the JSON record (default: benchmarks/local/moe_layer_cpu.json, untracked; see --update-results)",
+    )
+    p.add_argument(
+        "--update-results",
+        action="store_true",
+        help="write the committed record benchmarks/results/moe_layer_cpu.json instead",
+    )
     args = p.parse_args(argv)
     if args.out is None:  # a trial run never overwrites the committed figures by accident
         args.out = REPO / "benchmarks" / ("results" if args.update_results else "local") / "moe_layer_cpu.json"
@@ -225,12 +232,26 @@ def check_case(args, full: MoELayer, E: int, k: int, rank: int, dims) -> dict:
     out_ds, _, _ = ds_nodrop(x.unsqueeze(0))
     out_ds = out_ds.squeeze(0)
     (out_ds * g_global[mine]).sum().backward()
-    torch.testing.assert_close(out_ds, out_ref[mine], **tol, msg=lambda m: f"DeepSpeed (no drops) vs Switchyard output, {case}\n{m}")
-    torch.testing.assert_close(x.grad, x_ref.grad[mine], **tol, msg=lambda m: f"DeepSpeed (no drops) vs Switchyard input grad, {case}\n{m}")
+    torch.testing.assert_close(
+        out_ds, out_ref[mine], **tol, msg=lambda m: f"DeepSpeed (no drops) vs Switchyard output, {case}\n{m}"
+    )
+    torch.testing.assert_close(
+        x.grad, x_ref.grad[mine], **tol, msg=lambda m: f"DeepSpeed (no drops) vs Switchyard input grad, {case}\n{m}"
+    )
     for l, mlp in enumerate(ds_nodrop.deepspeed_moe.experts.deepspeed_experts):
         e = first + l
-        torch.testing.assert_close(mlp[0].weight.grad, ref.experts.w1_EDF.grad[e].t(), **tol, msg=lambda m: f"DeepSpeed (no drops) expert {e} w1 grad, {case}\n{m}")
-        torch.testing.assert_close(mlp[2].weight.grad, ref.experts.w2_EFD.grad[e].t(), **tol, msg=lambda m: f"DeepSpeed (no drops) expert {e} w2 grad, {case}\n{m}")
+        torch.testing.assert_close(
+            mlp[0].weight.grad,
+            ref.experts.w1_EDF.grad[e].t(),
+            **tol,
+            msg=lambda m: f"DeepSpeed (no drops) expert {e} w1 grad, {case}\n{m}",
+        )
+        torch.testing.assert_close(
+            mlp[2].weight.grad,
+            ref.experts.w2_EFD.grad[e].t(),
+            **tol,
+            msg=lambda m: f"DeepSpeed (no drops) expert {e} w2 grad, {case}\n{m}",
+        )
     max_diff = float((out_ds - out_ref[mine]).detach().abs().max())
 
     # The DeepSpeed configuration that is timed: finite, right shape.
@@ -299,7 +320,9 @@ def run_case(args, E: int, k: int, rank: int, dims) -> dict:
             "tokens_per_s": WORLD * T / med,
             "times_s": [round(v, 6) for v in t.tolist()],
         }
-    result["ratio_switchyard_over_deepspeed"] = result["switchyard"]["tokens_per_s"] / result["deepspeed"]["tokens_per_s"]
+    result["ratio_switchyard_over_deepspeed"] = (
+        result["switchyard"]["tokens_per_s"] / result["deepspeed"]["tokens_per_s"]
+    )
 
     # Load and drops (routing is identical for both layers: same weights, same tokens).
     load = state["sy_load"].clone()
@@ -316,7 +339,9 @@ def run_case(args, E: int, k: int, rank: int, dims) -> dict:
     dist.all_reduce(dropped)
     dist.all_reduce(ds_assign)
     result["switchyard"]["dropped_copies"] = 0
-    result["switchyard"]["expert_rows_per_rank"] = [int(load[r * (E // WORLD) : (r + 1) * (E // WORLD)].sum()) for r in range(WORLD)]
+    result["switchyard"]["expert_rows_per_rank"] = [
+        int(load[r * (E // WORLD) : (r + 1) * (E // WORLD)].sum()) for r in range(WORLD)
+    ]
     result["global_expert_load_max_over_mean"] = float(load.max()) / (WORLD * T * k / E)
     result["deepspeed"].update(
         {
@@ -378,7 +403,9 @@ def floor_case(args, E: int, k: int) -> dict:
         counts_E = plan.kept_per_expert_E
     g_ND = torch.randn(x_sorted_ND.shape, generator=gen)
     w1, w2 = layer.experts.w1_EDF, layer.experts.w2_EFD
-    assert grouped_mm_supported(x_sorted_ND, w1, w2), "grouped_mm not usable at these sizes: the layer would use the loop"
+    assert grouped_mm_supported(x_sorted_ND, w1, w2), (
+        "grouped_mm not usable at these sizes: the layer would use the loop"
+    )
 
     def run_layer():
         x = x_BSD.clone().requires_grad_()
@@ -446,7 +473,9 @@ def print_tables(ep_results: list[dict], floor: list[dict], args) -> None:
         f"MoE layer fwd+bwd, CPU, {WORLD} ranks x 1 thread, gloo; {T} tokens/rank, D={args.d_model}, F={args.ffn_hidden}, "
         f"GELU experts; median of {args.iters} iterations after {args.warmup} warm-up"
     )
-    print(f"Switchyard: dropless, ep=2.  DeepSpeed: ep_size=2, capacity factor {args.capacity_factor}, drop_tokens=True")
+    print(
+        f"Switchyard: dropless, ep=2.  DeepSpeed: ep_size=2, capacity factor {args.capacity_factor}, drop_tokens=True"
+    )
     head = f"| {'E':>3} | k | {'Switchyard tok/s':>16} | {'DeepSpeed tok/s':>15} | {'SY / DS':>7} | {'DS capacity/expert':>18} | {'DS dropped copies':>20} | {'max/mean expert load':>20} |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
@@ -459,7 +488,9 @@ def print_tables(ep_results: list[dict], floor: list[dict], args) -> None:
             f"{r['global_expert_load_max_over_mean']:>20.2f} |"
         )
     print()
-    print(f"The floor: one process, 1 thread, {T} tokens, unsharded Switchyard layer vs run_experts_grouped alone (fwd+bwd), median of {args.floor_iters}")
+    print(
+        f"The floor: one process, 1 thread, {T} tokens, unsharded Switchyard layer vs run_experts_grouped alone (fwd+bwd), median of {args.floor_iters}"
+    )
     head = f"| {'E':>3} | k | {'whole layer ms':>14} | {'expert GEMMs ms':>15} | {'layer / GEMMs':>13} | {'non-GEMM share':>14} |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")

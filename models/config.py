@@ -45,13 +45,15 @@ def require_finite(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number; got {value!r}")
 
 
-def require_number_in(name: str, value, low: float, high: float | None = None, *,
-                      low_open: bool = False, high_open: bool = False) -> None:
+def require_number_in(
+    name: str, value, low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> None:
     """`value` is a finite number in the interval [low, high] (ends open as asked; high None = no bound)."""
     ok = _is_number(value) and math.isfinite(value)
     if ok:
         ok = (value > low if low_open else value >= low) and (
-            high is None or (value < high if high_open else value <= high))
+            high is None or (value < high if high_open else value <= high)
+        )
     if not ok:
         if high is None:
             allowed = f"a finite number {'>' if low_open else '>='} {low:g}"
@@ -121,8 +123,10 @@ class MoEConfig:
         if not isinstance(self.shared_expert_gate, bool):
             raise ValueError(f"moe.shared_expert_gate must be true or false; got {self.shared_expert_gate!r}")
         if self.shared_expert_gate and self.num_shared_experts == 0:
-            raise ValueError("moe.shared_expert_gate=true gates the shared experts, but moe.num_shared_experts=0; "
-                             "set moe.num_shared_experts >= 1 or moe.shared_expert_gate=false")
+            raise ValueError(
+                "moe.shared_expert_gate=true gates the shared experts, but moe.num_shared_experts=0; "
+                "set moe.num_shared_experts >= 1 or moe.shared_expert_gate=false"
+            )
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             require_non_negative_number(f"moe.{name}", getattr(self, name))
         require_number_in("moe.jitter", self.jitter, 0, 1, high_open=True)
@@ -152,8 +156,10 @@ class RopeScalingConfig:
         require_positive_number("model.rope_scaling.low_freq_factor", self.low_freq_factor)
         require_positive_number("model.rope_scaling.high_freq_factor", self.high_freq_factor)
         if self.high_freq_factor <= self.low_freq_factor:  # the smoothing divides by their difference
-            raise ValueError(f"model.rope_scaling.high_freq_factor ({self.high_freq_factor:g}) must be greater than "
-                             f"model.rope_scaling.low_freq_factor ({self.low_freq_factor:g})")
+            raise ValueError(
+                f"model.rope_scaling.high_freq_factor ({self.high_freq_factor:g}) must be greater than "
+                f"model.rope_scaling.low_freq_factor ({self.low_freq_factor:g})"
+            )
         require_positive_int("model.rope_scaling.original_max_seq_len", self.original_max_seq_len, MAX_SEQ_LEN)
 
 
@@ -192,8 +198,10 @@ class ModelConfig:
         if self.n_kv_heads is not None:
             require_int_in("model.n_kv_heads", self.n_kv_heads, 1, self.n_heads, "model.n_heads")
             if self.n_heads % self.n_kv_heads:
-                raise ValueError(f"model.n_kv_heads ({self.n_kv_heads}) must divide model.n_heads ({self.n_heads}): "
-                                 "each key/value head serves the same number of query heads")
+                raise ValueError(
+                    f"model.n_kv_heads ({self.n_kv_heads}) must divide model.n_heads ({self.n_heads}): "
+                    "each key/value head serves the same number of query heads"
+                )
         if self.head_dim is not None:
             require_positive_int("model.head_dim", self.head_dim, MAX_WIDTH)
             if self.head_dim % 2:

@@ -30,8 +30,16 @@ class TextCodec(Protocol):
 
 
 @torch.no_grad()
-def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 seed: int = 0, stop_id: int | None = None, use_cache: bool = True) -> list[int]:
+def generate_ids(
+    model,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    stop_id: int | None = None,
+    use_cache: bool = True,
+) -> list[int]:
     """New token ids after `prompt_ids` (without them); stops after `stop_id`'s first appearance,
     which is not returned. `model(idx_BS[, cache])` returns (logits [B, S, V], stats), as
     `models.gpt.GPT` does."""
@@ -54,7 +62,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     try:
         for _ in range(max_new_tokens):
             if cache is not None and len(ids) <= max_len:  # every position still fits: only the new ones run
-                new_BS = torch.tensor([ids[cache.length:]], device=device)
+                new_BS = torch.tensor([ids[cache.length :]], device=device)
                 logits_V = model(new_BS, cache)[0][0, -1].float().cpu()
             else:
                 context_BS = torch.tensor([ids[-max_len:]], device=device)
@@ -65,7 +73,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
             ids.append(next_id)
     finally:
         gpt.train(was_training)
-    return ids[len(prompt_ids):]
+    return ids[len(prompt_ids) :]
 
 
 def _pick(logits_V: torch.Tensor, temperature: float, top_k: int, rng: torch.Generator) -> int:
@@ -78,8 +86,15 @@ def _pick(logits_V: torch.Tensor, temperature: float, top_k: int, rng: torch.Gen
     return int(torch.multinomial(probs_V, 1, generator=rng))
 
 
-def generate(model, tokenizer: TextCodec, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
-             top_k: int = 50, seed: int = 0) -> str:
+def generate(
+    model,
+    tokenizer: TextCodec,
+    prompt: str,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+) -> str:
     """The continuation of `prompt` (text only, without the prompt)."""
     new_ids = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, temperature, top_k, seed, tokenizer.eot_id)
     return tokenizer.decode(new_ids)

@@ -29,14 +29,17 @@ def rope_inverse_frequencies(head_size: int, theta: float, scaling: RopeScalingC
     high_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)
 
 
-def rotary_tables(seq_len: int, head_size: int, theta: float,
-                  scaling: RopeScalingConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    seq_len: int, head_size: int, theta: float, scaling: RopeScalingConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [S, Dh/2] for rotating channel pairs (x[2i], x[2i+1])."""
     inv_freq = rope_inverse_frequencies(head_size, theta, scaling)
     angles_SH = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
@@ -66,8 +69,8 @@ class LayerKV:
             self.k_BHSDh = k_BHSDh.new_zeros(B, Hkv, self.max_len, Dh)
             self.v_BHSDh = v_BHSDh.new_zeros(B, Hkv, self.max_len, Dh)
         end = self.start + k_BHSDh.shape[2]
-        self.k_BHSDh[:, :, self.start:end] = k_BHSDh
-        self.v_BHSDh[:, :, self.start:end] = v_BHSDh
+        self.k_BHSDh[:, :, self.start : end] = k_BHSDh
+        self.v_BHSDh[:, :, self.start : end] = v_BHSDh
         return self.k_BHSDh[:, :, :end], self.v_BHSDh[:, :, :end]
 
 
@@ -98,7 +101,9 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = nn.RMSNorm(self.head_size if per_head else self.q_width, eps=cfg.norm_eps)
             self.k_norm = nn.RMSNorm(self.head_size if per_head else self.kv_width, eps=cfg.norm_eps)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV | None = None
+    ) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q, k, v = self.qkv(x_BSD).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
         if self.qk_norm == "projection":  # over all heads at once (OLMoE)
@@ -146,7 +151,11 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.attn = CausalSelfAttention(m)
         self.ffn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
-        self.ffn = MoELayer(m.d_model, m.activation, cfg.moe) if use_moe else FeedForward(m.d_model, m.ffn_hidden, m.activation)
+        self.ffn = (
+            MoELayer(m.d_model, m.activation, cfg.moe)
+            if use_moe
+            else FeedForward(m.d_model, m.ffn_hidden, m.activation)
+        )
 
     def forward(self, x_BSD, cos, sin, kv: LayerKV | None = None) -> tuple[torch.Tensor, MoEStats | None]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, kv)
@@ -218,8 +227,9 @@ class GPT(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
-    def forward(self, idx_BS: torch.Tensor, cache: KVCache | None = None,
-                logits: bool = True) -> tuple[torch.Tensor | None, list[MoEStats]]:
+    def forward(
+        self, idx_BS: torch.Tensor, cache: KVCache | None = None, logits: bool = True
+    ) -> tuple[torch.Tensor | None, list[MoEStats]]:
         """Returns logits [B, S, V] (fp32) and the stats of every MoE layer, in depth order. With a
         `cache` (generation), idx_BS holds the positions after the cached ones, whose keys and values
         are reused, and the cache grows by S. `logits=False` stops after the blocks (None for
@@ -228,7 +238,7 @@ class GPT(nn.Module):
         start = 0 if cache is None else cache.length
         if start + S > self.cfg.model.max_seq_len:
             raise ValueError(f"sequence length {start + S} exceeds model.max_seq_len ({self.cfg.model.max_seq_len})")
-        cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
+        cos, sin = self.rope_cos[start : start + S], self.rope_sin[start : start + S]
         x_BSD = self.embed(idx_BS)
         all_stats = []
         for i, block in enumerate(self.blocks):
@@ -257,7 +267,9 @@ def count_parameters(model: GPT) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for layer in model.moe_layers():
-        per_expert = sum(w.numel() for w in (layer.experts.w1_EDF, layer.experts.w2_EFD, layer.experts.w3_EDF) if w is not None)
+        per_expert = sum(
+            w.numel() for w in (layer.experts.w1_EDF, layer.experts.w2_EFD, layer.experts.w3_EDF) if w is not None
+        )
         per_expert //= layer.experts.num_experts
         inactive += per_expert * (layer.experts.num_experts - layer.top_k)
     return total, total - inactive

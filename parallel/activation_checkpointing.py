@@ -14,7 +14,6 @@ import functools
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
 ACTIVATION_CHECKPOINTING = ("none", "full", "moe")
 
 
@@ -25,7 +24,9 @@ def _checkpointed(forward, *args):
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """`full`: every transformer block; `moe`: only the MoE feed-forward layers; `none`: nothing."""
     if mode not in ACTIVATION_CHECKPOINTING:
-        raise ValueError(f"train.activation_checkpointing must be one of {', '.join(map(repr, ACTIVATION_CHECKPOINTING))}; got {mode!r}")
+        raise ValueError(
+            f"train.activation_checkpointing must be one of {', '.join(map(repr, ACTIVATION_CHECKPOINTING))}; got {mode!r}"
+        )
     if mode == "none":
         return
     targets = list(model.blocks) if mode == "full" else model.moe_layers()

@@ -61,8 +61,14 @@ def average_replicated_expert_gradients(params: list[torch.nn.Parameter], dims: 
         offset += p.numel()
 
 
-PEER_LOST_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                   "NCCL communicator was aborted", "NCCL error", "Watchdog caught collective operation timeout")
+PEER_LOST_SIGNS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "NCCL error",
+    "Watchdog caught collective operation timeout",
+)
 
 
 def peer_failure(err: BaseException) -> str | None:

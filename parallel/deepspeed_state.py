@@ -30,10 +30,13 @@ def zero_settings(zero_optimization: dict) -> dict:
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     zero = DeepSpeedZeroConfig(**zero_optimization)
-    return {"reduce_bucket_size": int(zero.reduce_bucket_size), "contiguous_gradients": bool(zero.contiguous_gradients),
-            "sub_group_size": int(zero.sub_group_size),
-            "param_persistence_threshold": int(zero.param_persistence_threshold),
-            "model_persistence_threshold": int(zero.model_persistence_threshold)}
+    return {
+        "reduce_bucket_size": int(zero.reduce_bucket_size),
+        "contiguous_gradients": bool(zero.contiguous_gradients),
+        "sub_group_size": int(zero.sub_group_size),
+        "param_persistence_threshold": int(zero.param_persistence_threshold),
+        "model_persistence_threshold": int(zero.model_persistence_threshold),
+    }
 
 
 def skip_deepspeed_shm_op() -> None:

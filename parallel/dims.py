@@ -70,7 +70,9 @@ class ParallelDims:
 def validate_degrees(world_size: int, ep: int, num_experts: int) -> None:
     """Pure arithmetic, so every rank reaches the same verdict without talking to the others."""
     if ep < 1 or world_size % ep:
-        raise ValueError(f"parallel.ep ({ep}) must divide the number of processes ({world_size}); allowed: divisors of {world_size}")
+        raise ValueError(
+            f"parallel.ep ({ep}) must divide the number of processes ({world_size}); allowed: divisors of {world_size}"
+        )
     if num_experts % ep:
         raise ValueError(f"parallel.ep ({ep}) must divide moe.num_experts ({num_experts})")
 
@@ -108,8 +110,9 @@ def local_cuda_device(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_parallel(ep: int, num_experts: int, device: torch.device,
-                  timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> ParallelDims:
+def init_parallel(
+    ep: int, num_experts: int, device: torch.device, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT
+) -> ParallelDims:
     """Validate degrees (before any collective, so a bad setting cannot hang), then build the groups.
     `timeout`: how long a collective may wait for the other ranks."""
     world_size, rank, local_rank = read_launch_env()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.moe.dispatch import DispatchState, Dispatcher, LocalDispatcher, gather_tokens, plan_routing, scatter_combine
+from models.moe.dispatch import Dispatcher, DispatchState, LocalDispatcher, gather_tokens, plan_routing, scatter_combine
 from parallel.all_to_all import all_to_all, all_to_all_async
 
 __all__ = ["AllToAllDispatcher", "AllToAllState", "Dispatcher", "LocalDispatcher"]
@@ -56,7 +56,9 @@ class AllToAllDispatcher:
         self.ep = ep
         self.ep_rank = ep_rank
 
-    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
+    def dispatch(
+        self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
         plan = plan_routing(expert_ids_TK, self.num_experts, self.capacity_factor)
         # Experts are laid out peer by peer: peer p holds experts [p·L, (p+1)·L).
         send_counts_PL = plan.kept_per_expert_E.view(self.ep, self.num_local_experts)
@@ -76,10 +78,13 @@ class AllToAllDispatcher:
         x_MD = all_to_all(x_all_ND[: sum(send_splits)], recv_splits, send_splits, self.group)
         regroup_M = peer_major_to_expert_major(recv_PL).to(x_MD.device, non_blocking=True)
         state = AllToAllState(
-            plan, x_TD.shape[0],
+            plan,
+            x_TD.shape[0],
             bytes_sent=remote_rows(send_splits, self.ep_rank) * x_TD.shape[-1] * x_TD.element_size(),
             comm_seconds=_wall_seconds(started, x_TD),
-            send_splits_P=send_splits, recv_splits_P=recv_splits, regroup_M=regroup_M,
+            send_splits_P=send_splits,
+            recv_splits_P=recv_splits,
+            regroup_M=regroup_M,
         )
         return x_MD[regroup_M], recv_counts_PL.sum(0), state
 

@@ -47,8 +47,9 @@ def gather_split(pieces: list[Piece | None], device: torch.device) -> list[list[
     returns [i][rank]. Every rank must pass the same number of pieces."""
     if not pieces:
         return []
-    local = torch.tensor([[p.start, p.numel] if p is not None and p.numel else [0, 0] for p in pieces],
-                         dtype=torch.int64, device=device)  # [i, 2]
+    local = torch.tensor(
+        [[p.start, p.numel] if p is not None and p.numel else [0, 0] for p in pieces], dtype=torch.int64, device=device
+    )  # [i, 2]
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
     table = torch.stack(gathered, dim=1).tolist()  # [i][rank][start, numel]
@@ -59,8 +60,9 @@ def _overlap(a: Piece, b: Piece) -> tuple[int, int]:
     return max(a.start, b.start), min(a.start + a.numel, b.start + b.numel)
 
 
-def repartition(values: list[torch.Tensor], have: list[list[Piece]], want: list[list[Piece]], rank: int,
-                device: torch.device) -> list[torch.Tensor]:
+def repartition(
+    values: list[torch.Tensor], have: list[list[Piece]], want: list[list[Piece]], rank: int, device: torch.device
+) -> list[torch.Tensor]:
     """values[i]: this rank's piece have[i][rank] of flat tensor i (1-D, all of one dtype). Returns
     this rank's pieces want[i][rank], new tensors on `device`; the two splits cover the same
     elements. One all-to-all over the world (every rank calls it)."""
@@ -74,8 +76,10 @@ def repartition(values: list[torch.Tensor], have: list[list[Piece]], want: list[
                 send_parts.append(v[lo - have[i][rank].start : hi - have[i][rank].start].to(device))
                 count += hi - lo
         input_splits.append(count)
-    output_splits = [sum(max(0, hi - lo) for lo, hi in (_overlap(h[peer], w[rank]) for h, w in zip(have, want)))
-                     for peer in range(world)]
+    output_splits = [
+        sum(max(0, hi - lo) for lo, hi in (_overlap(h[peer], w[rank]) for h, w in zip(have, want)))
+        for peer in range(world)
+    ]
     dtype = values[0].dtype
     send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype, device=device)
     received = torch.empty(sum(output_splits), dtype=dtype, device=device)

@@ -25,17 +25,21 @@ def squared_sum(tensors: list[torch.Tensor], device: torch.device) -> torch.Tens
     return total
 
 
-def global_grad_norm(dense: DenseShards, expert_grads: list[torch.Tensor], experts_sharded: bool, dims: ParallelDims) -> float:
+def global_grad_norm(
+    dense: DenseShards, expert_grads: list[torch.Tensor], experts_sharded: bool, dims: ParallelDims
+) -> float:
     dense_grads = [g for _, p in dense.named_parameters() if (g := dense.grad(p)) is not None]
     dense_copies = 1 if dense.partitioned else dims.world_size  # ranks holding each dense element
     expert_copies = 1 if experts_sharded else dims.edp  # ranks holding each expert element
-    shares = torch.stack([squared_sum(dense_grads, dims.device) / dense_copies,
-                          squared_sum(expert_grads, dims.device) / expert_copies])
+    shares = torch.stack(
+        [squared_sum(dense_grads, dims.device) / dense_copies, squared_sum(expert_grads, dims.device) / expert_copies]
+    )
     return math.sqrt(float(all_reduce_sum(shares, dims).sum()))
 
 
-def clip_by_global_norm(dense: DenseShards, expert_grads: list[torch.Tensor], experts_sharded: bool,
-                        max_norm: float, dims: ParallelDims) -> float:
+def clip_by_global_norm(
+    dense: DenseShards, expert_grads: list[torch.Tensor], experts_sharded: bool, max_norm: float, dims: ParallelDims
+) -> float:
     """Scales every gradient by max_norm / norm when the norm exceeds max_norm (as
     torch.nn.utils.clip_grad_norm_ does); max_norm 0 disables clipping. Returns the norm before."""
     norm = global_grad_norm(dense, expert_grads, experts_sharded, dims)

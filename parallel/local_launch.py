@@ -16,8 +16,16 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
-                       "RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world_size),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     import torch
     import torch.distributed as dist
 
@@ -33,4 +41,6 @@ def run_local_ranks(world_size: int, fn, *args) -> None:
     """Calls fn(rank, world_size, *args) in `world_size` spawned processes (fn must be importable);
     an exception in any of them fails the caller. fn sets up its process group, e.g. with
     parallel.dims.init_parallel, which reads the variables set here."""
-    mp.start_processes(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True, start_method="spawn")
+    mp.start_processes(
+        _entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True, start_method="spawn"
+    )

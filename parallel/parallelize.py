@@ -42,12 +42,18 @@ from parallel.zero import (
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
-    config = deepspeed_config(job.deepspeed.zero_stage, job.train.micro_batch, job.train.grad_accum, dims.world_size,
-                              job.model.d_model)
+    config = deepspeed_config(
+        job.deepspeed.zero_stage, job.train.micro_batch, job.train.grad_accum, dims.world_size, job.model.d_model
+    )
     experts_sharded = experts_are_sharded(dims, job.deepspeed.zero_stage)
     apply_expert_parallel(model, dims)  # 1
-    materialize(model, dims.device, job.train.seed, zero3_config=config if job.deepspeed.zero_stage == 3 else None,
-                experts_stay_meta=experts_sharded)  # 2
+    materialize(
+        model,
+        dims.device,
+        job.train.seed,
+        zero3_config=config if job.deepspeed.zero_stage == 3 else None,
+        experts_stay_meta=experts_sharded,
+    )  # 2
     apply_activation_checkpointing(model, job.train.activation_checkpointing)  # 3
     experts = detach_experts(model)  # 4
     shard_experts(experts, dims, job.deepspeed.zero_stage, autocast_dtype(job.train.dtype, dims.device))
@@ -62,14 +68,19 @@ def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
     import deepspeed  # heavy import, only where the engine is built
 
     skip_deepspeed_shm_op()
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=dense_optimizer, config=config, dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=dense_optimizer, config=config, dist_init_required=False
+    )
     dense = DenseShards(engine, dense_optimizer, job.deepspeed.zero_stage)
-    return Trainer(engine, dense, experts, expert_optimizer, experts_sharded, dims, job.deepspeed.zero_stage, job.optim.grad_clip)
+    return Trainer(
+        engine, dense, experts, expert_optimizer, experts_sharded, dims, job.deepspeed.zero_stage, job.optim.grad_clip
+    )
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: torch.device, seed: int, zero3_config: dict | None = None,
-                experts_stay_meta: bool = False) -> None:
+def materialize(
+    model: nn.Module, device: torch.device, seed: int, zero3_config: dict | None = None, experts_stay_meta: bool = False
+) -> None:
     """Allocate a model built on the meta device and initialise it from `seed`; a model built on a
     real device is only moved.
 
@@ -101,8 +112,11 @@ def materialize(model: nn.Module, device: torch.device, seed: int, zero3_config:
         init()
         if zero3_config is not None:
             partition_zero3(dense_parameters(unit), zero3_config)
-    left = [name for name, p in model.named_parameters()
-            if p.is_meta and not (experts_stay_meta and ".experts." in f".{name}")]
+    left = [
+        name
+        for name, p in model.named_parameters()
+        if p.is_meta and not (experts_stay_meta and ".experts." in f".{name}")
+    ]
     assert not left, f"no initialisation unit covers {left}"
 
 
@@ -138,4 +152,6 @@ def adamw(params, optim) -> torch.optim.AdamW:
     """Weight decay on matrices only; norms (1-D) are left alone."""
     matrices, vectors = parameter_groups(params)
     groups = [{"params": matrices, "weight_decay": optim.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps
+    )

@@ -17,16 +17,25 @@ from parallel.zero import EXPERT_SHARD_DIM, local_tensor
 
 
 class Trainer:
-    def __init__(self, engine, dense: DenseShards, experts: dict[str, GroupedExperts],
-                 expert_optimizer: torch.optim.Optimizer | None, experts_sharded: bool, dims: ParallelDims,
-                 zero_stage: int, grad_clip: float):
+    def __init__(
+        self,
+        engine,
+        dense: DenseShards,
+        experts: dict[str, GroupedExperts],
+        expert_optimizer: torch.optim.Optimizer | None,
+        experts_sharded: bool,
+        dims: ParallelDims,
+        zero_stage: int,
+        grad_clip: float,
+    ):
         self.engine = engine
         self.dense = dense
         self.experts = experts  # name in the single-process model (e.g. blocks.1.ffn.experts) -> module
         # Taken now, while FSDP has the sharded parameters in place (the objects the optimizer updates;
         # between forward and backward a module may hold its gathered copy instead).
-        self.named_expert_parameters = [(f"{prefix}.{name}", p) for prefix, module in experts.items()
-                                        for name, p in module.named_parameters()]
+        self.named_expert_parameters = [
+            (f"{prefix}.{name}", p) for prefix, module in experts.items() for name, p in module.named_parameters()
+        ]
         self.expert_optimizer = expert_optimizer
         self.experts_sharded = experts_sharded
         self.dims = dims

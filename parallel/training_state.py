@@ -54,8 +54,11 @@ def state_dict(trainer, with_rng: bool = True) -> dict[str, torch.Tensor]:
 
 def model_state(trainer) -> dict[str, torch.Tensor]:
     """The `model.*` entries of `state_dict` alone (no optimizer state is moved)."""
-    return {**_dense_state(trainer, with_optimizer=False), **_buffer_state(trainer),
-            **_expert_state(trainer, with_optimizer=False)}
+    return {
+        **_dense_state(trainer, with_optimizer=False),
+        **_buffer_state(trainer),
+        **_expert_state(trainer, with_optimizer=False),
+    }
 
 
 @torch.no_grad()
@@ -90,13 +93,16 @@ def load_model_weights(trainer, weights: dict[str, torch.Tensor]) -> None:
     [E, ...] tensors), held by every rank, into this rank's pieces. Names not given keep their values."""
     pieces = {}
     for key, like in model_state(trainer).items():
-        full = weights.get(key[len(MODEL):])
+        full = weights.get(key[len(MODEL) :])
         if full is None:
             continue
         full = full.to(trainer.dims.device).reshape(like.shape)
         # src_data_rank=None: every rank holds `full` and keeps its own piece, nothing is sent.
-        pieces[key] = distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None) \
-            if isinstance(like, DTensor) else full
+        pieces[key] = (
+            distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+            if isinstance(like, DTensor)
+            else full
+        )
     load_state_dict(trainer, pieces)
 
 
@@ -152,7 +158,7 @@ def _load_dense(trainer, state: dict[str, torch.Tensor]) -> None:
             if key.startswith(MODEL):
                 dense.load_weights(p, values)
             else:
-                dense.load_optimizer_state(p, key[len(OPTIM):].split(".", 1)[0], values)
+                dense.load_optimizer_state(p, key[len(OPTIM) :].split(".", 1)[0], values)
 
 
 def _kinds(split: dict) -> list[str]:

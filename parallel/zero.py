@@ -90,8 +90,9 @@ def experts_are_sharded(dims: ParallelDims, zero_stage: int) -> bool:
     return zero_stage >= 1 and dims.edp > 1
 
 
-def shard_experts(experts: dict[str, GroupedExperts], dims: ParallelDims, zero_stage: int,
-                  compute_dtype: torch.dtype | None = None) -> bool:
+def shard_experts(
+    experts: dict[str, GroupedExperts], dims: ParallelDims, zero_stage: int, compute_dtype: torch.dtype | None = None
+) -> bool:
     """FSDP2 over each EDP group (see the table above); returns whether anything was sharded.
     Under mixed precision the experts are gathered in `compute_dtype` and reduced in fp32."""
     if not experts_are_sharded(dims, zero_stage):
@@ -100,8 +101,13 @@ def shard_experts(experts: dict[str, GroupedExperts], dims: ParallelDims, zero_s
 
     mp_policy = expert_mixed_precision(compute_dtype) or MixedPrecisionPolicy()
     for module in experts.values():
-        fully_shard(module, mesh=dims.mesh["edp"], reshard_after_forward=zero_stage == 3,
-                    shard_placement_fn=lambda _: Shard(EXPERT_SHARD_DIM), mp_policy=mp_policy)
+        fully_shard(
+            module,
+            mesh=dims.mesh["edp"],
+            reshard_after_forward=zero_stage == 3,
+            shard_placement_fn=lambda _: Shard(EXPERT_SHARD_DIM),
+            mp_policy=mp_policy,
+        )
         # Sum over the EDP group divided by the world size: see parallel/collectives.py for why.
         # As a plain SUM with a separate division: gloo has no PREMUL_SUM.
         module.set_gradient_divide_factor(float(dims.world_size))

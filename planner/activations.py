@@ -90,19 +90,39 @@ def block_parts(cfg: GPTConfig, tokens: int, heads_tokens: int, ep: int, r: int,
     return {
         "attention": norm + T * (4 * Q + 3 * K) * a + heads_tokens * FP32 + qk_norms + D * (2 * Q + 2 * K) * copies,
         # The router reads the RMSNorm output outside autocast: saved in the residual dtype.
-        "moe": (norm + T * D * (r - a) + 3 * k * T * D * a + g * k * T * moe.expert_ffn_hidden * a + g * T * Fs * a + gated_shared
-                + router + indices + mats * D * (local_experts * moe.expert_ffn_hidden + Fs) * copies),
+        "moe": (
+            norm
+            + T * D * (r - a)
+            + 3 * k * T * D * a
+            + g * k * T * moe.expert_ffn_hidden * a
+            + g * T * Fs * a
+            + gated_shared
+            + router
+            + indices
+            + mats * D * (local_experts * moe.expert_ffn_hidden + Fs) * copies
+        ),
         "dense_ffn": norm + g * T * m.ffn_hidden * a + mats * D * m.ffn_hidden * copies,
         "attention_backward": 2 * T * (Q + K) * a,
-        "experts": (3 * k * T * D * a + g * k * T * moe.expert_ffn_hidden * a + indices
-                    + mats * D * local_experts * moe.expert_ffn_hidden * copies),
+        "experts": (
+            3 * k * T * D * a
+            + g * k * T * moe.expert_ffn_hidden * a
+            + indices
+            + mats * D * local_experts * moe.expert_ffn_hidden * copies
+        ),
         "moe_backward": max(3 * k * T * D, g // 2 * k * T * moe.expert_ffn_hidden - 2 * k * T * D) * a,
         "dense_ffn_backward": g // 2 * T * m.ffn_hidden * a,
     }
 
 
-def activation_peak(cfg: GPTConfig, micro_batch: int, seq_len: int, ep: int, mode: str,
-                    bytes_per_activation: int, residual_bytes: int = FP32) -> ActivationPeak:
+def activation_peak(
+    cfg: GPTConfig,
+    micro_batch: int,
+    seq_len: int,
+    ep: int,
+    mode: str,
+    bytes_per_activation: int,
+    residual_bytes: int = FP32,
+) -> ActivationPeak:
     """`residual_bytes`: the weights' dtype (r); `bytes_per_activation`: a (see the module docstring)."""
     m, a, r = cfg.model, bytes_per_activation, residual_bytes
     T = micro_batch * seq_len
@@ -110,7 +130,9 @@ def activation_peak(cfg: GPTConfig, micro_batch: int, seq_len: int, ep: int, mod
     moe_blocks = [(i + 1) % cfg.moe.every == 0 for i in range(m.n_layers)]
     block_input = T * m.d_model * r
     copies = a if a != r else 0
-    output = rms_norm_bytes(T, m.d_model, r, a) + T * m.vocab_size * FP32 + 2 * T * INDEX + m.vocab_size * m.d_model * copies
+    output = (
+        rms_norm_bytes(T, m.d_model, r, a) + T * m.vocab_size * FP32 + 2 * T * INDEX + m.vocab_size * m.d_model * copies
+    )
     logits_grads = 2 * T * m.vocab_size * FP32
 
     def ffn(is_moe: bool) -> tuple[int, int]:
@@ -122,8 +144,10 @@ def activation_peak(cfg: GPTConfig, micro_batch: int, seq_len: int, ep: int, mod
         phases = {"cross-entropy": saved + logits_grads, "a block": saved - output + block_work}
     elif mode == "full":
         saved = len(moe_blocks) * block_input + output
-        recompute = max(parts["attention"] + ffn(is_moe)[0] + max(parts["attention_backward"], ffn(is_moe)[1])
-                        for is_moe in moe_blocks)
+        recompute = max(
+            parts["attention"] + ffn(is_moe)[0] + max(parts["attention_backward"], ffn(is_moe)[1])
+            for is_moe in moe_blocks
+        )
         phases = {"cross-entropy": saved + logits_grads, "a recomputed block": saved - output + recompute}
     elif mode == "moe":
         # A checkpointed MoE feed-forward keeps its input: the RMSNorm output, which its router

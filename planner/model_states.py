@@ -104,8 +104,9 @@ def optimizer_groups(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
     return [group for group in parameter_groups(params) if group]
 
 
-def plan_model_states(model: nn.Module, layout: Layout, rank: int,
-                      settings: DeepSpeedSettings | None = None) -> dict[str, dict[str, int]]:
+def plan_model_states(
+    model: nn.Module, layout: Layout, rank: int, settings: DeepSpeedSettings | None = None
+) -> dict[str, dict[str, int]]:
     """Bytes of weights, gradients, optimizer state and buffers that `rank` will hold, as
     parallel/memory.model_state_bytes measures them. `model` is the whole single-process model
     (typically on the meta device); it is not changed."""
@@ -156,8 +157,9 @@ def _plan_zero12(dense: dict, groups: list[list[int]], layout: Layout, rank: int
     dense["gradients"] += gradient_numel * bpp
 
 
-def _plan_zero3(dense: dict, groups: list[list[int]], named_numels: list[int], layout: Layout,
-                settings: DeepSpeedSettings) -> None:
+def _plan_zero3(
+    dense: dict, groups: list[list[int]], named_numels: list[int], layout: Layout, settings: DeepSpeedSettings
+) -> None:
     world, bpp = layout.world_size, layout.bytes_per_param
 
     def partition(n: int) -> int:
@@ -224,8 +226,9 @@ def check_even_expert_sharding(model: nn.Module, layout: Layout) -> None:
                 )
 
 
-def plan_all_ranks(model: nn.Module, layout: Layout, settings: DeepSpeedSettings | None = None
-                   ) -> list[dict[str, dict[str, int]]]:
+def plan_all_ranks(
+    model: nn.Module, layout: Layout, settings: DeepSpeedSettings | None = None
+) -> list[dict[str, dict[str, int]]]:
     """plan_model_states for every rank (ranks differ only in DeepSpeed's partitions of the
     dense part under ZeRO 1-2; ZeRO-3 pads every parameter to equal partitions)."""
     settings = settings or DeepSpeedSettings.for_model(model, layout.zero_stage)
@@ -250,7 +253,9 @@ class Transient:
 
 def _expert_layer_numels(model: nn.Module, layout: Layout) -> list[int]:
     """Elements of this rank's local experts, per MoE layer (unsharded)."""
-    return [sum(p.numel() for p in m.parameters()) // layout.ep for m in model.modules() if isinstance(m, GroupedExperts)]
+    return [
+        sum(p.numel() for p in m.parameters()) // layout.ep for m in model.modules() if isinstance(m, GroupedExperts)
+    ]
 
 
 def plan_transients(model: nn.Module, layout: Layout, settings: DeepSpeedSettings | None = None) -> list[Transient]:
@@ -266,16 +271,24 @@ def plan_transients(model: nn.Module, layout: Layout, settings: DeepSpeedSetting
         gathered = sum(layers) if layout.zero_stage < 3 else sum(sorted(layers)[-2:])
         out.append(Transient("experts all-gathered by FSDP2", DURING_COMPUTE, gathered * layout.bytes_per_compute))
         # Unsharded gradients (compute dtype) + FSDP2's reduce-scatter input (fp32: reduce_dtype).
-        out.append(Transient("one MoE layer's expert gradients, before reduce-scatter",
-                             DURING_COMPUTE, max(layers) * (layout.bytes_per_compute + FP32_BYTES)))
+        out.append(
+            Transient(
+                "one MoE layer's expert gradients, before reduce-scatter",
+                DURING_COMPUTE,
+                max(layers) * (layout.bytes_per_compute + FP32_BYTES),
+            )
+        )
     elif layers and layout.edp > 1:  # parallel/collectives.py: average_replicated_expert_gradients
         out.append(Transient("expert gradients flattened for their all-reduce", AT_STEP, sum(layers) * bpp))
     named = dense_parameters(model)
     if layout.zero_stage in (1, 2) and settings.contiguous_gradients:
         out.append(Transient("DeepSpeed gradient reduce bucket", DURING_COMPUTE, settings.reduce_bucket_size * bpp))
     if layout.zero_stage in (1, 2):
-        partitions = sum(math.ceil(sum(p.numel() for p in g) / (NCCL_START_ALIGNMENT_FACTOR * layout.world_size))
-                         * NCCL_START_ALIGNMENT_FACTOR for g in optimizer_groups([p for _, p in named]))
+        partitions = sum(
+            math.ceil(sum(p.numel() for p in g) / (NCCL_START_ALIGNMENT_FACTOR * layout.world_size))
+            * NCCL_START_ALIGNMENT_FACTOR
+            for g in optimizer_groups([p for _, p in named])
+        )
         out.append(Transient("DeepSpeed fp32 gradient partition for the step", AT_STEP, partitions * FP32_BYTES))
     if layout.zero_stage == 0 and layout.world_size > 1:
         numel = min(sum(p.numel() for _, p in named), DEEPSPEED_ALLREDUCE_BUCKET)
@@ -283,14 +296,22 @@ def plan_transients(model: nn.Module, layout: Layout, settings: DeepSpeedSetting
     if layout.zero_stage == 3 and layout.world_size > 1:
         gathered = sorted(p.numel() for _, p in named if p.numel() > settings.param_persistence_threshold)[-2:]
         if gathered:
-            out.append(Transient("dense parameters all-gathered by ZeRO-3 (two largest)",
-                                 DURING_COMPUTE, sum(gathered) * bpp))
+            out.append(
+                Transient("dense parameters all-gathered by ZeRO-3 (two largest)", DURING_COMPUTE, sum(gathered) * bpp)
+            )
     return out
 
 
-def all_to_all_bytes_per_step(num_moe_layers: int, tokens_per_micro_batch: int, top_k: int, d_model: int,
-                              layout: Layout, grad_accum: int, recompute: bool,
-                              bytes_per_element: int) -> dict[str, int]:
+def all_to_all_bytes_per_step(
+    num_moe_layers: int,
+    tokens_per_micro_batch: int,
+    top_k: int,
+    d_model: int,
+    layout: Layout,
+    grad_accum: int,
+    recompute: bool,
+    bytes_per_element: int,
+) -> dict[str, int]:
     """Bytes this rank sends per optimizer step, dropless, under uniform routing: of its k·T token
     copies per MoE layer, (ep−1)/ep go to other ranks, and as many results come back from it
     (parallel/dispatcher.py). The tokens travel in the compute dtype (`bytes_per_element`: 2 under
@@ -299,5 +320,9 @@ def all_to_all_bytes_per_step(num_moe_layers: int, tokens_per_micro_batch: int, 
     copies_leaving = round(tokens_per_micro_batch * top_k * (layout.ep - 1) / layout.ep)
     per_exchange = copies_leaving * d_model * bytes_per_element
     forward = 2 * per_exchange * num_moe_layers * grad_accum  # dispatch + combine
-    return {"forward": forward, "backward": forward, "recompute": forward if recompute else 0,
-            "total": forward * (3 if recompute else 2)}
+    return {
+        "forward": forward,
+        "backward": forward,
+        "recompute": forward if recompute else 0,
+        "total": forward * (3 if recompute else 2),
+    }

@@ -7,13 +7,25 @@ from dataclasses import dataclass
 from models.gpt import count_parameters
 from parallel.activation_checkpointing import ACTIVATION_CHECKPOINTING
 from planner.activations import ActivationPeak, activation_peak
-from planner.model_states import (AT_STEP, DURING_COMPUTE, DeepSpeedSettings, Layout, Transient,
-                                  all_to_all_bytes_per_step, element_bytes, plan_all_ranks, plan_transients)
+from planner.model_states import (
+    AT_STEP,
+    DURING_COMPUTE,
+    DeepSpeedSettings,
+    Layout,
+    Transient,
+    all_to_all_bytes_per_step,
+    element_bytes,
+    plan_all_ranks,
+    plan_transients,
+)
 
 GIB = 2**30
-KINDS = (("weights", "weights"), ("gradients", "gradients (at the accumulation boundary)"),
-         ("optimizer", "optimizer state (AdamW moments; fp32 masters under ZeRO >= 1)"),
-         ("buffers", "buffers (rotary tables, router biases; ZeRO-3 reduce bucket)"))
+KINDS = (
+    ("weights", "weights"),
+    ("gradients", "gradients (at the accumulation boundary)"),
+    ("optimizer", "optimizer state (AdamW moments; fp32 masters under ZeRO >= 1)"),
+    ("buffers", "buffers (rotary tables, router biases; ZeRO-3 reduce bucket)"),
+)
 
 
 @dataclass
@@ -66,14 +78,36 @@ def build_report(job, plan, model, layout: Layout) -> Report:
     during = sum(x.bytes for x in transients if x.when == DURING_COMPUTE)
     at_step = sum(x.bytes for x in transients if x.when == AT_STEP)
     for mode in ACTIVATION_CHECKPOINTING:
-        activations[mode] = activation_peak(job.gpt_config(), t.micro_batch, t.seq_len, layout.ep, mode,
-                                            bytes_per_activation, layout.bytes_per_param)
-        all_to_all[mode] = all_to_all_bytes_per_step(num_moe, t.micro_batch * t.seq_len, job.moe.top_k,
-                                                     job.model.d_model, layout, t.grad_accum, recompute=mode != "none",
-                                                     bytes_per_element=bytes_per_activation)
+        activations[mode] = activation_peak(
+            job.gpt_config(), t.micro_batch, t.seq_len, layout.ep, mode, bytes_per_activation, layout.bytes_per_param
+        )
+        all_to_all[mode] = all_to_all_bytes_per_step(
+            num_moe,
+            t.micro_batch * t.seq_len,
+            job.moe.top_k,
+            job.model.d_model,
+            layout,
+            t.grad_accum,
+            recompute=mode != "none",
+            bytes_per_element=bytes_per_activation,
+        )
         peaks[mode] = model_states + max(activations[mode].peak + during, at_step)
-    return Report(job, plan, layout, total, active, experts, rank, spread, states, transients,
-                  activations, all_to_all, peaks, bytes_per_activation)
+    return Report(
+        job,
+        plan,
+        layout,
+        total,
+        active,
+        experts,
+        rank,
+        spread,
+        states,
+        transients,
+        activations,
+        all_to_all,
+        peaks,
+        bytes_per_activation,
+    )
 
 
 def human(n: float) -> str:
@@ -104,10 +138,14 @@ def dominant(report: Report, mode: str) -> tuple[str, int]:
 def verdict(report: Report, mode: str) -> str:
     need, have = report.peaks[mode], report.device_bytes
     if need <= have:
-        return f"fits: {human(need)} of {human(have)} per rank ({need / have:.0%}), train.activation_checkpointing={mode}"
+        return (
+            f"fits: {human(need)} of {human(have)} per rank ({need / have:.0%}), train.activation_checkpointing={mode}"
+        )
     name, size = dominant(report, mode)
-    line = (f"does not fit: {human(need)} needed of {human(have)} per rank with train.activation_checkpointing={mode}; "
-            f"{name} dominate{'s' if not name.endswith('s') else ''} ({human(size)})")
+    line = (
+        f"does not fit: {human(need)} needed of {human(have)} per rank with train.activation_checkpointing={mode}; "
+        f"{name} dominate{'s' if not name.endswith('s') else ''} ({human(size)})"
+    )
     better = [m for m in ACTIVATION_CHECKPOINTING if report.fits(m)]
     if better:
         line += f"; it fits with train.activation_checkpointing={better[0]} ({human(report.peaks[better[0]])})"
@@ -128,8 +166,15 @@ def render(r: Report) -> str:
         f"bytes (train.dtype={t.dtype}): {layout.bytes_per_param} per weight/gradient element (fp32 masters), "
         f"{r.bytes_per_activation} per activation value and all-to-all element (logits and router scores fp32)",
         "",
-        ("model states per rank, exact" + (f" -- rank {r.rank}, the heaviest (ranks differ by up to {human(r.spread)}: "
-                                           f"DeepSpeed's partition boundaries)" if r.ranks_differ else " (every rank alike)")),
+        (
+            "model states per rank, exact"
+            + (
+                f" -- rank {r.rank}, the heaviest (ranks differ by up to {human(r.spread)}: "
+                f"DeepSpeed's partition boundaries)"
+                if r.ranks_differ
+                else " (every rank alike)"
+            )
+        ),
         _row("", "dense", "experts", "total"),
     ]
     for kind, label in KINDS:
@@ -139,30 +184,59 @@ def render(r: Report) -> str:
     expert_total = sum(r.states["experts"].values())
     lines.append(_row("model states", human(dense_total), human(expert_total), human(r.model_states)))
     if r.transients:
-        lines += ["", "transient, per rank (estimates; allocated and freed within a step)", _row("", "", "when", "bytes")]
+        lines += [
+            "",
+            "transient, per rank (estimates; allocated and freed within a step)",
+            _row("", "", "when", "bytes"),
+        ]
         for x in r.transients:
             lines.append(_row(x.what, "", x.when, human(x.bytes)))
-    lines += ["", "activations of one micro-batch per rank (estimate; train.activation_checkpointing, * = the job's)",
-              _row("", *[m + ("*" if m == chosen else "") for m in modes])]
+    lines += [
+        "",
+        "activations of one micro-batch per rank (estimate; train.activation_checkpointing, * = the job's)",
+        _row("", *[m + ("*" if m == chosen else "") for m in modes]),
+    ]
     lines.append(_row("saved by the forward pass", *[human(r.activations[m].saved) for m in modes]))
-    lines.append(_row("  dense part (attention, norms, router, dense FFNs, logits)",
-                      *[human(r.activations[m].saved - r.activations[m].saved_by_experts) for m in modes]))
-    lines.append(_row("  experts (token copies, expert intermediates, combine)",
-                      *[human(r.activations[m].saved_by_experts) for m in modes]))
+    lines.append(
+        _row(
+            "  dense part (attention, norms, router, dense FFNs, logits)",
+            *[human(r.activations[m].saved - r.activations[m].saved_by_experts) for m in modes],
+        )
+    )
+    lines.append(
+        _row(
+            "  experts (token copies, expert intermediates, combine)",
+            *[human(r.activations[m].saved_by_experts) for m in modes],
+        )
+    )
     lines.append(_row("peak of forward + backward", *[human(r.activations[m].peak) for m in modes]))
     lines.append(_row("  reached in the backward of", *[r.activations[m].phase for m in modes]))
     if layout.ep > 1 and r.all_to_all["none"]["total"]:
-        lines += ["", f"all-to-all bytes sent per rank per optimizer step (dropless, assuming uniform routing: "
-                      f"{layout.ep - 1}/{layout.ep} of the {job.moe.top_k}-way token copies leave the rank)",
-                  _row("", *modes)]
-        for key, label in (("forward", "forward: dispatch + combine (the job logs these)"), ("backward", "backward"),
-                           ("recompute", "recomputed forward (activation checkpointing)"), ("total", "total")):
+        lines += [
+            "",
+            f"all-to-all bytes sent per rank per optimizer step (dropless, assuming uniform routing: "
+            f"{layout.ep - 1}/{layout.ep} of the {job.moe.top_k}-way token copies leave the rank)",
+            _row("", *modes),
+        ]
+        for key, label in (
+            ("forward", "forward: dispatch + combine (the job logs these)"),
+            ("backward", "backward"),
+            ("recompute", "recomputed forward (activation checkpointing)"),
+            ("total", "total"),
+        ):
             lines.append(_row(label, *[human(r.all_to_all[m][key]) for m in modes]))
     elif layout.ep == 1:
         lines += ["", "all-to-all: none (parallel.ep=1: every rank holds every expert)"]
-    lines += ["", f"peak per rank = model states + max(activation peak + {DURING_COMPUTE} transients, {AT_STEP} transients)",
-              _row("", *modes),
-              _row("peak", *[human(r.peaks[m]) for m in modes]),
-              _row(f"device memory {human(r.device_bytes)} (plan.device_memory_gb)", *["fits" if r.fits(m) else "does not fit" for m in modes]),
-              "", f"verdict: {verdict(r, chosen)}"]
+    lines += [
+        "",
+        f"peak per rank = model states + max(activation peak + {DURING_COMPUTE} transients, {AT_STEP} transients)",
+        _row("", *modes),
+        _row("peak", *[human(r.peaks[m]) for m in modes]),
+        _row(
+            f"device memory {human(r.device_bytes)} (plan.device_memory_gb)",
+            *["fits" if r.fits(m) else "does not fit" for m in modes],
+        ),
+        "",
+        f"verdict: {verdict(r, chosen)}",
+    ]
     return "\n".join(lines)

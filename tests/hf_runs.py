@@ -14,9 +14,11 @@ from models.config import GPTConfig, ModelConfig, MoEConfig
 from models.gpt import GPT
 from tests.jobs import read_metrics, run_job, val_losses
 
-WORDS = ("the king queen lord land sea ship night day light dark fire water stone tree bird song old young "
-         "speak hear come go give take keep hold fall rise stand walk love fear hope grief joy war peace "
-         "and but or for with upon under over into from of to in on by is was shall will not").split()
+WORDS = (
+    "the king queen lord land sea ship night day light dark fire water stone tree bird song old young "
+    "speak hear come go give take keep hold fall rise stand walk love fear hope grief joy war peace "
+    "and but or for with upon under over into from of to in on by is was shall will not"
+).split()
 
 _state: dict[str, Path] = {}
 
@@ -47,11 +49,20 @@ def workdir(tmp_path_factory) -> Path:
 
 def base_overrides(root: Path) -> list[str]:
     return [
-        "model=tiny", "moe.num_experts=4", "moe.expert_ffn_hidden=64",
-        "data=files", f"data.paths=[{root / 'corpus.txt'}]", "data.val_fraction=0.1",
-        "data.tokenizer.kind=bpe", "data.tokenizer.vocab_size=320",
-        "train.seq_len=32", "train.micro_batch=4", "train.log_interval=1", "train.eval_batches=1",
-        "logging.wandb.mode=disabled", "logging.progress_bar=false",
+        "model=tiny",
+        "moe.num_experts=4",
+        "moe.expert_ffn_hidden=64",
+        "data=files",
+        f"data.paths=[{root / 'corpus.txt'}]",
+        "data.val_fraction=0.1",
+        "data.tokenizer.kind=bpe",
+        "data.tokenizer.vocab_size=320",
+        "train.seq_len=32",
+        "train.micro_batch=4",
+        "train.log_interval=1",
+        "train.eval_batches=1",
+        "logging.wandb.mode=disabled",
+        "logging.progress_bar=false",
     ]
 
 
@@ -67,7 +78,9 @@ def trained_run(tmp_path_factory, data_cache, name: str, *overrides: str, nproc:
 
 def moe_run(tmp_path_factory, data_cache) -> Path:
     """The default architecture (MoE in every block, top-2 softmax), checkpoints at steps 1 and 2."""
-    return trained_run(tmp_path_factory, data_cache, "moe", "train.steps=2", "train.ckpt_interval=1", "train.eval_interval=2")
+    return trained_run(
+        tmp_path_factory, data_cache, "moe", "train.steps=2", "train.ckpt_interval=1", "train.eval_interval=2"
+    )
 
 
 def last_val_loss(run_dir: Path) -> float:
@@ -85,7 +98,17 @@ def random_model(seed: int = 0, vocab_size: int = 257, **settings) -> GPT:
     model_kw = {k.removeprefix("model_"): v for k, v in settings.items() if k.startswith("model_")}
     moe_kw = {k.removeprefix("moe_"): v for k, v in settings.items() if k.startswith("moe_")}
     cfg = GPTConfig(
-        ModelConfig(**{"vocab_size": vocab_size, "max_seq_len": 48, "n_layers": 4, "d_model": 32, "n_heads": 4, "ffn_hidden": 48, **model_kw}),
+        ModelConfig(
+            **{
+                "vocab_size": vocab_size,
+                "max_seq_len": 48,
+                "n_layers": 4,
+                "d_model": 32,
+                "n_heads": 4,
+                "ffn_hidden": 48,
+                **model_kw,
+            }
+        ),
         MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_ffn_hidden": 16, **moe_kw}),
     )
     torch.manual_seed(seed)
@@ -106,9 +129,9 @@ def random_model(seed: int = 0, vocab_size: int = 257, **settings) -> GPT:
 
 def generate_with_ep2(rank: int, world_size: int, expected: list[int]) -> None:
     """Rank body for tests/test_hf_generate.py: sample from `random_model()` sharded with ep=2."""
+    from models.generate import generate_ids
     from parallel.dims import init_parallel
     from parallel.expert_parallel import apply_expert_parallel
-    from models.generate import generate_ids
 
     model = random_model()  # the same weights on every rank
     apply_expert_parallel(model, init_parallel(2, model.cfg.moe.num_experts, torch.device("cpu")))
@@ -130,9 +153,9 @@ def import_with_ep4(rank: int, world_size: int, hf_dir: str, checkpoint_bytes: i
     stays below the whole checkpoint's bytes."""
     from parallel.dims import init_parallel
     from parallel.parallelize import parallelize
-    from train.hf import importing as import_hf
     from train.config import JobConfig
     from train.data.tokenizer import Tokenizer
+    from train.hf import importing as import_hf
     from train.hf.files import SafetensorsWeights
     from train.hf.init_from import load_initial_weights
 
@@ -171,7 +194,11 @@ def import_with_ep4(rank: int, world_size: int, hf_dir: str, checkpoint_bytes: i
     first, local = experts.first_expert, experts.num_experts
     assert local == job.moe.num_experts // 4
     mine = local_tensor(dict(trainer.named_expert_parameters)[name]).detach()
-    assert torch.equal(mine, whole[name][first:first + local]), (rank, first, (mine - whole[name][first:first + local]).abs().max())
+    assert torch.equal(mine, whole[name][first : first + local]), (
+        rank,
+        first,
+        (mine - whole[name][first : first + local]).abs().max(),
+    )
 
     # The measure sees an import that reads everything: reading and stacking all experts exceeds it.
     Path("/proc/self/clear_refs").write_text("5")

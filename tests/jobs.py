@@ -48,11 +48,22 @@ def job_command(*overrides: str, nproc: int = 1, max_restarts: int = 0) -> list[
     return [*launcher, f"--max-restarts={max_restarts}", "-m", "train", *overrides]
 
 
-def run_job(workdir: Path, cache_dir: Path, *overrides: str, nproc: int = 1, max_restarts: int = 0, timeout: int = 600,
-            extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def run_job(
+    workdir: Path,
+    cache_dir: Path,
+    *overrides: str,
+    nproc: int = 1,
+    max_restarts: int = 0,
+    timeout: int = 600,
+    extra_env: dict | None = None,
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         job_command(*overrides, nproc=nproc, max_restarts=max_restarts),
-        cwd=workdir, env={**job_env(cache_dir), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout,
+        cwd=workdir,
+        env={**job_env(cache_dir), **(extra_env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

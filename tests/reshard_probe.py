@@ -8,8 +8,8 @@ one saved; the training after it is the real loop of `python -m train`.
 import sys
 from pathlib import Path
 
-from train.cli import compose_job
 from train.checkpoint.manager import CheckpointManager
+from train.cli import compose_job
 from train.loop import train
 from train.setup import setup
 

@@ -25,7 +25,17 @@ COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinf
 ENABLE = "run `make setup-slurm` (or `make setup`) as root: it installs slurmd slurmctld slurm-client munge and maps n1 n2 to 127.0.0.1"
 # Daemons live in sbin, which is not on every PATH.
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FINISHED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 SLURM_CONF = """\
 ClusterName=switchyard-test
@@ -79,9 +89,18 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def run(*command: str, env: dict, cwd: Path | None = None, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([which(command[0]) or command[0], *command[1:]], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, check=check)
+def run(
+    *command: str, env: dict, cwd: Path | None = None, timeout: float = 30, check: bool = True
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [which(command[0]) or command[0], *command[1:]],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )
 
 
 class SlurmCluster:
@@ -95,7 +114,12 @@ class SlurmCluster:
     def env(self, base: dict | None = None, **extra: str) -> dict:
         """An environment whose SLURM commands talk to this cluster (and to no enclosing allocation)."""
         env = {k: v for k, v in (base or os.environ).items() if not k.startswith("SLURM_")}
-        return {**env, "SLURM_CONF": str(self.conf), "PATH": os.pathsep.join([env.get("PATH", ""), "/usr/sbin", "/sbin"]), **extra}
+        return {
+            **env,
+            "SLURM_CONF": str(self.conf),
+            "PATH": os.pathsep.join([env.get("PATH", ""), "/usr/sbin", "/sbin"]),
+            **extra,
+        }
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self, timeout: float = 60) -> None:
@@ -106,18 +130,32 @@ class SlurmCluster:
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)  # private to the user munged runs as (root here, so root owns it)
         # --force: the socket's folder is a private temporary one, which munged would otherwise refuse.
-        self._spawn("munged", "munged", "-F", "--force", f"--key-file={key}", f"--socket={munge / 'munge.socket'}",
-                    f"--pid-file={munge / 'munged.pid'}", f"--seed-file={munge / 'munged.seed'}")
+        self._spawn(
+            "munged",
+            "munged",
+            "-F",
+            "--force",
+            f"--key-file={key}",
+            f"--socket={munge / 'munge.socket'}",
+            f"--pid-file={munge / 'munged.pid'}",
+            f"--seed-file={munge / 'munged.seed'}",
+        )
         self._wait(lambda: (munge / "munge.socket").exists(), timeout, "munged did not create its socket")
         ports = {node: free_port() for node in NODES}
         node_lines = "\n".join(
             f"NodeName={node} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port={port} CPUs=1 RealMemory=10000"
             for node, port in ports.items()
         )
-        self.conf.write_text(SLURM_CONF.format(
-            host=socket.gethostname(), ctld_port=free_port(), munge_socket=munge / "munge.socket", folder=self.folder,
-            node_lines=node_lines, nodes=",".join(NODES),
-        ))
+        self.conf.write_text(
+            SLURM_CONF.format(
+                host=socket.gethostname(),
+                ctld_port=free_port(),
+                munge_socket=munge / "munge.socket",
+                folder=self.folder,
+                node_lines=node_lines,
+                nodes=",".join(NODES),
+            )
+        )
         self._spawn("slurmctld", "slurmctld", "-D", "-c", "-f", str(self.conf))
         for node in NODES:
             self._spawn(f"slurmd-{node}", "slurmd", "-D", "-N", node, "-f", str(self.conf))
@@ -143,8 +181,13 @@ class SlurmCluster:
 
     def _spawn(self, name: str, *command: str) -> None:
         log = open(self.folder / "log" / f"{name}.out", "w")
-        self.daemons[name] = subprocess.Popen([which(command[0]), *command[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                              env=self.env(), start_new_session=True)
+        self.daemons[name] = subprocess.Popen(
+            [which(command[0]), *command[1:]],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+            start_new_session=True,
+        )
         log.close()
 
     def _all_idle(self) -> bool:
@@ -195,7 +238,9 @@ class SlurmCluster:
             if state in states and (state not in FINISHED or not self.listed(job_id)):
                 return state
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s (waiting for {sorted(states)})\n{self.logs()}")
+                raise TimeoutError(
+                    f"job {job_id} still {state} after {timeout:.0f} s (waiting for {sorted(states)})\n{self.logs()}"
+                )
             time.sleep(0.3)
 
     def listed(self, job_id: str) -> bool:

@@ -36,8 +36,14 @@ COMPUTE_DEVICE = torch.device("cpu", 0)  # the job's device while counting; plai
 
 aten = torch.ops.aten
 ALWAYS_SYNC = {
-    aten._local_scalar_dense.default, aten.nonzero.default, aten.bincount.default, aten.masked_select.default,
-    aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default, aten.equal.default,
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.bincount.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten.equal.default,
     aten.is_nonzero.default,
 }
 BOOL_INDEXED = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
@@ -89,8 +95,11 @@ class SyncCounter(TorchDispatchMode):
     def record(self, what: str) -> None:
         if self.paused:
             return
-        frames = [f for f in traceback.extract_stack()[:-2]
-                  if "/tests/" not in f.filename and "site-packages/torch/" not in f.filename]
+        frames = [
+            f
+            for f in traceback.extract_stack()[:-2]
+            if "/tests/" not in f.filename and "site-packages/torch/" not in f.filename
+        ]
         where = " <- ".join(f"{'/'.join(f.filename.rsplit('/', 2)[-2:])}:{f.lineno}" for f in frames[::-1][:4])
         self.events.append((what, where))
 

@@ -19,8 +19,10 @@ MODES = ("none", "full", "moe")
 
 
 # Grouped-query attention 2:1 with head_dim != d_model / n_heads, q/k norms, qkv biases and a gated shared expert.
-QWEN_LIKE = {"model": {"n_kv_heads": 2, "head_dim": 12, "qk_norm": "head", "qkv_bias": True},
-             "moe": {"num_shared_experts": 1, "shared_expert_gate": True}}
+QWEN_LIKE = {
+    "model": {"n_kv_heads": 2, "head_dim": 12, "qk_norm": "head", "qkv_bias": True},
+    "moe": {"num_shared_experts": 1, "shared_expert_gate": True},
+}
 
 
 def tiny_job(mode: str, settings: dict | None = None) -> JobConfig:
@@ -69,7 +71,9 @@ def _worker(rank, world_size, settings=None):
     for mode in ("full", "moe"):
         assert results[mode].keys() == reference.keys(), mode
         for key, want in reference.items():
-            torch.testing.assert_close(results[mode][key], want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{mode} {key}: {m}")
+            torch.testing.assert_close(
+                results[mode][key], want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{mode} {key}: {m}"
+            )
 
 
 def test_checkpointed_modes_give_the_same_step_with_ep2_and_zero2():
@@ -82,16 +86,30 @@ def test_checkpointed_modes_give_the_same_step_with_gqa_qk_norms_biases_and_a_ga
 
 def test_checkpointed_run_logs_the_same_metrics(tmp_path, data_cache):
     common = [o for o in TINY if not o.startswith("logging.wandb.mode")]
-    common += ["logging.wandb.mode=offline", "train.steps=3", "train.eval_interval=3", "train.ckpt_interval=3",
-               "parallel.ep=2", "deepspeed.zero_stage=2", "moe.jitter=0.1"]
+    common += [
+        "logging.wandb.mode=offline",
+        "train.steps=3",
+        "train.eval_interval=3",
+        "train.ckpt_interval=3",
+        "parallel.ep=2",
+        "deepspeed.zero_stage=2",
+        "moe.jitter=0.1",
+    ]
     logged = {}
     for mode in ("none", "full"):
-        done = run_job(tmp_path, data_cache, *common, f"run_name={mode}", f"train.activation_checkpointing={mode}", nproc=2)
+        done = run_job(
+            tmp_path, data_cache, *common, f"run_name={mode}", f"train.activation_checkpointing={mode}", nproc=2
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         records = [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in read_metrics(tmp_path, mode)]
         wandb_rows = list(history(next((tmp_path / f"outputs/{mode}/wandb").glob("offline-run-*/run-*.wandb"))))
-        logged[mode] = (records, [{k: v for k, v in row.items() if not k.startswith(("perf/", "_", "moe/expert_load_heatmap"))}
-                                  for row in wandb_rows])
+        logged[mode] = (
+            records,
+            [
+                {k: v for k, v in row.items() if not k.startswith(("perf/", "_", "moe/expert_load_heatmap"))}
+                for row in wandb_rows
+            ],
+        )
     assert any("moe/layer0/tokens_per_expert" in r for r in logged["none"][0])
     assert logged["full"][0] == logged["none"][0]
     assert logged["full"][1] == logged["none"][1] and len(logged["none"][1]) >= 3

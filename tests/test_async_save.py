@@ -9,8 +9,15 @@ from tests.jobs import TINY, fault_env, read_metrics, run_job, train_losses
 from tests.test_checkpoint_resilience import EXACT
 from train.checkpoint.manager import read_tensors
 
-COMMON = [*TINY, *EXACT, "train.steps=12", "train.ckpt_interval=4", "parallel.ep=2", "deepspeed.zero_stage=1",
-          "train.keep_checkpoints=3"]
+COMMON = [
+    *TINY,
+    *EXACT,
+    "train.steps=12",
+    "train.ckpt_interval=4",
+    "parallel.ep=2",
+    "deepspeed.zero_stage=1",
+    "train.keep_checkpoints=3",
+]
 
 
 def test_background_saves_equal_synchronous_ones_and_training_is_unchanged(tmp_path, data_cache):
@@ -33,8 +40,16 @@ def test_a_kill_before_a_background_save_is_published_resumes_from_the_one_befor
     reference = run_job(tmp_path, data_cache, *COMMON, "run_name=reference", nproc=2)
     assert reference.returncode == 0, reference.stderr[-3000:]
     # Rank 0 is SIGKILLed when step 8's background save is complete, before it is published.
-    done = run_job(tmp_path, data_cache, *COMMON, "run_name=crash", "train.async_save=true", nproc=2, max_restarts=1,
-                   extra_env=fault_env(SWITCHYARD_TEST_KILL_IN_SAVE="8"))
+    done = run_job(
+        tmp_path,
+        data_cache,
+        *COMMON,
+        "run_name=crash",
+        "train.async_save=true",
+        nproc=2,
+        max_restarts=1,
+        extra_env=fault_env(SWITCHYARD_TEST_KILL_IN_SAVE="8"),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from step 4 (exact)" in done.stdout
     assert train_losses(read_metrics(tmp_path, "crash")) == train_losses(read_metrics(tmp_path, "reference"))

@@ -34,11 +34,19 @@ BAD_SETTINGS = [
     (["moe.z_loss_coef=abc"], "moe.z_loss_coef: Value 'abc' of type 'str' could not be converted to Float", 1),
     (["train.steps=inf"], "train.steps: Value 'inf' of type 'float' could not be converted to Integer", 1),
     (["train.steps=["], "cannot parse the override 'train.steps=['", 1),
-    (["model=huge"], "model=huge: no such option (conf/model/ has: mixtral_8x7b, olmoe_1b_7b, qwen1_5_moe_a2_7b, qwen3_30b_a3b, small, tiny)", 1),
+    (
+        ["model=huge"],
+        "model=huge: no such option (conf/model/ has: mixtral_8x7b, olmoe_1b_7b, qwen1_5_moe_a2_7b, qwen3_30b_a3b, small, tiny)",
+        1,
+    ),
     (["moe.top_k=${nope}"], "moe.top_k: Interpolation key 'nope' not found", 1),
     # model
     (["model.d_model=100", "model.n_heads=3"], "model.d_model (100) must be divisible by model.n_heads (3)", 1),
-    (["model.d_model=96", "model.n_heads=32"], "model.d_model / model.n_heads must be even for rotary embeddings; got head size 3", 1),
+    (
+        ["model.d_model=96", "model.n_heads=32"],
+        "model.d_model / model.n_heads must be even for rotary embeddings; got head size 3",
+        1,
+    ),
     (["model.d_model=1000000"], "model.d_model must be an integer between 1 and 65536; got 1000000", 1),
     (["model.n_layers=0"], "model.n_layers must be an integer between 1 and 1024; got 0", 1),
     (["model.n_layers=5000"], "model.n_layers must be an integer between 1 and 1024; got 5000", 1),
@@ -49,21 +57,36 @@ BAD_SETTINGS = [
     (["model.norm_eps=0"], "model.norm_eps must be a finite number > 0; got 0.0", 1),
     (["model.init_std=nan"], "model.init_std must be a finite number; got nan", 1),
     (["model.init_std=-0.02"], "model.init_std must be a finite number >= 0; got -0.02", 1),
-    (["model.n_kv_heads=3"], "model.n_kv_heads (3) must divide model.n_heads (4): each key/value head serves the same number of query heads", 1),
+    (
+        ["model.n_kv_heads=3"],
+        "model.n_kv_heads (3) must divide model.n_heads (4): each key/value head serves the same number of query heads",
+        1,
+    ),
     (["model.n_kv_heads=8"], "model.n_kv_heads must be an integer between 1 and model.n_heads (4); got 8", 1),
     (["model.head_dim=7"], "model.head_dim must be even for rotary embeddings; got 7", 1),
     (["model.qk_norm=layer"], "model.qk_norm must be one of 'none', 'head', 'projection'; got 'layer'", 1),
     (["model.qkv_bias=maybe"], "model.qkv_bias: Value 'maybe' is not a valid bool", 1),
     (["model.rope_scaling.type=yarn"], "model.rope_scaling.type must be one of 'none', 'llama3'; got 'yarn'", 1),
-    (["model.rope_scaling.type=llama3", "model.rope_scaling.factor=0.5"], "model.rope_scaling.factor must be a finite number >= 1; got 0.5", 1),
-    (["model.rope_scaling.type=llama3", "model.rope_scaling.high_freq_factor=0.5"],
-     "model.rope_scaling.high_freq_factor (0.5) must be greater than model.rope_scaling.low_freq_factor (1)", 1),
+    (
+        ["model.rope_scaling.type=llama3", "model.rope_scaling.factor=0.5"],
+        "model.rope_scaling.factor must be a finite number >= 1; got 0.5",
+        1,
+    ),
+    (
+        ["model.rope_scaling.type=llama3", "model.rope_scaling.high_freq_factor=0.5"],
+        "model.rope_scaling.high_freq_factor (0.5) must be greater than model.rope_scaling.low_freq_factor (1)",
+        1,
+    ),
     # moe
     (["moe.top_k=0"], "moe.top_k must be an integer between 1 and moe.num_experts (4); got 0", 1),
     (["moe.top_k=9", "moe.num_experts=8"], "moe.top_k must be an integer between 1 and moe.num_experts (8); got 9", 1),
     (["moe.num_experts=0"], "moe.num_experts must be an integer between 1 and 65536; got 0", 1),
     (["moe.num_experts=100000"], "moe.num_experts must be an integer between 1 and 65536; got 100000", 1),
-    (["moe.expert_ffn_hidden=10000000"], "moe.expert_ffn_hidden must be an integer between 1 and 1048576; got 10000000", 1),
+    (
+        ["moe.expert_ffn_hidden=10000000"],
+        "moe.expert_ffn_hidden must be an integer between 1 and 1048576; got 10000000",
+        1,
+    ),
     (["moe.num_shared_experts=-1"], "moe.num_shared_experts must be an integer between 0 and 65536; got -1", 1),
     (["moe.every=0"], "moe.every must be an integer >= 1; got 0", 1),
     (["moe.aux_loss_coef=-1"], "moe.aux_loss_coef must be a finite number >= 0; got -1.0", 1),
@@ -73,9 +96,17 @@ BAD_SETTINGS = [
     (["moe.capacity_factor=0"], "moe.capacity_factor must be null (dropless) or a number > 0; got 0.0", 1),
     (["moe.capacity_factor=inf"], "moe.capacity_factor must be a finite number; got inf", 1),
     (["moe.score=relu"], "moe.score must be one of 'softmax', 'sigmoid'; got 'relu'", 1),
-    (["moe.aux_loss_scope=batch"], "moe.aux_loss_scope must be one of 'micro_batch', 'sequence', 'global_batch'; got 'batch'", 1),
-    (["moe.shared_expert_gate=true"], "moe.shared_expert_gate=true gates the shared experts, but moe.num_shared_experts=0; "
-     "set moe.num_shared_experts >= 1 or moe.shared_expert_gate=false", 1),
+    (
+        ["moe.aux_loss_scope=batch"],
+        "moe.aux_loss_scope must be one of 'micro_batch', 'sequence', 'global_batch'; got 'batch'",
+        1,
+    ),
+    (
+        ["moe.shared_expert_gate=true"],
+        "moe.shared_expert_gate=true gates the shared experts, but moe.num_shared_experts=0; "
+        "set moe.num_shared_experts >= 1 or moe.shared_expert_gate=false",
+        1,
+    ),
     (["moe.backend=cutlass"], "moe.backend must be one of 'torch', 'megablocks'; got 'cutlass'", 1),
     (["moe.backend=megablocks"], "moe.backend=megablocks needs CUDA and the megablocks package", 1),
     # optimizer, named by its Hydra keys (torch would say "Invalid beta parameter at index 0")
@@ -93,8 +124,16 @@ BAD_SETTINGS = [
     (["optim.warmup_steps=-1"], "optim.warmup_steps must be an integer >= 0; got -1", 1),
     # train
     (["train.steps=0"], "train.steps must be an integer between 1 and 1099511627776; got 0", 1),
-    (["train.activation_checkpointing=sometimes"], "train.activation_checkpointing must be one of 'none', 'full', 'moe'; got 'sometimes'", 1),
-    (["train.activation_checkpointing="], "train.activation_checkpointing must be one of 'none', 'full', 'moe'; got ''", 1),
+    (
+        ["train.activation_checkpointing=sometimes"],
+        "train.activation_checkpointing must be one of 'none', 'full', 'moe'; got 'sometimes'",
+        1,
+    ),
+    (
+        ["train.activation_checkpointing="],
+        "train.activation_checkpointing must be one of 'none', 'full', 'moe'; got ''",
+        1,
+    ),
     (["logging.sample_tokens=-1"], "logging.sample_tokens must be an integer between 0 and", 1),
     (["logging.sample_prompt="], "logging.sample_prompt must be non-empty text when logging.sample_tokens > 0", 1),
     (["train.micro_batch=0"], "train.micro_batch must be an integer between 1 and 1048576; got 0", 1),
@@ -107,11 +146,23 @@ BAD_SETTINGS = [
     (["train.keep_checkpoints=0"], "train.keep_checkpoints must be an integer between 1 and 1099511627776; got 0", 1),
     (["train.on_save_failure=retry"], "train.on_save_failure must be one of 'stop', 'continue'; got 'retry'", 1),
     (["train.global_batch=0"], "train.global_batch must be an integer between 1 and 1048576; got 0", 1),
-    (["train.global_batch=6"], "train.global_batch=6 must be a multiple of the number of processes (4): each rank takes an equal share", 4),
-    (["train.global_batch=8", "train.grad_accum=2"], "train.grad_accum=2: with train.global_batch set, grad_accum follows from it", 1),
+    (
+        ["train.global_batch=6"],
+        "train.global_batch=6 must be a multiple of the number of processes (4): each rank takes an equal share",
+        4,
+    ),
+    (
+        ["train.global_batch=8", "train.grad_accum=2"],
+        "train.grad_accum=2: with train.global_batch set, grad_accum follows from it",
+        1,
+    ),
     (["train.stop_at=0"], "train.stop_at must be an integer between 1 and 1099511627776; got 0", 1),
     (["train.seed=-1"], "train.seed must be an integer between 0 and 9223372036854775807; got -1", 1),
-    (["train.seed=9223372036854775808"], "train.seed must be an integer between 0 and 9223372036854775807; got 9223372036854775808", 1),
+    (
+        ["train.seed=9223372036854775808"],
+        "train.seed must be an integer between 0 and 9223372036854775807; got 9223372036854775808",
+        1,
+    ),
     (["train.peak_tflops=0"], "train.peak_tflops must be a finite number > 0; got 0.0", 1),
     (["train.peak_tflops=nan"], "train.peak_tflops must be a finite number; got nan", 1),
     (["train.device=tpu"], "train.device must be one of 'auto', 'cpu', 'cuda'; got 'tpu'", 1),
@@ -121,31 +172,57 @@ BAD_SETTINGS = [
     (["data.val_fraction=0"], "data.val_fraction must be in (0, 1); got 0.0", 1),
     (["data.val_fraction=nan"], "data.val_fraction must be a finite number; got nan", 1),
     (["data.num_proc=0"], "data.num_proc must be an integer >= 1; got 0", 1),
-    (["data.tokenizer.kind=bpe", "data.tokenizer.vocab_size=100"],
-     "data.tokenizer.vocab_size must be an integer between 257 and 1048576; got 100", 1),
-    (["data.tokenizer.kind=bpe", "data.tokenizer.vocab_size=100000000000"],
-     "data.tokenizer.vocab_size must be an integer between 257 and 1048576; got 100000000000", 1),
+    (
+        ["data.tokenizer.kind=bpe", "data.tokenizer.vocab_size=100"],
+        "data.tokenizer.vocab_size must be an integer between 257 and 1048576; got 100",
+        1,
+    ),
+    (
+        ["data.tokenizer.kind=bpe", "data.tokenizer.vocab_size=100000000000"],
+        "data.tokenizer.vocab_size must be an integer between 257 and 1048576; got 100000000000",
+        1,
+    ),
     (["data.tokenizer.kind=file"], "data.tokenizer.path must be set when data.tokenizer.kind='file'", 1),
-    (["data.tokenizer.kind=file", "data.tokenizer.path=/nonexistent/tokenizer.json"],
-     "data.tokenizer.path: file not found: /nonexistent/tokenizer.json", 1),
+    (
+        ["data.tokenizer.kind=file", "data.tokenizer.path=/nonexistent/tokenizer.json"],
+        "data.tokenizer.path: file not found: /nonexistent/tokenizer.json",
+        1,
+    ),
     (["data=files"], "data.paths must list at least one file when data.corpus='files'", 1),
     (["data=files", "data.paths=[/nonexistent/corpus.txt]"], "data.paths: file not found: /nonexistent/corpus.txt", 1),
     (["data=files", "data.paths=[{tmp}]"], "data.paths: {tmp} is a directory; list the files in it", 1),
     (["data=files", "data.paths=[{file}]"], "data.paths: {file}: extension must be one of '.txt',", 1),
     (["data.corpus=hub"], "data.hub_name must be set when data.corpus='hub'", 1),
-    (["data.domain_field=source"], "data.domain_field applies to data.corpus=files or hub; the classics corpus labels its "
-     "documents itself (shakespeare, bible): leave it null (got 'source')", 1),
-    (["data=files", "data.paths=[{tmp}/rows.jsonl]", "data.domain_field=''"],
-     "data.domain_field must name the column that holds each row's domain, or be null; got ''", 1),
-    (["data=files", "data.paths=[{tmp}/rows.jsonl]", "data.domain_field=text"],
-     "data.domain_field must name a column other than data.text_field ('text')", 1),
-    (["data=files", "data.paths=[{tmp}/rows.jsonl,{tmp}/book.txt]", "data.domain_field=source"],
-     "data.domain_field='source': {tmp}/book.txt is a text file, whose document has no fields; give the documents "
-     "as .jsonl/.json/.parquet rows with a 'source' column", 1),
+    (
+        ["data.domain_field=source"],
+        "data.domain_field applies to data.corpus=files or hub; the classics corpus labels its "
+        "documents itself (shakespeare, bible): leave it null (got 'source')",
+        1,
+    ),
+    (
+        ["data=files", "data.paths=[{tmp}/rows.jsonl]", "data.domain_field=''"],
+        "data.domain_field must name the column that holds each row's domain, or be null; got ''",
+        1,
+    ),
+    (
+        ["data=files", "data.paths=[{tmp}/rows.jsonl]", "data.domain_field=text"],
+        "data.domain_field must name a column other than data.text_field ('text')",
+        1,
+    ),
+    (
+        ["data=files", "data.paths=[{tmp}/rows.jsonl,{tmp}/book.txt]", "data.domain_field=source"],
+        "data.domain_field='source': {tmp}/book.txt is a text file, whose document has no fields; give the documents "
+        "as .jsonl/.json/.parquet rows with a 'source' column",
+        1,
+    ),
     # places the job writes to
     (["data.cache_dir={file}/cache"], "data.cache_dir: cannot write to {file}/cache: {file} is not a directory", 1),
     (["hydra.run.dir={file}/run"], "run directory: cannot write to {file}/run: {file} is not a directory", 1),
-    (["hydra.run.dir={tmp}"], "checkpoint directory: cannot write to {tmp}/checkpoints: {tmp}/checkpoints is not a directory", 1),
+    (
+        ["hydra.run.dir={tmp}"],
+        "checkpoint directory: cannot write to {tmp}/checkpoints: {tmp}/checkpoints is not a directory",
+        1,
+    ),
     # processes
     (["parallel.ep=0"], "parallel.ep must be an integer between 1 and 65536; got 0", 1),
     (["parallel.ep=3"], "parallel.ep (3) must divide the number of processes (1)", 1),
@@ -177,11 +254,23 @@ def test_bad_setting_is_refused_with_one_line(tmp_path, overrides, expected, wor
 def test_good_settings_pass_the_check(tmp_path):
     """The other side of the table: defaults, the README's examples and every conf/ option."""
     where = [f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
-    for overrides in ([], ["moe=deepseek"], ["moe=switch"], ["model=tiny", "train.steps=50"], ["deepspeed=zero3"],
-                      ["moe.every=2"], ["moe.every=9"], ["optim.beta1=0", "optim.grad_clip=0", "optim.warmup_steps=0"],
-                      ["train.seed=0"], ["train.seed=9223372036854775807"], ["data.tokenizer.vocab_size=1048576"],
-                      ["hydra/launcher=slurm"], ["run_name=other"], ["train.global_batch=24", "train.async_save=true"],
-                      ["train.on_save_failure=continue", "train.keep_checkpoints=1"]):
+    for overrides in (
+        [],
+        ["moe=deepseek"],
+        ["moe=switch"],
+        ["model=tiny", "train.steps=50"],
+        ["deepspeed=zero3"],
+        ["moe.every=2"],
+        ["moe.every=9"],
+        ["optim.beta1=0", "optim.grad_clip=0", "optim.warmup_steps=0"],
+        ["train.seed=0"],
+        ["train.seed=9223372036854775807"],
+        ["data.tokenizer.vocab_size=1048576"],
+        ["hydra/launcher=slurm"],
+        ["run_name=other"],
+        ["train.global_batch=24", "train.async_save=true"],
+        ["train.on_save_failure=continue", "train.keep_checkpoints=1"],
+    ):
         check_job(compose_job([*where, *overrides]))
     check_job(compose_job([*where, "parallel.ep=2"]), world_size=4)
     assert not (tmp_path / "run").exists()  # checking creates nothing
@@ -192,7 +281,9 @@ def test_unwritable_folder_is_refused(tmp_path):
         pytest.skip("root writes into read-only folders")
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    with pytest.raises(ValueError, match=f"^data.cache_dir: cannot write to {locked}/cache: cannot create a file in {locked}"):
+    with pytest.raises(
+        ValueError, match=f"^data.cache_dir: cannot write to {locked}/cache: cannot create a file in {locked}"
+    ):
         check_job(compose_job([*TINY, f"data.cache_dir={locked}/cache", f"hydra.run.dir={tmp_path / 'run'}"]))
 
 
@@ -207,7 +298,11 @@ BAD_FILES = [
     ("latin1.txt", "café\n".encode() + "café\n".encode("latin-1"), "line 2: byte 0xe9 at offset 9 is not UTF-8"),
     ("utf16.txt", "hello\n".encode("utf-16"), "line 1: byte 0xff at offset 0 is not UTF-8"),
     ("cut.txt", "ok\n".encode() + "€".encode()[:2], "line 2: byte 0xe2 at offset 3 is not UTF-8"),
-    ("rows.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "c"\n{"text": "d"}\n', "line 3: not JSON (Expecting ',' delimiter at column 13)"),
+    (
+        "rows.jsonl",
+        b'{"text": "a"}\n{"text": "b"}\n{"text": "c"\n{"text": "d"}\n',
+        "line 3: not JSON (Expecting ',' delimiter at column 13)",
+    ),
     ("array_row.jsonl", b'{"text": "a"}\n["b"]\n', "line 2: a JSON object (one row) expected, got an array"),
     ("number.jsonl", b'{"text": "a"}\n{"text": 5}\n', "line 2: data.text_field 'text' holds a number, not text"),
     ("latin1.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n', "line 2: byte 0xe9 at offset 27 is not UTF-8"),
@@ -219,8 +314,16 @@ BAD_FILES = [
 
 def files_cfg(tmp_path, paths):
     tok = SimpleNamespace(kind="bytes", vocab_size=8192, path=None, name=None)
-    return SimpleNamespace(corpus="files", paths=[str(p) for p in paths], hub_name=None, text_field="text",
-                           val_fraction=0.1, cache_dir=str(tmp_path / "cache"), num_proc=1, tokenizer=tok)
+    return SimpleNamespace(
+        corpus="files",
+        paths=[str(p) for p in paths],
+        hub_name=None,
+        text_field="text",
+        val_fraction=0.1,
+        cache_dir=str(tmp_path / "cache"),
+        num_proc=1,
+        tokenizer=tok,
+    )
 
 
 @pytest.mark.parametrize("name,content,expected", BAD_FILES, ids=[c[0] for c in BAD_FILES])
@@ -239,6 +342,7 @@ def test_hostile_data_file_is_named_with_its_line(tmp_path, name, content, expec
 # ---------------------------------------------------------------------------------------------
 # The token cache: a damaged prepared directory is rebuilt, with a log line
 # ---------------------------------------------------------------------------------------------
+
 
 def _truncate(path):
     with open(path, "r+b") as f:
@@ -306,13 +410,34 @@ def test_bad_input_ends_the_job_with_one_line_and_exit_code_2(tmp_path, data_cac
 def test_launchers_check_the_settings_before_starting_workers(tmp_path, data_cache):
     env = job_env(data_cache)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env["PATH"]])
-    done = subprocess.run(["bash", str(REPO / "launch/torchrun.sh"), "4", *TINY, "parallel.ep=3"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        ["bash", str(REPO / "launch/torchrun.sh"), "4", *TINY, "parallel.ep=3"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_error_line(done, "parallel.ep (3) must divide the number of processes (4)")
-    assert done.stderr.strip() == "switchyard: error: parallel.ep (3) must divide the number of processes (4); allowed: divisors of 4"
+    assert (
+        done.stderr.strip()
+        == "switchyard: error: parallel.ep (3) must divide the number of processes (4); allowed: divisors of 4"
+    )
     # SLURM: 2 nodes x 2 processes; no scontrol or srun on PATH: the check comes before either.
-    slurm = {**env, "SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]", "SWITCHYARD_PROCS_PER_NODE": "2"}
-    done = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), *TINY, "parallel.ep=3"], cwd=tmp_path, env=slurm,
-                          capture_output=True, text=True, timeout=120)
+    slurm = {
+        **env,
+        "SLURM_JOB_ID": "7",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SWITCHYARD_PROCS_PER_NODE": "2",
+    }
+    done = subprocess.run(
+        ["bash", str(REPO / "launch/slurm.sbatch"), *TINY, "parallel.ep=3"],
+        cwd=tmp_path,
+        env=slurm,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_error_line(done, "parallel.ep (3) must divide the number of processes (4)")
     assert not (tmp_path / "outputs").exists()  # no worker ever started

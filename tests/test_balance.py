@@ -52,7 +52,10 @@ def test_global_batch_loss_and_gradient_do_not_depend_on_the_split(parts):
     whole = balance_loss(sel_BE, p_BE, "micro_batch")
     (whole_grad,) = torch.autograd.grad(whole, logits_BSE, retain_graph=True)
     global_E = sel_BE.sum(0)
-    split = sum(balance_loss(s, p, "global_batch", global_E) for s, p in zip(sel_BE.chunk(parts), p_BE.chunk(parts))) / parts
+    split = (
+        sum(balance_loss(s, p, "global_batch", global_E) for s, p in zip(sel_BE.chunk(parts), p_BE.chunk(parts)))
+        / parts
+    )
     (split_grad,) = torch.autograd.grad(split, logits_BSE)
     assert split.item() == pytest.approx(whole.item(), rel=1e-6)
     torch.testing.assert_close(split_grad, whole_grad, rtol=1e-5, atol=1e-8)
@@ -155,7 +158,11 @@ def test_every_gradient_of_grad_accum4_equals_the_whole_batch():
 def test_loss_curves_of_every_split_equal_the_whole_batch(tmp_path, data_cache):
     """16 rows a step: one process taking them at once; 4 ranks (dp=2, ep=2) of 4; 1 rank, 4 x 4."""
     common = [*TINY, "train.steps=5", "train.eval_interval=5", "train.ckpt_interval=5", "moe.aux_loss_coef=0.1"]
-    layouts = {"whole": (["train.micro_batch=16"], 1), "dp2_ep2": (["parallel.ep=2"], 4), "accum4": (["train.grad_accum=4"], 1)}
+    layouts = {
+        "whole": (["train.micro_batch=16"], 1),
+        "dp2_ep2": (["parallel.ep=2"], 4),
+        "accum4": (["train.grad_accum=4"], 1),
+    }
     curves, aux = {}, {}
     for name, (overrides, nproc) in layouts.items():
         done = run_job(tmp_path, data_cache, *common, *overrides, f"run_name={name}", nproc=nproc)

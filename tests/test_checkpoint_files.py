@@ -23,7 +23,9 @@ ONE_PROCESS = ParallelDims(world_size=1, rank=0, local_rank=0, ep=1, device=torc
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory, data_cache):
     workdir = tmp_path_factory.mktemp("ckpt-files")
-    done = run_job(workdir, data_cache, *TINY, "run_name=src", "train.steps=4", "train.ckpt_interval=2", "train.eval_interval=4")
+    done = run_job(
+        workdir, data_cache, *TINY, "run_name=src", "train.steps=4", "train.ckpt_interval=2", "train.eval_interval=4"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir / "outputs/src"
 
@@ -104,11 +106,14 @@ def test_latest_naming_a_missing_folder_falls_back_and_says_so(run_dir, capsys):
     assert resume_point(run_dir).folder.name == "step_000004"
 
 
-@pytest.mark.parametrize("change,words", [
-    (lambda meta: meta.update(format=99), "format 99"),
-    (lambda meta: meta.pop("format"), "format 1"),
-    (lambda meta: meta.pop("files"), "lists no files"),
-])
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        (lambda meta: meta.update(format=99), "format 99"),
+        (lambda meta: meta.pop("format"), "format 1"),
+        (lambda meta: meta.pop("files"), "lists no files"),
+    ],
+)
 def test_a_checkpoint_of_another_format_is_refused(run_dir, change, words):
     path = run_dir / "checkpoints/step_000004/meta.json"
     meta = json.loads(path.read_text())
@@ -138,12 +143,20 @@ def test_a_crafted_checkpoint_stops_the_job_with_one_line(run_dir, data_cache):
     marker = run_dir.parent / "pwned"
     rewrite_with_matching_digest(run_dir / "checkpoints/step_000004", ".metadata", pickle.dumps(MakesAMarker(marker)))
     before = sorted((p.name, p.stat().st_mtime_ns) for p in (run_dir / "checkpoints").rglob("*"))
-    done = run_job(run_dir.parent.parent, data_cache, *TINY, "run_name=src", "train.steps=6", "train.resume=true", timeout=300)
+    done = run_job(
+        run_dir.parent.parent, data_cache, *TINY, "run_name=src", "train.steps=6", "train.resume=true", timeout=300
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("switchyard: error:") and "asks to unpickle" in last and "open, which a checkpoint never needs" in last, last
+    assert (
+        last.startswith("switchyard: error:")
+        and "asks to unpickle" in last
+        and "open, which a checkpoint never needs" in last
+    ), last
     assert "Traceback" not in done.stderr and not marker.exists()
-    assert sorted((p.name, p.stat().st_mtime_ns) for p in (run_dir / "checkpoints").rglob("*")) == before  # nothing overwritten
+    assert (
+        sorted((p.name, p.stat().st_mtime_ns) for p in (run_dir / "checkpoints").rglob("*")) == before
+    )  # nothing overwritten
 
 
 def test_the_model_signature_covers_the_attention_settings(run_dir):

@@ -25,8 +25,16 @@ LAYOUTS = {  # name: (processes, overrides)
 def saved(tmp_path_factory, data_cache):
     """4 ranks, ep=2, ZeRO-2, 8 steps with checkpoints at 4 and 8: the uninterrupted curve."""
     workdir = tmp_path_factory.mktemp("reshard")
-    done = run_job(workdir, data_cache, *COMMON, "run_name=source", "train.ckpt_interval=4", "parallel.ep=2",
-                   "deepspeed.zero_stage=2", nproc=4)
+    done = run_job(
+        workdir,
+        data_cache,
+        *COMMON,
+        "run_name=source",
+        "train.ckpt_interval=4",
+        "parallel.ep=2",
+        "deepspeed.zero_stage=2",
+        nproc=4,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir, train_losses(read_metrics(workdir, "source"))
 
@@ -40,8 +48,15 @@ def test_resume_on_another_layout_keeps_the_whole_state(saved, data_cache, layou
     side = workdir / f"{layout}-loaded"
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command = [*launcher, str(REPO / "tests/reshard_probe.py"), str(side), str(run_dir), *COMMON,
-               "train.ckpt_interval=100", *overrides]
+    command = [
+        *launcher,
+        str(REPO / "tests/reshard_probe.py"),
+        str(side),
+        str(run_dir),
+        *COMMON,
+        "train.ckpt_interval=100",
+        *overrides,
+    ]
     done = subprocess.run(command, cwd=workdir, env=job_env(data_cache), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from step 4 (resharded from" in done.stdout and "optimizer state kept" in done.stdout

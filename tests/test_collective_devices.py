@@ -37,6 +37,7 @@ def _worker(rank, world_size):
         def call(tensor, *args, **kwargs):
             seen.append((name, tensor.device))
             return originals[name](tensor, *args, **kwargs)
+
         return call
 
     for name in COLLECTIVES:
@@ -46,9 +47,20 @@ def _worker(rank, world_size):
         assert any_rank(rank == 1, dims) is True
         assert all_reduce_sum(torch.ones(3, device="cpu"), dims).tolist() == [2.0, 2.0, 2.0]
         window = MoEWindow(num_layers=1, num_experts=2)
-        stats = MoEStats(torch.tensor([3, 1], device="cpu"), torch.tensor([[3, 1]], device="cpu"), torch.full((1, 2), 0.5, device="cpu"),
-                         torch.tensor(0.5, device="cpu"), torch.tensor(0.7, device="cpu"), torch.tensor(0, device="cpu"), 10, 0.0)
-        window.add([stats], RouterLosses(torch.tensor(1.0, device="cpu"), torch.ones(1, device="cpu"), torch.ones(1, device="cpu")))
+        stats = MoEStats(
+            torch.tensor([3, 1], device="cpu"),
+            torch.tensor([[3, 1]], device="cpu"),
+            torch.full((1, 2), 0.5, device="cpu"),
+            torch.tensor(0.5, device="cpu"),
+            torch.tensor(0.7, device="cpu"),
+            torch.tensor(0, device="cpu"),
+            10,
+            0.0,
+        )
+        window.add(
+            [stats],
+            RouterLosses(torch.tensor(1.0, device="cpu"), torch.ones(1, device="cpu"), torch.ones(1, device="cpu")),
+        )
         assert window.summarize(dims, elapsed_seconds=1.0)["moe/layer0/tokens_per_expert"] == [6, 2]
         experts = [torch.nn.Parameter(torch.ones(2, 3, device="cpu"))]
         experts[0].grad = torch.full((2, 3), float(rank + 1), device="cpu")

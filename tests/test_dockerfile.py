@@ -4,10 +4,10 @@ is one the project declares (pyproject dependencies, or the Makefile's set-up re
 import re
 import shutil
 import subprocess
-import tomllib
-
 import sys
 from pathlib import Path
+
+import tomllib
 
 from tests.jobs import REPO
 

@@ -41,7 +41,10 @@ def expected_bytes_sent(router, x_global: torch.Tensor, dims, num_experts: int) 
     """Computed independently from the routing of every rank's tokens: this rank sends its copies
     bound for experts on other EP ranks (dispatch), and returns the results of other ranks' copies
     that its own experts computed (combine). Dropless: nothing more, nothing less."""
-    owner_of = lambda peer: router(x_global[peer * TOKENS_PER_RANK : (peer + 1) * TOKENS_PER_RANK]).expert_ids_TK.flatten() // (num_experts // dims.ep)
+    owner_of = lambda peer: (
+        router(x_global[peer * TOKENS_PER_RANK : (peer + 1) * TOKENS_PER_RANK]).expert_ids_TK.flatten()
+        // (num_experts // dims.ep)
+    )
     group_start = dims.rank - dims.ep_rank
     sent = int((owner_of(dims.rank) != dims.ep_rank).sum())
     returned = sum(int((owner_of(group_start + p) == dims.ep_rank).sum()) for p in range(dims.ep) if p != dims.ep_rank)
@@ -74,7 +77,9 @@ def _check_case(dims, ep, E, k, mode, shared, capacity_factor):
     rank = dims.rank
     checks = Checks(f"ep={ep} E={E} k={k} {mode} shared={shared} cf={capacity_factor}")
     torch.manual_seed(1000 * E + 10 * k + len(mode))  # identical weights and data on every rank
-    cfg = MoEConfig(num_experts=E, top_k=k, expert_ffn_hidden=32, num_shared_experts=shared, capacity_factor=capacity_factor)
+    cfg = MoEConfig(
+        num_experts=E, top_k=k, expert_ffn_hidden=32, num_shared_experts=shared, capacity_factor=capacity_factor
+    )
     layer = MoELayer(D, "swiglu", cfg)
     layer.reset_parameters(0.3, 2)
     set_routing(layer, mode)
@@ -89,7 +94,12 @@ def _check_case(dims, ep, E, k, mode, shared, capacity_factor):
         out_ref, _ = ref(x_ref.unsqueeze(0))
         out_ref = out_ref.squeeze(0)
     else:
-        out_ref = torch.cat([ref(x_ref[r * TOKENS_PER_RANK : (r + 1) * TOKENS_PER_RANK].unsqueeze(0))[0].squeeze(0) for r in range(WORLD)])
+        out_ref = torch.cat(
+            [
+                ref(x_ref[r * TOKENS_PER_RANK : (r + 1) * TOKENS_PER_RANK].unsqueeze(0))[0].squeeze(0)
+                for r in range(WORLD)
+            ]
+        )
     (out_ref * g_global).sum().backward()
 
     # Expert parallel: this rank's tokens, its expert shard.
@@ -118,7 +128,9 @@ def _check_case(dims, ep, E, k, mode, shared, capacity_factor):
         checks.close(grad, p_ref.grad, "dense grad")
 
     if capacity_factor is None:
-        checks.true(stats.bytes_sent == expected_bytes_sent(ref.router, x_global, dims, E), f"bytes sent {stats.bytes_sent}")
+        checks.true(
+            stats.bytes_sent == expected_bytes_sent(ref.router, x_global, dims, E), f"bytes sent {stats.bytes_sent}"
+        )
         checks.true(stats.num_dropped.item() == 0, "dropped a copy")
         traffic = torch.tensor([stats.bytes_sent])
         dist.all_reduce(traffic)  # the world's total is every remote copy, there and back
@@ -138,7 +150,10 @@ DROPLESS_CASES = [
     )
 ]
 CAPACITY_CASES = [(8, 2, "random", 0, 1.0), (8, 1, "one_expert", 1, 1.25)]
-CASES = {f"E{E}-k{k}-{mode}-shared{shared}-cf{cf}": (E, k, mode, shared, cf) for E, k, mode, shared, cf in DROPLESS_CASES + CAPACITY_CASES}
+CASES = {
+    f"E{E}-k{k}-{mode}-shared{shared}-cf{cf}": (E, k, mode, shared, cf)
+    for E, k, mode, shared, cf in DROPLESS_CASES + CAPACITY_CASES
+}
 
 
 def _ep_worker(rank, world_size, ep, out_dir):

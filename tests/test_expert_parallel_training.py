@@ -34,8 +34,14 @@ def test_bad_ep_fails_on_every_rank_without_hanging(tmp_path, data_cache):
     done = run_job(tmp_path, data_cache, *TINY, "parallel.ep=3", nproc=4, timeout=120)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("switchyard: error:")]
-    assert errors == ["switchyard: error: parallel.ep (3) must divide the number of processes (4); allowed: divisors of 4"]
-    assert "exitcode  : 2" in done.stderr  # rank 0 exited with the code one process would; torchrun then stopped the others
-    done = run_job(tmp_path, data_cache, *TINY, "parallel.ep=4", "moe.num_experts=6", "moe.top_k=2", nproc=4, timeout=120)
+    assert errors == [
+        "switchyard: error: parallel.ep (3) must divide the number of processes (4); allowed: divisors of 4"
+    ]
+    assert (
+        "exitcode  : 2" in done.stderr
+    )  # rank 0 exited with the code one process would; torchrun then stopped the others
+    done = run_job(
+        tmp_path, data_cache, *TINY, "parallel.ep=4", "moe.num_experts=6", "moe.top_k=2", nproc=4, timeout=120
+    )
     assert done.returncode != 0
     assert "parallel.ep (4) must divide moe.num_experts (6)" in done.stderr

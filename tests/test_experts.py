@@ -42,7 +42,9 @@ def test_unaligned_shapes_fall_back_to_loop():
     x = torch.randn(5, 6)
     assert not grouped_mm_supported(x, experts.w1_EDF)
     out = experts(x, torch.tensor([2, 3]))
-    torch.testing.assert_close(out, run_experts_loop(x, torch.tensor([2, 3]), experts.w1_EDF, experts.w2_EFD, experts.w3_EDF))
+    torch.testing.assert_close(
+        out, run_experts_loop(x, torch.tensor([2, 3]), experts.w1_EDF, experts.w2_EFD, experts.w3_EDF)
+    )
 
 
 def test_keep_experts_slices_the_shard():
@@ -67,7 +69,9 @@ def test_float64_never_takes_grouped_mm_and_still_matches_the_loop():
     assert not grouped_mm_supported(x, experts.w1_EDF, experts.w2_EFD, experts.w3_EDF)
     out = experts(x, torch.tensor([2, 3]))
     assert out.dtype == torch.float64
-    torch.testing.assert_close(out, run_experts_loop(x, torch.tensor([2, 3]), experts.w1_EDF, experts.w2_EFD, experts.w3_EDF))
+    torch.testing.assert_close(
+        out, run_experts_loop(x, torch.tensor([2, 3]), experts.w1_EDF, experts.w2_EFD, experts.w3_EDF)
+    )
 
 
 def test_expert_gemms_run_in_the_autocast_dtype():
@@ -77,7 +81,9 @@ def test_expert_gemms_run_in_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = experts(x, torch.tensor([2, 3]))
     assert out.dtype == torch.bfloat16  # fp32 master weights, bf16 GEMMs
-    want = run_experts_loop(x.bfloat16(), torch.tensor([2, 3]), *(w.bfloat16() for w in (experts.w1_EDF, experts.w2_EFD, experts.w3_EDF)))
+    want = run_experts_loop(
+        x.bfloat16(), torch.tensor([2, 3]), *(w.bfloat16() for w in (experts.w1_EDF, experts.w2_EFD, experts.w3_EDF))
+    )
     torch.testing.assert_close(out, want)
     out.float().sum().backward()
     assert experts.w1_EDF.grad.dtype == torch.float32 and x.grad is not None
@@ -113,8 +119,11 @@ def test_megablocks_backend_is_refused_where_it_cannot_run(tmp_path, monkeypatch
         job("train.device=cuda", "train.dtype=fp32").validate()
     job("train.device=cuda", "train.dtype=bf16").validate()  # the settings alone are fine
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"^moe.backend=megablocks needs CUDA and the megablocks package .*"
-                                             r"this machine has no CUDA device: use moe.backend=torch$"):
+        with pytest.raises(
+            ValueError,
+            match=r"^moe.backend=megablocks needs CUDA and the megablocks package .*"
+            r"this machine has no CUDA device: use moe.backend=torch$",
+        ):
             check_megablocks_available()
     monkeypatch.setattr(megablocks_experts, "megablocks_unavailable_reason", lambda: None)
     check_megablocks_available()

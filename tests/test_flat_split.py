@@ -56,17 +56,27 @@ def _worker(rank: int, world: int, folder: str) -> None:
         assert torch.equal(piece, original)
 
     def as_dtensors(local: list[torch.Tensor]) -> dict[str, DTensor]:
-        return {f"t{i}": DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=torch.Size([n]), stride=(1,))
-                for i, (t, n) in enumerate(zip(local, NUMELS))}
+        return {
+            f"t{i}": DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=torch.Size([n]), stride=(1,))
+            for i, (t, n) in enumerate(zip(local, NUMELS))
+        }
 
     dcp.save(as_dtensors(chunks), checkpoint_id=folder)
     # Read back on a mesh of the ranks in reverse order: every rank but the middle one asks for
     # another rank's chunk, the empty ones included.
     reversed_mesh = DeviceMesh("cpu", list(reversed(range(world))))
     position = world - 1 - rank
-    loaded = {f"t{i}": DTensor.from_local(torch.full((chunk_split(n, world)[position].numel,), -1.0), reversed_mesh,
-                                          [Shard(0)], run_check=False, shape=torch.Size([n]), stride=(1,))
-              for i, n in enumerate(NUMELS)}
+    loaded = {
+        f"t{i}": DTensor.from_local(
+            torch.full((chunk_split(n, world)[position].numel,), -1.0),
+            reversed_mesh,
+            [Shard(0)],
+            run_check=False,
+            shape=torch.Size([n]),
+            stride=(1,),
+        )
+        for i, n in enumerate(NUMELS)
+    }
     dcp.load(loaded, checkpoint_id=folder)
     for full, (key, t), n in zip(fulls(), loaded.items(), NUMELS):
         piece = chunk_split(n, world)[position]

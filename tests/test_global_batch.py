@@ -9,14 +9,17 @@ from train.check import check_job, compose_job
 from train.config import TrainConfig, batch_layout
 
 
-@pytest.mark.parametrize("global_batch, micro_batch, world_size, expected", [
-    (16, 4, 4, (4, 1)),
-    (16, 4, 2, (4, 2)),
-    (16, 4, 1, (4, 4)),
-    (16, 8, 8, (2, 1)),   # a share smaller than micro_batch: one micro-batch of the share
-    (12, 8, 2, (6, 1)),   # the largest divisor of the share up to micro_batch
-    (20, 3, 2, (2, 5)),
-])
+@pytest.mark.parametrize(
+    "global_batch, micro_batch, world_size, expected",
+    [
+        (16, 4, 4, (4, 1)),
+        (16, 4, 2, (4, 2)),
+        (16, 4, 1, (4, 4)),
+        (16, 8, 8, (2, 1)),  # a share smaller than micro_batch: one micro-batch of the share
+        (12, 8, 2, (6, 1)),  # the largest divisor of the share up to micro_batch
+        (20, 3, 2, (2, 5)),
+    ],
+)
 def test_each_rank_takes_an_equal_share_in_whole_micro_batches(global_batch, micro_batch, world_size, expected):
     t = TrainConfig(micro_batch=micro_batch, global_batch=global_batch)
     got = batch_layout(t, world_size)
@@ -28,13 +31,22 @@ def test_without_global_batch_the_micro_batch_is_per_rank():
     assert batch_layout(TrainConfig(micro_batch=4, grad_accum=3), 8) == (4, 3)
 
 
-@pytest.mark.parametrize("overrides, nproc, message", [
-    (["train.global_batch=10"], 4,
-     "train.global_batch=10 must be a multiple of the number of processes (4): each rank takes an equal share"),
-    (["train.global_batch=16", "train.grad_accum=2"], 1,
-     "train.grad_accum=2: with train.global_batch set, grad_accum follows"),
-    (["train.global_batch=0"], 1, "train.global_batch"),
-])
+@pytest.mark.parametrize(
+    "overrides, nproc, message",
+    [
+        (
+            ["train.global_batch=10"],
+            4,
+            "train.global_batch=10 must be a multiple of the number of processes (4): each rank takes an equal share",
+        ),
+        (
+            ["train.global_batch=16", "train.grad_accum=2"],
+            1,
+            "train.grad_accum=2: with train.global_batch set, grad_accum follows",
+        ),
+        (["train.global_batch=0"], 1, "train.global_batch"),
+    ],
+)
 def test_a_global_batch_that_does_not_fit_is_one_line(overrides, nproc, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError) as err:
@@ -43,8 +55,15 @@ def test_a_global_batch_that_does_not_fit_is_one_line(overrides, nproc, message,
 
 
 def test_four_ranks_resumed_on_two_continue_the_same_run(tmp_path, data_cache):
-    common = [*TINY, "train.global_batch=16", "train.steps=8", "train.ckpt_interval=4", "train.eval_interval=4",
-              "parallel.ep=2", "logging.sample_tokens=0"]
+    common = [
+        *TINY,
+        "train.global_batch=16",
+        "train.steps=8",
+        "train.ckpt_interval=4",
+        "train.eval_interval=4",
+        "parallel.ep=2",
+        "logging.sample_tokens=0",
+    ]
     whole = run_job(tmp_path, data_cache, *common, "run_name=four", nproc=4)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert "global batch 16 = 4 process(es) x 1 micro-batch(es) x 4 sequences" in whole.stdout

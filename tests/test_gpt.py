@@ -9,7 +9,10 @@ from models.moe.layer import MoELayer
 
 
 def tiny(**moe):
-    return GPTConfig(ModelConfig(vocab_size=50, max_seq_len=16, n_layers=4, d_model=32, n_heads=4, ffn_hidden=64), MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden=16, **moe))
+    return GPTConfig(
+        ModelConfig(vocab_size=50, max_seq_len=16, n_layers=4, d_model=32, n_heads=4, ffn_hidden=64),
+        MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden=16, **moe),
+    )
 
 
 def test_future_tokens_do_not_change_past_logits():
@@ -36,7 +39,12 @@ def test_moe_every_second_block():
 def test_tied_embeddings_share_the_weight():
     model = GPT(tiny())
     assert model.lm_head.weight is model.embed.weight
-    untied = GPT(GPTConfig(ModelConfig(vocab_size=50, max_seq_len=16, n_layers=1, d_model=32, n_heads=4, tie_embeddings=False), MoEConfig(num_experts=2, top_k=1)))
+    untied = GPT(
+        GPTConfig(
+            ModelConfig(vocab_size=50, max_seq_len=16, n_layers=1, d_model=32, n_heads=4, tie_embeddings=False),
+            MoEConfig(num_experts=2, top_k=1),
+        )
+    )
     assert untied.lm_head.weight is not untied.embed.weight
 
 

@@ -10,15 +10,32 @@ import sys
 from tests.jobs import REPO
 
 KIT = REPO / "benchmarks" / "gpu"
-STAGE1 = ["install", "probe_torch_api", "grouped_mm_vs_loop", "peak", "zero0_train", "zero0_resume", "zero0_sample",
-          "zero3_full_ac", "grad_accum2", "sync_count", "sync_count_accum2", "moe_layer"]
+STAGE1 = [
+    "install",
+    "probe_torch_api",
+    "grouped_mm_vs_loop",
+    "peak",
+    "zero0_train",
+    "zero0_resume",
+    "zero0_sample",
+    "zero3_full_ac",
+    "grad_accum2",
+    "sync_count",
+    "sync_count_accum2",
+    "moe_layer",
+]
 STAGE2 = ["build_megablocks", "megablocks_vs_loop", "moe_layer_megablocks", "megablocks_train"]
 NEEDS_CUDA = {"grouped_mm_vs_loop", *STAGE2}
 
 
 def test_probe_finds_every_torch_api_here():
-    done = subprocess.run([sys.executable, str(KIT / "probe_torch_api.py")], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, str(KIT / "probe_torch_api.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("ok      torch ") and "MISSING" not in done.stdout
@@ -28,10 +45,21 @@ def test_probe_finds_every_torch_api_here():
 def test_cpu_rehearsal_runs_every_step(tmp_path, data_cache):
     out = tmp_path / "out"  # as the device tool's $OUT: what comes back from a lent machine
     out.mkdir()
-    env = {**os.environ, "PYTHON": sys.executable, "KIT_DIR": str(tmp_path / "kit"), "OUT": str(out),
-           "SWITCHYARD_CACHE": str(data_cache)}
-    done = subprocess.run(["bash", str(KIT / "run_all.sh"), "--cpu-rehearsal"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "KIT_DIR": str(tmp_path / "kit"),
+        "OUT": str(out),
+        "SWITCHYARD_CACHE": str(data_cache),
+    }
+    done = subprocess.run(
+        ["bash", str(KIT / "run_all.sh"), "--cpu-rehearsal"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
     kit = tmp_path / "kit"

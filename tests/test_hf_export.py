@@ -7,19 +7,18 @@ import json
 
 import pytest
 import torch
-
-from tests import hf_runs
-from tests.hf_runs import one_thread  # noqa: F401  (autouse)
-from train.hf import mapping as hf_mapping
-from train.data.tokenizer import Tokenizer
-from train.export_hf import main as export_main
-from train.hf.exporting import write_hf_model
-from train.hf.importing import load_hf_weights, shape_settings
-from train.checkpoint.run_weights import load_run_weights
-
 import transformers  # noqa: E402  (the hf extra; `make test` installs it)
+
 from models.config import RopeScalingConfig
 from models.gpt import GPT
+from tests import hf_runs
+from tests.hf_runs import one_thread  # noqa: F401  (autouse)
+from train.checkpoint.run_weights import load_run_weights
+from train.data.tokenizer import Tokenizer
+from train.export_hf import main as export_main
+from train.hf import mapping as hf_mapping
+from train.hf.exporting import write_hf_model
+from train.hf.importing import load_hf_weights, shape_settings
 
 TOLERANCE = 1e-4
 
@@ -50,12 +49,31 @@ VARIANTS = [  # (settings, transformers class)
     ({"model_n_heads": 8, "model_n_kv_heads": 2, "model_head_dim": 6}, "MixtralForCausalLM"),
     ({"model_n_heads": 8, "model_n_kv_heads": 1, "model_qk_norm": "head", "moe_every": 2}, "Qwen3MoeForCausalLM"),
     ({"model_n_kv_heads": 2, "model_qk_norm": "projection", "moe_normalize_topk": False}, "OlmoeForCausalLM"),
-    ({"model_qkv_bias": True, "model_n_kv_heads": 2, "moe_num_shared_experts": 2, "moe_shared_expert_gate": True},
-     "Qwen2MoeForCausalLM"),
-    ({"model_qkv_bias": True, "model_qk_norm": "head", "model_n_kv_heads": 1, "moe_score": "sigmoid", "moe_num_shared_experts": 1,
-      "moe_bias_update_rate": 0.01}, "Glm4MoeForCausalLM"),
-    ({"moe_every": 5, "model_n_heads": 8, "model_n_kv_heads": 1, "model_head_dim": 8,
-      "model_rope_scaling": RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 16)}, "LlamaForCausalLM"),  # Llama-3
+    (
+        {"model_qkv_bias": True, "model_n_kv_heads": 2, "moe_num_shared_experts": 2, "moe_shared_expert_gate": True},
+        "Qwen2MoeForCausalLM",
+    ),
+    (
+        {
+            "model_qkv_bias": True,
+            "model_qk_norm": "head",
+            "model_n_kv_heads": 1,
+            "moe_score": "sigmoid",
+            "moe_num_shared_experts": 1,
+            "moe_bias_update_rate": 0.01,
+        },
+        "Glm4MoeForCausalLM",
+    ),
+    (
+        {
+            "moe_every": 5,
+            "model_n_heads": 8,
+            "model_n_kv_heads": 1,
+            "model_head_dim": 8,
+            "model_rope_scaling": RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 16),
+        },
+        "LlamaForCausalLM",
+    ),  # Llama-3
     ({"moe_every": 5, "model_qkv_bias": True, "model_n_kv_heads": 2}, "Qwen2ForCausalLM"),  # Qwen2.5
 ]
 
@@ -70,7 +88,11 @@ def test_export_gives_switchyards_logits_in_transformers(tmp_path, settings, hf_
     assert diff <= TOLERANCE, diff
     # And back: import(export(x)) is x, bit for bit ...
     imported, state_dict = load_hf_weights(tmp_path / "hf")
-    if not (settings.get("moe_num_shared_experts") and hf_class == "Qwen2MoeForCausalLM" and not settings.get("moe_shared_expert_gate")):
+    if not (
+        settings.get("moe_num_shared_experts")
+        and hf_class == "Qwen2MoeForCausalLM"
+        and not settings.get("moe_shared_expert_gate")
+    ):
         assert shape_settings(imported.cfg) == shape_settings(model.cfg)
         assert state_dict.keys() == model.state_dict().keys()
         assert all(torch.equal(state_dict[k], v) for k, v in model.state_dict().items())
@@ -89,7 +111,9 @@ def test_the_rope_permutation_is_what_makes_it_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_mapping, "rope_rows_to_hf", lambda w, n_heads: w)
     model = hf_runs.random_model()
     write_hf_model(model.cfg, model.state_dict(), Tokenizer(), tmp_path / "hf")
-    diff, _ = max_diff(model, tmp_path / "hf", torch.randint(0, 257, (1, 48), generator=torch.Generator().manual_seed(1)))
+    diff, _ = max_diff(
+        model, tmp_path / "hf", torch.randint(0, 257, (1, 48), generator=torch.Generator().manual_seed(1))
+    )
     assert diff > 100 * TOLERANCE
 
 
@@ -100,7 +124,9 @@ def test_large_models_are_sharded_with_an_index(tmp_path):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3 and all((tmp_path / "hf" / s).stat().st_size <= 40_000 + 10_000 for s in shards)
     assert not (tmp_path / "hf/model.safetensors").exists()
-    diff, _ = max_diff(model, tmp_path / "hf", torch.randint(0, 257, (1, 16), generator=torch.Generator().manual_seed(2)))
+    diff, _ = max_diff(
+        model, tmp_path / "hf", torch.randint(0, 257, (1, 16), generator=torch.Generator().manual_seed(2))
+    )
     assert diff <= TOLERANCE
 
 
@@ -151,8 +177,16 @@ def test_exported_run_loads_in_transformers_with_the_same_logits_and_tokens(tmp_
 
 
 def test_model_saved_by_4_ranks_with_ep2_and_zero3_exports(tmp_path, tmp_path_factory, data_cache):
-    run = hf_runs.trained_run(tmp_path_factory, data_cache, "ep2z3", "train.steps=1", "train.micro_batch=1",
-                              "parallel.ep=2", "deepspeed.zero_stage=3", nproc=4)
+    run = hf_runs.trained_run(
+        tmp_path_factory,
+        data_cache,
+        "ep2z3",
+        "train.steps=1",
+        "train.micro_batch=1",
+        "parallel.ep=2",
+        "deepspeed.zero_stage=3",
+        nproc=4,
+    )
     weights = load_run_weights(run)
     assert weights.state_dict["blocks.0.ffn.experts.w1_EDF"].shape == (4, 64, 64)  # both shards, whole
     assert export_main([str(run), str(tmp_path / "hf")]) == 0

@@ -8,23 +8,22 @@ import torch
 import transformers
 
 from models.config import RopeScalingConfig
-
+from models.generate import generate, generate_ids
+from models.gpt import KVCache
 from tests import hf_runs
 from tests.hf_runs import one_thread  # noqa: F401  (autouse)
 from tests.ranks import run_ranks
+from train.checkpoint.run_weights import load_run_weights
 from train.data.tokenizer import Tokenizer
 from train.export_hf import main as export_main
-from train.hf.exporting import write_hf_model
-from models.generate import generate, generate_ids
-from models.gpt import KVCache
 from train.generate import main as generate_main
-from train.checkpoint.run_weights import load_run_weights
+from train.hf.exporting import write_hf_model
 
 
 def transformers_greedy(out_dir, prompt_ids: list[int], n: int) -> list[int]:
     model = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False)
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def test_greedy_tokens_equal_transformers_generate(tmp_path):
@@ -39,12 +38,22 @@ def test_greedy_tokens_equal_transformers_generate(tmp_path):
 
 FAMILIES = {  # random_model settings per transformers class the export picks
     "mixtral gqa 4:1": {"model_n_heads": 8, "model_n_kv_heads": 2, "model_head_dim": 6},
-    "qwen2_moe": {"model_qkv_bias": True, "model_n_kv_heads": 2, "moe_every": 2, "moe_num_shared_experts": 1, "moe_shared_expert_gate": True},
+    "qwen2_moe": {
+        "model_qkv_bias": True,
+        "model_n_kv_heads": 2,
+        "moe_every": 2,
+        "moe_num_shared_experts": 1,
+        "moe_shared_expert_gate": True,
+    },
     "qwen3_moe gqa 8:1": {"model_n_heads": 8, "model_n_kv_heads": 1, "model_head_dim": 8, "model_qk_norm": "head"},
     "olmoe": {"model_qk_norm": "projection", "model_n_kv_heads": 2, "moe_normalize_topk": False},
     "glm4_moe": {"moe_score": "sigmoid", "moe_num_shared_experts": 1, "model_qk_norm": "head", "model_n_kv_heads": 1},
-    "llama3 dense": {"moe_every": 5, "model_n_heads": 8, "model_n_kv_heads": 2,
-                     "model_rope_scaling": RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 16)},
+    "llama3 dense": {
+        "moe_every": 5,
+        "model_n_heads": 8,
+        "model_n_kv_heads": 2,
+        "model_rope_scaling": RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 16),
+    },
     "qwen2 dense": {"moe_every": 5, "model_qkv_bias": True, "model_n_kv_heads": 1},
 }
 

@@ -10,17 +10,17 @@ import pytest
 import torch
 import transformers
 
+from models.gpt import GPT
 from tests import hf_runs
 from tests.hf_runs import one_thread  # noqa: F401  (autouse)
-from models.gpt import GPT
 from tests.jobs import run_job
+from train.checkpoint.run_weights import load_run_weights
 from train.data.tokenizer import Tokenizer
 from train.export_hf import main as export_main
 from train.hf.exporting import write_hf_model
 from train.hf.files import SafetensorsWeights, byte_tokenizer_backend
 from train.hf.importing import load_hf_weights
 from train.import_hf import main as import_main
-from train.checkpoint.run_weights import load_run_weights
 
 TOLERANCE = 1e-4
 
@@ -32,8 +32,17 @@ def save_hf(model, out_dir, tokenizer_backend=None) -> None:
 
 
 def tiny(config_class, **fields):
-    common = dict(vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                  intermediate_size=24, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=257,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=24,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     return config_class(**{**common, **fields})
 
 
@@ -45,28 +54,76 @@ def randomized(model):
     return model.eval()
 
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}  # 16 < the 40 positions tested: the scaled band is exercised
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}  # 16 < the 40 positions tested: the scaled band is exercised
 # Real ratios: grouped-query attention 4:1 (Mixtral, Qwen3-30B-A3B ~ 32:4 = 8:1, Llama-3 8B 32:8) and 8:1, head_dim
 # unlike hidden_size / num_attention_heads (Qwen3-MoE: 128 vs 2048 / 32 = 64).
 GQA_4 = dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8)
 GQA_8 = dict(num_attention_heads=8, num_key_value_heads=1, head_dim=6)
 MADE_BY_TRANSFORMERS = {
-    "mixtral": lambda: transformers.MixtralForCausalLM(tiny(transformers.MixtralConfig, num_local_experts=4, num_experts_per_tok=2)),
-    "mixtral gqa": lambda: transformers.MixtralForCausalLM(tiny(transformers.MixtralConfig, num_local_experts=4, num_experts_per_tok=2, **GQA_4)),
+    "mixtral": lambda: transformers.MixtralForCausalLM(
+        tiny(transformers.MixtralConfig, num_local_experts=4, num_experts_per_tok=2)
+    ),
+    "mixtral gqa": lambda: transformers.MixtralForCausalLM(
+        tiny(transformers.MixtralConfig, num_local_experts=4, num_experts_per_tok=2, **GQA_4)
+    ),
     "llama": lambda: transformers.LlamaForCausalLM(tiny(transformers.LlamaConfig, tie_word_embeddings=True)),
-    "llama3": lambda: transformers.LlamaForCausalLM(tiny(transformers.LlamaConfig, rope_parameters=LLAMA3_ROPE, **GQA_4)),
+    "llama3": lambda: transformers.LlamaForCausalLM(
+        tiny(transformers.LlamaConfig, rope_parameters=LLAMA3_ROPE, **GQA_4)
+    ),
     "qwen2": lambda: transformers.Qwen2ForCausalLM(tiny(transformers.Qwen2Config, **GQA_8)),
-    "qwen2_moe": lambda: transformers.Qwen2MoeForCausalLM(tiny(
-        transformers.Qwen2MoeConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=16,
-        decoder_sparse_step=2, **GQA_4)),  # qkv biases, a gated shared expert, dense and MoE blocks
-    "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(tiny(
-        transformers.Qwen3MoeConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, norm_topk_prob=True, **GQA_8)),
-    "olmoe": lambda: transformers.OlmoeForCausalLM(tiny(transformers.OlmoeConfig, num_experts=4, num_experts_per_tok=2,
-                                                        num_attention_heads=8, num_key_value_heads=2, head_dim=4)),
-    "glm4_moe": lambda: transformers.Glm4MoeForCausalLM(tiny(
-        transformers.Glm4MoeConfig, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, first_k_dense_replace=1,
-        use_qk_norm=True, attention_bias=True, partial_rotary_factor=1.0, n_group=1, topk_group=1, **GQA_4)),
+    "qwen2_moe": lambda: transformers.Qwen2MoeForCausalLM(
+        tiny(
+            transformers.Qwen2MoeConfig,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=16,
+            decoder_sparse_step=2,
+            **GQA_4,
+        )
+    ),  # qkv biases, a gated shared expert, dense and MoE blocks
+    "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(
+        tiny(
+            transformers.Qwen3MoeConfig,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=8,
+            norm_topk_prob=True,
+            **GQA_8,
+        )
+    ),
+    "olmoe": lambda: transformers.OlmoeForCausalLM(
+        tiny(
+            transformers.OlmoeConfig,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=4,
+        )
+    ),
+    "glm4_moe": lambda: transformers.Glm4MoeForCausalLM(
+        tiny(
+            transformers.Glm4MoeConfig,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=8,
+            first_k_dense_replace=1,
+            use_qk_norm=True,
+            attention_bias=True,
+            partial_rotary_factor=1.0,
+            n_group=1,
+            topk_group=1,
+            **GQA_4,
+        )
+    ),
 }
 EXPECTED_SETTINGS = {  # what each import must set (a mapping that ignored the option would fail the logits, too)
     "mixtral gqa": {"n_kv_heads": 2, "head_dim": 8},
@@ -104,23 +161,70 @@ def test_directories_saved_by_transformers_give_the_same_logits(tmp_path, name):
 
 
 def _deepseek_v3():
-    config = transformers.DeepseekV3Config(vocab_size=257, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
-                                           intermediate_size=24, moe_intermediate_size=8, n_routed_experts=4, num_experts_per_tok=2,
-                                           q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
-                                           n_group=1, topk_group=1, first_k_dense_replace=0)
+    config = transformers.DeepseekV3Config(
+        vocab_size=257,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=24,
+        moe_intermediate_size=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=0,
+    )
     return transformers.DeepseekV3ForCausalLM(config)
 
 
 REFUSED = {  # what transformers saves, and the words of the refusal
     "deepseek latent attention": (_deepseek_v3, "multi-head latent attention"),
-    "mistral sliding window": (lambda: transformers.MistralForCausalLM(tiny(transformers.MistralConfig, sliding_window=16)), "sliding-window"),
-    "qwen2 sliding window": (lambda: transformers.Qwen2ForCausalLM(tiny(transformers.Qwen2Config, use_sliding_window=True, sliding_window=16,
-                                                                        max_window_layers=0)), "sliding-window"),
-    "olmoe clipped qkv": (lambda: transformers.OlmoeForCausalLM(tiny(transformers.OlmoeConfig, num_experts=4, clip_qkv=8.0)), "clip_qkv"),
-    "yarn rope": (lambda: transformers.LlamaForCausalLM(tiny(transformers.LlamaConfig, rope_parameters={
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16})), "'yarn'"),
-    "llama attention bias": (lambda: transformers.LlamaForCausalLM(tiny(transformers.LlamaConfig, attention_bias=True)), "attention_bias=true"),
-    "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=257, n_embd=32, n_layer=1, n_head=4, bos_token_id=None, eos_token_id=None)), "'gpt2'"),
+    "mistral sliding window": (
+        lambda: transformers.MistralForCausalLM(tiny(transformers.MistralConfig, sliding_window=16)),
+        "sliding-window",
+    ),
+    "qwen2 sliding window": (
+        lambda: transformers.Qwen2ForCausalLM(
+            tiny(transformers.Qwen2Config, use_sliding_window=True, sliding_window=16, max_window_layers=0)
+        ),
+        "sliding-window",
+    ),
+    "olmoe clipped qkv": (
+        lambda: transformers.OlmoeForCausalLM(tiny(transformers.OlmoeConfig, num_experts=4, clip_qkv=8.0)),
+        "clip_qkv",
+    ),
+    "yarn rope": (
+        lambda: transformers.LlamaForCausalLM(
+            tiny(
+                transformers.LlamaConfig,
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "rope_theta": 10000.0,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                },
+            )
+        ),
+        "'yarn'",
+    ),
+    "llama attention bias": (
+        lambda: transformers.LlamaForCausalLM(tiny(transformers.LlamaConfig, attention_bias=True)),
+        "attention_bias=true",
+    ),
+    "gpt2": (
+        lambda: transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=257, n_embd=32, n_layer=1, n_head=4, bos_token_id=None, eos_token_id=None
+            )
+        ),
+        "'gpt2'",
+    ),
 }
 
 
@@ -158,8 +262,17 @@ def test_training_from_an_import_starts_at_the_original_validation_loss(tmp_path
     assert f"model.init_from=hf:{out}" in overrides and "data.tokenizer.kind=file" in overrides
     root = hf_runs.workdir(tmp_path_factory)
     # Two ranks with parallel.ep=2 (each holds 2 of the 4 experts); the same validation rows.
-    done = run_job(root, data_cache, *hf_runs.base_overrides(root), "run_name=from_hf", "train.steps=1",
-                   "parallel.ep=2", "train.micro_batch=2", *overrides, nproc=2)
+    done = run_job(
+        root,
+        data_cache,
+        *hf_runs.base_overrides(root),
+        "run_name=from_hf",
+        "train.steps=1",
+        "parallel.ep=2",
+        "train.micro_batch=2",
+        *overrides,
+        nproc=2,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert hf_runs.first_val_loss(root / "outputs/from_hf") == pytest.approx(hf_runs.last_val_loss(run), rel=1e-6)
 
@@ -174,10 +287,13 @@ def break_file(path, how: str) -> None:
         path.write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("how,file,words", [
-    ("truncated", "model.safetensors", "not a complete safetensors file"),
-    ("vocab", "config.json", "mismatched vocab sizes"),
-])
+@pytest.mark.parametrize(
+    "how,file,words",
+    [
+        ("truncated", "model.safetensors", "not a complete safetensors file"),
+        ("vocab", "config.json", "mismatched vocab sizes"),
+    ],
+)
 def test_broken_directories_are_refused_with_one_line(tmp_path, capsys, how, file, words):
     model = hf_runs.random_model()
     write_hf_model(model.cfg, model.state_dict(), Tokenizer(), tmp_path / "hf")
@@ -221,8 +337,19 @@ def test_import_train_export_gives_transformers_the_same_loss(tmp_path, tmp_path
     assert import_main([str(tmp_path / "source")]) == 0
     overrides = capsys.readouterr().out.split()
     root = hf_runs.workdir(tmp_path_factory)
-    done = run_job(root, data_cache, *hf_runs.base_overrides(root), f"run_name=round_trip_{name}", "train.steps=3",
-                   "train.eval_interval=3", "parallel.ep=2", "train.micro_batch=2", *extra, *overrides, nproc=nproc)
+    done = run_job(
+        root,
+        data_cache,
+        *hf_runs.base_overrides(root),
+        f"run_name=round_trip_{name}",
+        "train.steps=3",
+        "train.eval_interval=3",
+        "parallel.ep=2",
+        "train.micro_batch=2",
+        *extra,
+        *overrides,
+        nproc=nproc,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     run = root / "outputs" / f"round_trip_{name}"
     assert export_main([str(run), str(tmp_path / "out")]) == 0

@@ -28,8 +28,24 @@ def assert_same_curve(got: dict[int, float], expected: dict[int, float]) -> None
 def test_two_torchrun_nodes_train_like_one_process(tmp_path, data_cache):
     expected = single_process_losses(tmp_path, data_cache)
     rendezvous = [f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_backend=c10d", "--rdzv_id=two-nodes"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", *rendezvous, "-m", "train", *STEPS, "run_name=nodes"]
-    nodes = [subprocess.Popen(command, cwd=tmp_path, env=job_env(data_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        *rendezvous,
+        "-m",
+        "train",
+        *STEPS,
+        "run_name=nodes",
+    ]
+    nodes = [
+        subprocess.Popen(
+            command, cwd=tmp_path, env=job_env(data_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     for node in nodes:
         _, err = node.communicate(timeout=600)
         assert node.returncode == 0, err[-3000:]
@@ -39,7 +55,9 @@ def test_two_torchrun_nodes_train_like_one_process(tmp_path, data_cache):
 def test_slurm_script_names_the_missing_variable(tmp_path, data_cache):
     env = {k: v for k, v in job_env(data_cache).items() if k not in ("SLURM_NNODES", "SLURM_JOB_NODELIST")}
     env["SLURM_JOB_ID"] = "1"
-    done = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(REPO / "launch/slurm.sbatch")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 2
     assert "SLURM_NNODES is not set" in done.stderr
 
@@ -64,7 +82,9 @@ def _launch_checkout(tmp_path):
     bare = tmp_path / "bare-path"  # a PATH with bash and coreutils, no python, and srun/scontrol stand-ins
     bare.mkdir()
     for tool in ("bash", "dirname", "cat", "env"):
-        (bare / tool).symlink_to(subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip())
+        (bare / tool).symlink_to(
+            subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip()
+        )
     _recording_program(bare / "srun", log)
     (bare / "scontrol").write_text("#!/bin/sh\necho n1\necho n2\n")
     (bare / "scontrol").chmod(0o755)
@@ -74,8 +94,14 @@ def _launch_checkout(tmp_path):
 def test_launchers_use_the_checkouts_venv_whatever_path_holds(tmp_path):
     checkout, log, bare = _launch_checkout(tmp_path)
     env = {"PATH": bare, "HOME": str(tmp_path)}
-    done = subprocess.run([f"{bare}/bash", "launch/torchrun.sh", "2", "model=tiny"], cwd=checkout, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [f"{bare}/bash", "launch/torchrun.sh", "2", "model=tiny"],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     venv = checkout / ".venv/bin/python"
     assert log.read_text().splitlines() == [
@@ -84,21 +110,41 @@ def test_launchers_use_the_checkouts_venv_whatever_path_holds(tmp_path):
     ]
     # sbatch runs a copy of the script from its spool folder: the checkout is the submit directory.
     log.unlink()
-    slurm = {**env, "SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_SUBMIT_DIR": str(checkout),
-             "SWITCHYARD_PROCS_PER_NODE": "1"}
+    slurm = {
+        **env,
+        "SLURM_JOB_ID": "7",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+        "SLURM_SUBMIT_DIR": str(checkout),
+        "SWITCHYARD_PROCS_PER_NODE": "1",
+    }
     spool = tmp_path / "spool"
     spool.mkdir()
     (spool / "slurm_script").write_text((checkout / "launch/slurm.sbatch").read_text())
-    done = subprocess.run([f"{bare}/bash", str(spool / "slurm_script"), "model=tiny"], cwd=checkout, env=slurm,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [f"{bare}/bash", str(spool / "slurm_script"), "model=tiny"],
+        cwd=checkout,
+        env=slurm,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     calls = log.read_text().splitlines()
     assert calls[0] == "python -m train.check --quiet --nproc 2 -- model=tiny"
-    assert calls[1].startswith(f"srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=1 {venv} -m torch.distributed.run")
+    assert calls[1].startswith(
+        f"srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=1 {venv} -m torch.distributed.run"
+    )
     # SWITCHYARD_PYTHON wins over the checkout's .venv
     log.unlink()
     _recording_program(tmp_path / "mine/python3.12", log)
-    done = subprocess.run([f"{bare}/bash", "launch/torchrun.sh", "1"], cwd=checkout, capture_output=True, text=True, timeout=60,
-                          env={**env, "SWITCHYARD_PYTHON": str(tmp_path / "mine/python3.12")})
+    done = subprocess.run(
+        [f"{bare}/bash", "launch/torchrun.sh", "1"],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "SWITCHYARD_PYTHON": str(tmp_path / "mine/python3.12")},
+    )
     assert done.returncode == 0, done.stderr
     assert [line.split()[0] for line in log.read_text().splitlines()] == ["python3.12", "python3.12"]

@@ -24,8 +24,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # `python -m train.<tool>`: the user commands beside the job; they may import everything.
-TOOLS = {"train.check", "train.plan", "train.report", "train.specialization", "train.generate", "train.export_hf",
-         "train.import_hf"}
+TOOLS = {
+    "train.check",
+    "train.plan",
+    "train.report",
+    "train.specialization",
+    "train.generate",
+    "train.export_hf",
+    "train.import_hf",
+}
 FORBIDDEN = {
     "models": ("torch.distributed", "deepspeed", "hydra", "omegaconf", "parallel", "planner", "train"),
     "parallel": ("planner", "train", "hydra", "omegaconf"),
@@ -79,13 +86,17 @@ def test_the_rule_catches_a_lazy_import(tmp_path, monkeypatch):
     fake.mkdir()
     (fake / "bad.py").write_text("def f():\n    from parallel.dims import ParallelDims\n")
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
-    assert violations("models") == ["models/bad.py imports parallel.dims (models must not import parallel)",
-                                     "models/bad.py imports parallel.dims.ParallelDims (models must not import parallel)"]
+    assert violations("models") == [
+        "models/bad.py imports parallel.dims (models must not import parallel)",
+        "models/bad.py imports parallel.dims.ParallelDims (models must not import parallel)",
+    ]
 
 
 def test_every_package_says_what_it_owns():
-    for init in [REPO / p / "__init__.py" for p in ("models", "models/moe", "parallel", "planner", "train",
-                                                    "train/data", "train/checkpoint", "train/hf")]:
+    for init in [
+        REPO / p / "__init__.py"
+        for p in ("models", "models/moe", "parallel", "planner", "train", "train/data", "train/checkpoint", "train/hf")
+    ]:
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and len(doc) > 40, f"{init.relative_to(REPO)} needs a docstring saying what the package owns"
 
@@ -101,11 +112,30 @@ PUBLIC_DEEPSPEED_NAMES = {("deepspeed.utils", "logger")}
 PUBLIC_DEEPSPEED_ATTRIBUTES = {"initialize", "init_distributed", "__version__", "comm"}
 # Attributes DeepSpeed puts on parameters and on its ZeRO optimizers (parallel/deepspeed_state.py reads them).
 DEEPSPEED_PRIVATE_ATTRIBUTES = {
-    "ds_tensor", "ds_numel", "ds_shape", "ds_id", "ds_status", "ds_persist", "_z3_optimizer", "_hp_mapping",
-    "_index_in_param_group", "hp_fragment", "lp_fragment_address", "hp_fragment_address", "get_lp_grad_fragment",
-    "single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "bit16_groups", "fp16_groups",
-    "averaged_gradients", "all_grad_tensors", "grad_partitions_flat_buffer", "ipg_buckets", "partition_size",
-    "parallel_partitioned_bit16_groups", "__compatible_ops__",
+    "ds_tensor",
+    "ds_numel",
+    "ds_shape",
+    "ds_id",
+    "ds_status",
+    "ds_persist",
+    "_z3_optimizer",
+    "_hp_mapping",
+    "_index_in_param_group",
+    "hp_fragment",
+    "lp_fragment_address",
+    "hp_fragment_address",
+    "get_lp_grad_fragment",
+    "single_partition_of_fp32_groups",
+    "fp32_partitioned_groups_flat",
+    "bit16_groups",
+    "fp16_groups",
+    "averaged_gradients",
+    "all_grad_tensors",
+    "grad_partitions_flat_buffer",
+    "ipg_buckets",
+    "partition_size",
+    "parallel_partitioned_bit16_groups",
+    "__compatible_ops__",
 }
 
 
@@ -119,21 +149,35 @@ def deepspeed_internals(tree: ast.AST) -> list[str]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [f"{node.lineno}: import {a.name}" for a in node.names
-                      if a.name.startswith("deepspeed.") and a.name not in PUBLIC_DEEPSPEED_MODULES]
+            found += [
+                f"{node.lineno}: import {a.name}"
+                for a in node.names
+                if a.name.startswith("deepspeed.") and a.name not in PUBLIC_DEEPSPEED_MODULES
+            ]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "deepspeed":
             if node.module not in PUBLIC_DEEPSPEED_MODULES:
-                found += [f"{node.lineno}: from {node.module} import {a.name}" for a in node.names
-                          if (node.module, a.name) not in PUBLIC_DEEPSPEED_NAMES]
+                found += [
+                    f"{node.lineno}: from {node.module} import {a.name}"
+                    for a in node.names
+                    if (node.module, a.name) not in PUBLIC_DEEPSPEED_NAMES
+                ]
         elif isinstance(node, ast.Attribute):
             if node.attr in DEEPSPEED_PRIVATE_ATTRIBUTES:
                 found.append(f"{node.lineno}: .{node.attr}")
-            elif isinstance(node.value, ast.Name) and node.value.id == "deepspeed" \
-                    and node.attr not in PUBLIC_DEEPSPEED_ATTRIBUTES:
+            elif (
+                isinstance(node.value, ast.Name)
+                and node.value.id == "deepspeed"
+                and node.attr not in PUBLIC_DEEPSPEED_ATTRIBUTES
+            ):
                 found.append(f"{node.lineno}: deepspeed.{node.attr}")
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr") \
-                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
-                and node.args[1].value in DEEPSPEED_PRIVATE_ATTRIBUTES:
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and node.args[1].value in DEEPSPEED_PRIVATE_ATTRIBUTES
+        ):
             found.append(f"{node.lineno}: {node.func.id}(..., {node.args[1].value!r})")
     return found
 
@@ -163,8 +207,11 @@ def test_the_rule_sees_what_it_forbids():
     ]
     for source in forbidden:
         assert deepspeed_internals(ast.parse(source)), source
-    allowed = ["import deepspeed\ndeepspeed.initialize(model=m)", "from deepspeed.utils import logger",
-               "from deepspeed.moe.layer import MoE"]
+    allowed = [
+        "import deepspeed\ndeepspeed.initialize(model=m)",
+        "from deepspeed.utils import logger",
+        "from deepspeed.moe.layer import MoE",
+    ]
     for source in allowed:
         assert not deepspeed_internals(ast.parse(source)), source
     assert deepspeed_internals(ast.parse((REPO / DEEPSPEED_OWNER).read_text())), "the owner itself reads them"

@@ -21,8 +21,16 @@ ONE_PROCESS = ParallelDims(world_size=1, rank=0, local_rank=0, ep=1)
 
 def stats(load, dropped=0, nbytes=0, seconds=0.0):
     load = torch.tensor(load)
-    return MoEStats(load, load[None], torch.full((1, len(load)), 1 / len(load)), torch.tensor(0.5), torch.tensor(1.0),
-                    torch.tensor(dropped), nbytes, seconds)
+    return MoEStats(
+        load,
+        load[None],
+        torch.full((1, len(load)), 1 / len(load)),
+        torch.tensor(0.5),
+        torch.tensor(1.0),
+        torch.tensor(dropped),
+        nbytes,
+        seconds,
+    )
 
 
 def add(window, layers, aux):
@@ -79,22 +87,38 @@ def test_dead_experts_get_a_warning_line_after_the_warm_up_when_they_change():
     warnings = DeadExpertWarnings(after_step=30)
     two_dead = {"moe/layer0/tokens_per_expert": [5, 0, 7, 0], "moe/layer1/tokens_per_expert": [1, 1]}
     assert warnings.lines(30, two_dead, 10) == []  # the router is still warming up
-    assert warnings.lines(40, two_dead, 10) == ["warning: step 40: layer0: expert(s) [1, 3] got no token in the last 10 step(s)"]
+    assert warnings.lines(40, two_dead, 10) == [
+        "warning: step 40: layer0: expert(s) [1, 3] got no token in the last 10 step(s)"
+    ]
     assert warnings.lines(50, two_dead, 10) == []  # the same experts again: said once
     one_dead = {"moe/layer0/tokens_per_expert": [5, 0, 7, 1], "moe/layer1/tokens_per_expert": [0, 2]}
-    assert warnings.lines(60, one_dead, 10) == ["warning: step 60: layer0: expert(s) [1] got no token in the last 10 step(s)",
-                                                "warning: step 60: layer1: expert(s) [0] got no token in the last 10 step(s)"]
+    assert warnings.lines(60, one_dead, 10) == [
+        "warning: step 60: layer0: expert(s) [1] got no token in the last 10 step(s)",
+        "warning: step 60: layer1: expert(s) [0] got no token in the last 10 step(s)",
+    ]
     alive = {"moe/layer0/tokens_per_expert": [5, 1, 7, 1], "moe/layer1/tokens_per_expert": [1, 2]}
     assert warnings.lines(70, alive, 10) == []
-    assert warnings.lines(80, one_dead, 10) == ["warning: step 80: layer0: expert(s) [1] got no token in the last 10 step(s)",
-                                                "warning: step 80: layer1: expert(s) [0] got no token in the last 10 step(s)"]
+    assert warnings.lines(80, one_dead, 10) == [
+        "warning: step 80: layer0: expert(s) [1] got no token in the last 10 step(s)",
+        "warning: step 80: layer1: expert(s) [0] got no token in the last 10 step(s)",
+    ]
 
 
 def write_run(run_dir):
     records = [
         {"step": 0, "val/loss": 5.5},
-        {"step": 10, "train/loss": 4.0, "moe/layer0/tokens_per_expert": [6, 2], "moe/layer0/imbalance_max_over_mean": 1.5},
-        {"step": 20, "train/loss": 3.0, "moe/layer0/tokens_per_expert": [4, 4], "moe/layer0/imbalance_max_over_mean": 1.0},
+        {
+            "step": 10,
+            "train/loss": 4.0,
+            "moe/layer0/tokens_per_expert": [6, 2],
+            "moe/layer0/imbalance_max_over_mean": 1.5,
+        },
+        {
+            "step": 20,
+            "train/loss": 3.0,
+            "moe/layer0/tokens_per_expert": [4, 4],
+            "moe/layer0/imbalance_max_over_mean": 1.0,
+        },
         {"step": 20, "val/loss": 3.2},
     ]
     run_dir.mkdir()
@@ -110,11 +134,15 @@ def test_load_shares_by_hand(tmp_path):
 
 def test_report_writes_the_plots(tmp_path):
     write_run(tmp_path / "run")
-    done = subprocess.run([sys.executable, "-m", "train.report", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "train.report", str(tmp_path / "run")], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     for name in ("loss.png", "imbalance.png", "expert_heatmap.png"):
         png = tmp_path / "run/plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
-    missing = subprocess.run([sys.executable, "-m", "train.report", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "train.report", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2
     assert "RUN_DIR must hold a metrics.jsonl" in missing.stderr

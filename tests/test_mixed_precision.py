@@ -6,8 +6,14 @@ import pytest
 
 from tests.jobs import TINY, read_metrics, run_job, start_from_checkpoint, train_losses
 
-STEPS = ["train.steps=20", "train.eval_interval=20", "train.ckpt_interval=10", "optim.warmup_steps=5",
-         "parallel.ep=2", "logging.sample_tokens=0"]
+STEPS = [
+    "train.steps=20",
+    "train.eval_interval=20",
+    "train.ckpt_interval=10",
+    "optim.warmup_steps=5",
+    "parallel.ep=2",
+    "logging.sample_tokens=0",
+]
 FIRST_LAYER_BYTES = "moe/layer0/all_to_all_bytes"
 
 

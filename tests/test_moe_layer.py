@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from models.config import MoEConfig
-from models.ffn import FeedForward
-from models.moe.layer import MoELayer
-from models.ffn import activate
+from models.ffn import FeedForward, activate
 from models.moe import experts as experts_module
 from models.moe.dispatch import expert_capacity
+from models.moe.layer import MoELayer
 
 D = 16
 

@@ -53,8 +53,11 @@ def test_deepspeed_computes_no_gradient_norm_of_its_own(monkeypatch, zero_stage)
     calls = []
     for name in ("scaled_global_norm", "get_grad_norm_direct"):
         original = getattr(DeepSpeedZeroOptimizer, name)
-        monkeypatch.setattr(DeepSpeedZeroOptimizer, name,
-                            lambda self, *a, _original=original, **k: calls.append(1) or _original(self, *a, **k))
+        monkeypatch.setattr(
+            DeepSpeedZeroOptimizer,
+            name,
+            lambda self, *a, _original=original, **k: calls.append(1) or _original(self, *a, **k),
+        )
     before = [p.detach().clone() for p in trainer.module.parameters()]
     norms = step()
     assert calls == []
@@ -130,8 +133,10 @@ def _expert_sync_worker(rank, world_size):
     losses = router_losses(stats, single.moe.aux_loss_coef, single.moe.z_loss_coef, "micro_batch")
     (F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()) + losses.total).backward()
     want = {name: p.grad for name, p in whole.named_parameters()}
-    pieces = {name: ("experts", trainer.experts[name.rsplit(".", 1)[0]].first_expert, grad, True)
-              for name, grad in grads.items()}
+    pieces = {
+        name: ("experts", trainer.experts[name.rsplit(".", 1)[0]].first_expert, grad, True)
+        for name, grad in grads.items()
+    }
     assert_pieces_match(pieces, want, dims)
 
 

@@ -13,18 +13,31 @@ from models.config import GPTConfig, ModelConfig, MoEConfig
 from models.gpt import GPT
 from models.moe.balance import router_losses
 from parallel.activation_checkpointing import apply_activation_checkpointing
+from parallel.memory import profiled_allocation_peak
+from parallel.precision import autocast_dtype
 from planner.activations import activation_peak
 from planner.model_states import element_bytes
-from parallel.precision import autocast_dtype
-from parallel.memory import profiled_allocation_peak
+from planner.report import build_report
 from tests.jobs import job_env
 from train import plan as planner
-from planner.report import build_report
 
-MIXTRAL = ["model.n_layers=32", "model.d_model=4096", "model.n_heads=32", "moe.num_experts=8", "moe.top_k=2",
-           "moe.expert_ffn_hidden=14336", "model.vocab_size=32000", "model.tie_embeddings=false",
-           "train.seq_len=4096", "train.micro_batch=1", "parallel.ep=8", "deepspeed.zero_stage=1",
-           "plan.world_size=64", "train.dtype=bf16", "plan.device_memory_gb=80"]
+MIXTRAL = [
+    "model.n_layers=32",
+    "model.d_model=4096",
+    "model.n_heads=32",
+    "moe.num_experts=8",
+    "moe.top_k=2",
+    "moe.expert_ffn_hidden=14336",
+    "model.vocab_size=32000",
+    "model.tie_embeddings=false",
+    "train.seq_len=4096",
+    "train.micro_batch=1",
+    "parallel.ep=8",
+    "deepspeed.zero_stage=1",
+    "plan.world_size=64",
+    "train.dtype=bf16",
+    "plan.device_memory_gb=80",
+]
 
 
 def report_for(*argv: str):
@@ -46,11 +59,18 @@ def test_default_config_by_hand():
     D, V, L, E, F_ = 256, 8192, 4, 8, 512
     dense = V * D + L * (3 * D * D + D * D + E * D + 2 * D) + D  # tied embedding, 4 blocks, final norm
     experts = L * 3 * E * D * F_
-    assert r.states["dense"] == {"weights": 4 * dense, "gradients": 4 * dense,
-                                 "optimizer": 8 * dense + 4 * (1 + L * 5 + 1),  # moments + one step per tensor
-                                 "buffers": 2 * 256 * (D // 4 // 2) * 4 + L * E * 4}  # rotary tables, router biases
-    assert r.states["experts"] == {"weights": 4 * experts, "gradients": 4 * experts,
-                                   "optimizer": 8 * experts + 4 * 3 * L, "buffers": 0}
+    assert r.states["dense"] == {
+        "weights": 4 * dense,
+        "gradients": 4 * dense,
+        "optimizer": 8 * dense + 4 * (1 + L * 5 + 1),  # moments + one step per tensor
+        "buffers": 2 * 256 * (D // 4 // 2) * 4 + L * E * 4,
+    }  # rotary tables, router biases
+    assert r.states["experts"] == {
+        "weights": 4 * experts,
+        "gradients": 4 * experts,
+        "optimizer": 8 * experts + 4 * 3 * L,
+        "buffers": 0,
+    }
     assert r.transients == [] and not r.ranks_differ
     # Activations (fp32, T = 8 x 256 tokens): the cross-entropy phase dominates without checkpointing.
     T = 8 * 256
@@ -77,8 +97,12 @@ def test_mixtral_shaped_on_64_ranks_by_hand():
     assert r.total_params == 2 * V * D + L * (4 * D * D + 8 * D + 2 * D + 8 * 3 * D * F_) + D
     # One local expert per layer (8 experts / ep 8), split over its 8 EDP ranks by FSDP2.
     shard = L * 3 * D * F_ // 8
-    assert r.states["experts"] == {"weights": 4 * shard, "gradients": 4 * shard,
-                                   "optimizer": 8 * shard + 4 * 3 * L, "buffers": 0}
+    assert r.states["experts"] == {
+        "weights": 4 * shard,
+        "gradients": 4 * shard,
+        "optimizer": 8 * shard + 4 * 3 * L,
+        "buffers": 0,
+    }
     # ZeRO-1 dense: whole fp32 weights in two flat buffers, fp32 master + moments for 1/64 of them.
     dense = r.total_params - r.expert_params
     assert r.states["dense"]["weights"] == pytest.approx(4 * dense, abs=4 * 2 * 64 * 2)
@@ -98,14 +122,23 @@ def test_mixtral_shaped_on_64_ranks_by_hand():
 
 
 def test_mixtral_command_prints_the_table_and_a_verdict(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "train.plan", *MIXTRAL], cwd=tmp_path, env=job_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "train.plan", *MIXTRAL],
+        cwd=tmp_path,
+        env=job_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     assert "47.51B parameters" in out and "model states per rank, exact -- rank" in out
     assert "dropless, assuming uniform routing" in out
-    assert out.strip().splitlines()[-1].startswith(
-        "verdict: does not fit: ") and "activations dominate" in out and "fits with train.activation_checkpointing=full" in out
+    assert (
+        out.strip().splitlines()[-1].startswith("verdict: does not fit: ")
+        and "activations dominate" in out
+        and "fits with train.activation_checkpointing=full" in out
+    )
 
 
 def test_plan_that_does_not_fit_exits_0_with_the_verdict(capsys):
@@ -114,17 +147,35 @@ def test_plan_that_does_not_fit_exits_0_with_the_verdict(capsys):
     assert last.startswith("verdict: does not fit: ") and "activations dominate" in last
 
 
-@pytest.mark.parametrize("argv, line", [
-    (["parallel.ep=8", "plan.world_size=60"], "parallel.ep (8) must divide plan.world_size (60); allowed: divisors of 60"),
-    (["moe.num_experts=6", "parallel.ep=4", "plan.world_size=8"], "parallel.ep (4) must divide moe.num_experts (6)"),
-    (["train.activation_checkpointing=sometimes"], "train.activation_checkpointing must be one of 'none', 'full', 'moe'; got 'sometimes'"),
-    (["plan.wrld_size=4"], "plan.wrld_size is not a planner setting; allowed: plan.world_size, plan.device_memory_gb"),
-    (["plan.bytes_per_param=2"], "plan.bytes_per_param is not a planner setting"),  # train.dtype says it
-    (["plan.world_size=two"], "plan.world_size must be an integer; got 'two'"),
-    (["deepspeed.zero_stage=1", "plan.world_size=3"], "each expert is split over its 3 expert-data-parallel ranks"),
-    (["moe.num_expert=4"], "moe.num_expert: no such setting (did you mean moe.num_experts"),  # as python -m train says
-    (["+train.stepz=50"], "train.stepz: no such setting"),
-])
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (
+            ["parallel.ep=8", "plan.world_size=60"],
+            "parallel.ep (8) must divide plan.world_size (60); allowed: divisors of 60",
+        ),
+        (
+            ["moe.num_experts=6", "parallel.ep=4", "plan.world_size=8"],
+            "parallel.ep (4) must divide moe.num_experts (6)",
+        ),
+        (
+            ["train.activation_checkpointing=sometimes"],
+            "train.activation_checkpointing must be one of 'none', 'full', 'moe'; got 'sometimes'",
+        ),
+        (
+            ["plan.wrld_size=4"],
+            "plan.wrld_size is not a planner setting; allowed: plan.world_size, plan.device_memory_gb",
+        ),
+        (["plan.bytes_per_param=2"], "plan.bytes_per_param is not a planner setting"),  # train.dtype says it
+        (["plan.world_size=two"], "plan.world_size must be an integer; got 'two'"),
+        (["deepspeed.zero_stage=1", "plan.world_size=3"], "each expert is split over its 3 expert-data-parallel ranks"),
+        (
+            ["moe.num_expert=4"],
+            "moe.num_expert: no such setting (did you mean moe.num_experts",
+        ),  # as python -m train says
+        (["+train.stepz=50"], "train.stepz: no such setting"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, line):
     assert planner.main(argv) == 2
     captured = capsys.readouterr()
@@ -134,6 +185,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, line):
 
 
 # -- the activation estimate against the profiler ------------------------------------------------
+
 
 @pytest.fixture
 def one_thread():
@@ -145,8 +197,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def measured_activation_peak(cfg: GPTConfig, micro_batch: int, seq_len: int, mode: str,
-                             train_dtype: str = "fp32") -> int:
+def measured_activation_peak(
+    cfg: GPTConfig, micro_batch: int, seq_len: int, mode: str, train_dtype: str = "fp32"
+) -> int:
     """One forward + backward of the single-process model, with its gradients already allocated
     (so the peak is the activations' and the backward's working set, not new gradient memory),
     under the job's autocast for `train_dtype` (fp32 master weights either way)."""
@@ -177,12 +230,21 @@ ACTIVATION_CONFIGS = {
     # a small vocabulary, so that a block's backward (not the cross-entropy) makes the peak
     "default, vocab 256": (ModelConfig(vocab_size=256, max_seq_len=256), MoEConfig(), 2, 256),
     # alternate dense/MoE blocks, GELU, top-1 with a shared expert
-    "every 2, gelu, shared": (ModelConfig(vocab_size=512, max_seq_len=128, activation="gelu"),
-                              MoEConfig(every=2, top_k=1, num_shared_experts=1), 4, 128),
+    "every 2, gelu, shared": (
+        ModelConfig(vocab_size=512, max_seq_len=128, activation="gelu"),
+        MoEConfig(every=2, top_k=1, num_shared_experts=1),
+        4,
+        128,
+    ),
     # grouped-query attention 4:1, head_dim != d_model / n_heads, per-head q/k norms, qkv biases, gated shared expert
     "gqa, head_dim, qk norms, gated shared": (
-        ModelConfig(vocab_size=256, max_seq_len=128, n_heads=8, n_kv_heads=2, head_dim=48, qk_norm="head", qkv_bias=True),
-        MoEConfig(num_shared_experts=1, shared_expert_gate=True), 4, 128),
+        ModelConfig(
+            vocab_size=256, max_seq_len=128, n_heads=8, n_kv_heads=2, head_dim=48, qk_norm="head", qkv_bias=True
+        ),
+        MoEConfig(num_shared_experts=1, shared_expert_gate=True),
+        4,
+        128,
+    ),
     # q/k norms over the whole projection (OLMoE)
     "qk norm projection": (ModelConfig(vocab_size=256, max_seq_len=128, qk_norm="projection"), MoEConfig(), 4, 128),
 }
@@ -196,8 +258,15 @@ def test_activation_estimate_is_within_25_percent_of_the_profiled_peak(name, tra
     weight_bytes, activation_bytes = element_bytes(train_dtype)
     phases = set()
     for mode in ("none", "full", "moe"):
-        estimate = activation_peak(cfg, micro_batch, seq_len, ep=1, mode=mode, bytes_per_activation=activation_bytes,
-                                   residual_bytes=weight_bytes)
+        estimate = activation_peak(
+            cfg,
+            micro_batch,
+            seq_len,
+            ep=1,
+            mode=mode,
+            bytes_per_activation=activation_bytes,
+            residual_bytes=weight_bytes,
+        )
         measured = measured_activation_peak(cfg, micro_batch, seq_len, mode, train_dtype)
         assert estimate.peak == pytest.approx(measured, rel=0.25), (name, train_dtype, mode, estimate, measured)
         phases.add(estimate.phase)

@@ -29,9 +29,9 @@ from models.gpt import GPT
 from models.moe.balance import router_losses
 from parallel.dims import init_parallel
 from parallel.memory import count_model_states
+from parallel.parallelize import parallelize
 from parallel.precision import autocast_dtype
 from planner.model_states import Layout, element_bytes, plan_model_states
-from parallel.parallelize import parallelize
 from tests.ranks import run_ranks
 from train.config import JobConfig
 
@@ -39,8 +39,11 @@ from train.config import JobConfig
 # runs where the experts are not sharded (ep=4 on 4 ranks).
 MODELS = {"even": dict(d_model=20, n_heads=2, tie=True), "uneven": dict(d_model=18, n_heads=3, tie=False)}
 # (ep, ZeRO stage, model, train.dtype): bf16 gathers the FSDP-sharded experts in bf16 and keeps fp32 masters.
-LAYOUTS_4 = ([(ep, stage, "even", "fp32") for ep in (1, 2) for stage in range(4)]
-             + [(4, stage, "uneven", "fp32") for stage in range(4)] + [(2, stage, "even", "bf16") for stage in (1, 3)])
+LAYOUTS_4 = (
+    [(ep, stage, "even", "fp32") for ep in (1, 2) for stage in range(4)]
+    + [(4, stage, "uneven", "fp32") for stage in range(4)]
+    + [(2, stage, "even", "bf16") for stage in (1, 3)]
+)
 LAYOUTS_1 = [(1, stage, "even", "fp32") for stage in range(4)] + [(1, 2, "even", "bf16")]
 
 
@@ -97,7 +100,12 @@ def reachable_storages(trainer, max_depth: int = 8) -> dict[int, tuple[int, str]
         elif isinstance(obj, (list, tuple, set)):
             for i, value in enumerate(obj):
                 visit(value, f"{path}[{i}]", depth + 1)
-        elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("deepspeed", "torch", "parallel", "models"):
+        elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in (
+            "deepspeed",
+            "torch",
+            "parallel",
+            "models",
+        ):
             if isinstance(obj, torch.nn.Module):
                 for name, p in obj.named_parameters():
                     visit(p, f"{path}.{name}", depth + 1)

@@ -37,8 +37,14 @@ def test_sigterm_on_every_rank_saves_and_torchrun_restart_continues_exactly(tmp_
     common = [*LONG, "parallel.ep=2"]
     reference = run_job(tmp_path, data_cache, *common, "run_name=reference", nproc=2)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    launcher = subprocess.Popen(job_command(*common, "run_name=stopped", nproc=2, max_restarts=1), cwd=tmp_path,
-                                env=job_env(data_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        job_command(*common, "run_name=stopped", nproc=2, max_restarts=1),
+        cwd=tmp_path,
+        env=job_env(data_cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_steps(tmp_path, "stopped", 6, launcher)
     for worker in workers(launcher):  # as a scheduler does: every process of the job gets the signal
         worker.send_signal(signal.SIGTERM)
@@ -54,8 +60,14 @@ def test_sigterm_on_every_rank_saves_and_torchrun_restart_continues_exactly(tmp_
 
 
 def test_ctrl_c_saves_without_a_traceback_and_a_resubmission_finishes_the_run(tmp_path, data_cache):
-    job = subprocess.Popen(job_command(*LONG, "run_name=ctrl_c"), cwd=tmp_path, env=job_env(data_cache),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        job_command(*LONG, "run_name=ctrl_c"),
+        cwd=tmp_path,
+        env=job_env(data_cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_steps(tmp_path, "ctrl_c", 4, job)
     job.send_signal(signal.SIGINT)
     out, err = job.communicate(timeout=300)
@@ -88,16 +100,27 @@ print("not reached")
 
 
 def test_a_second_signal_exits_at_once():
-    done = subprocess.run([sys.executable, "-c", SECOND_SIGNAL], env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", SECOND_SIGNAL],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 128 + signal.SIGINT, done.stderr
     assert done.stdout == "still running\n"
     assert done.stderr == "switchyard: (rank 0) second signal (SIGINT): exiting now without saving\n"
 
 
 def test_a_dead_rank_leaves_one_line_per_surviving_rank(tmp_path, data_cache):
-    launcher = subprocess.Popen(job_command(*TINY, "train.steps=400", "run_name=dead", nproc=3), cwd=tmp_path,
-                                env=job_env(data_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        job_command(*TINY, "train.steps=400", "run_name=dead", nproc=3),
+        cwd=tmp_path,
+        env=job_env(data_cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_steps(tmp_path, "dead", 3, launcher)
     victim = sorted(workers(launcher), key=lambda p: p.pid)[-1]
     victim.kill()
@@ -107,7 +130,10 @@ def test_a_dead_rank_leaves_one_line_per_surviving_rank(tmp_path, data_cache):
     lines = [line for line in log.splitlines() if line.startswith("switchyard: (rank")]
     assert 1 <= len(lines) <= 2, log[-3000:]  # at most one per surviving rank
     for line in lines:
-        assert re.fullmatch(r"switchyard: \(rank [0-2]\) stopped: another rank failed \(.+\); the first failure is the "
-                            r"root cause torchrun names", line), line
+        assert re.fullmatch(
+            r"switchyard: \(rank [0-2]\) stopped: another rank failed \(.+\); the first failure is the "
+            r"root cause torchrun names",
+            line,
+        ), line
     assert "pair.cc" not in log and "train/loop.py" not in log, log[-3000:]  # no gloo tracebacks from the survivors
     assert re.search(rf"exitcode\s*:\s*{EXIT_PEER_FAILED}", log), log[-3000:]  # the survivors' exit code says why

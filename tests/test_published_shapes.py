@@ -60,8 +60,25 @@ def test_mixtral_by_hand():
 
 
 def test_plan_answers_for_a_published_shape(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "train.plan", "model=qwen3_30b_a3b", "train.seq_len=4096", "train.micro_batch=1",
-                           "parallel.ep=8", "deepspeed.zero_stage=1", "plan.world_size=32", "plan.bytes_per_activation=2"],
-                          cwd=tmp_path, env=job_env(tmp_path), capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.plan",
+            "model=qwen3_30b_a3b",
+            "train.seq_len=4096",
+            "train.micro_batch=1",
+            "parallel.ep=8",
+            "deepspeed.zero_stage=1",
+            "plan.world_size=32",
+            "plan.bytes_per_activation=2",
+        ],
+        cwd=tmp_path,
+        env=job_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "30.53B parameters" in done.stdout and done.stdout.strip().splitlines()[-1].startswith("verdict: ")

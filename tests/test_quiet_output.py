@@ -105,8 +105,10 @@ def test_a_bad_jsonl_gets_switchyards_line_only(tmp_path, data_cache):
     rows.write_text("".join(f'{{"text": "row {i}"}}\n' for i in range(6)) + '{"text": \n')
     done = run_job(tmp_path, data_cache, *TINY, "data=files", f"data.paths=[{rows}]", timeout=300)
     assert done.returncode == 2
-    line = (f"switchyard: error: data.paths: {rows}: line 7: not JSON (Expecting value at column 10); "
-            "expected one JSON object per line")
+    line = (
+        f"switchyard: error: data.paths: {rows}: line 7: not JSON (Expecting value at column 10); "
+        "expected one JSON object per line"
+    )
     assert done.stderr.strip() == line
     assert "ERROR" not in done.stdout and "row 6" not in done.stdout and "\r" not in done.stdout
 

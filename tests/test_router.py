@@ -116,8 +116,14 @@ def test_jitter_only_in_training():
 def test_a_rank_with_no_token_has_finite_router_losses():
     router = make_router(WEIGHT, top_k=2)
     out = router(torch.randn(0, 2, requires_grad=True))
-    aux = {scope: balance_loss(*routing_summary(out.probs_TE.view(0, 1, 3), out.expert_ids_TK.view(0, 1, 2), 3), scope,
-                               torch.tensor([5, 3, 0])) for scope in ("micro_batch", "sequence", "global_batch")}
+    aux = {
+        scope: balance_loss(
+            *routing_summary(out.probs_TE.view(0, 1, 3), out.expert_ids_TK.view(0, 1, 2), 3),
+            scope,
+            torch.tensor([5, 3, 0]),
+        )
+        for scope in ("micro_batch", "sequence", "global_batch")
+    }
     for value in (*aux.values(), out.z_loss, out.entropy):
         assert torch.isfinite(value) and value.item() == 0.0
     (sum(aux.values()) + out.z_loss).backward()  # and it can be backpropagated (an EP rank may get no token)

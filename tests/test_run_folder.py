@@ -18,8 +18,11 @@ SHORT = [*TINY, "train.steps=2", "train.eval_interval=2", "train.ckpt_interval=2
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file under `folder` with a digest of its bytes and its modification time."""
-    return {str(p.relative_to(folder)): f"{hashlib.sha256(p.read_bytes()).hexdigest()} {p.stat().st_mtime_ns}"
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): f"{hashlib.sha256(p.read_bytes()).hexdigest()} {p.stat().st_mtime_ns}"
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_a_refused_start_changes_nothing_in_the_run_folder(tmp_path, data_cache):
@@ -36,12 +39,16 @@ def test_a_refused_start_changes_nothing_in_the_run_folder(tmp_path, data_cache)
     assert not (run / LOCK).exists()
     # The tools read the settings the run trained with.
     command = [sys.executable, "-m", "train.generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "5"]
-    generate = subprocess.run(command,
-                              env=job_env(data_cache), capture_output=True, text=True, timeout=300)
+    generate = subprocess.run(command, env=job_env(data_cache), capture_output=True, text=True, timeout=300)
     assert generate.returncode == 0, generate.stderr[-3000:]
     assert generate.stdout.startswith("ROMEO:")
-    export = subprocess.run([sys.executable, "-m", "train.export_hf", str(run), str(tmp_path / "hf")],
-                            env=job_env(data_cache), capture_output=True, text=True, timeout=300)
+    export = subprocess.run(
+        [sys.executable, "-m", "train.export_hf", str(run), str(tmp_path / "hf")],
+        env=job_env(data_cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert export.returncode == 0, export.stderr[-3000:]
     assert json.loads((tmp_path / "hf/config.json").read_text())["num_experts_per_tok"] == 2
 

@@ -39,7 +39,9 @@ def train(step: int, loss: float) -> tuple[int, dict]:
 def offline_runs(run_dir: Path) -> list[Path]:
     """The offline runs' transaction logs, oldest first (their folders are named by start time),
     each once wandb's service has written all of it: `finish()` may return before."""
-    return [finished(path) for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)]
+    return [
+        finished(path) for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+    ]
 
 
 def finished(path: Path, timeout_s: float = 60) -> Path:
@@ -70,8 +72,13 @@ def test_resume_after_a_crash_keeps_the_history_and_replaces_the_repeated_steps(
     run_dir = tmp_path / "run"
     # First attempt: checkpoint at step 4 (after its validation), then steps 5 and 6, then a crash
     # that cuts the last line.
-    first = [(0, {"val/loss": 5.5}), *(train(s, 5.0 - s / 10) for s in range(1, 5)), (4, {"val/loss": 4.8}),
-             train(5, 4.5), train(6, 4.4)]
+    first = [
+        (0, {"val/loss": 5.5}),
+        *(train(s, 5.0 - s / 10) for s in range(1, 5)),
+        (4, {"val/loss": 4.8}),
+        train(5, 4.5),
+        train(6, 4.4),
+    ]
     attempt(run_dir, 0, first)
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "train/lo')
@@ -93,7 +100,10 @@ def test_resume_after_a_crash_keeps_the_history_and_replaces_the_repeated_steps(
     replaced = list(run_dir.glob("metrics.replaced-*.jsonl"))
     assert len(replaced) == 1
     lines = replaced[0].read_text().splitlines()
-    assert [json.loads(line) for line in lines[:3]] == [{"step": 4, "val/loss": 4.8}, *({"step": s, **m} for s, m in first[6:])]
+    assert [json.loads(line) for line in lines[:3]] == [
+        {"step": 4, "val/loss": 4.8},
+        *({"step": s, **m} for s, m in first[6:]),
+    ]
     assert lines[3] == '{"step": 7, "train/lo'  # nothing is lost, not even a cut line
 
     # W&B: the same run id; the newest offline run holds the whole history, each step once.
@@ -110,15 +120,22 @@ def test_resume_after_a_crash_keeps_the_history_and_replaces_the_repeated_steps(
                 assert row[f"{key}/values"] == value
             elif key != "step":
                 assert row[key] == (value if isinstance(value, str) else pytest.approx(value)), (record["step"], key)
-    assert "moe/expert_load_heatmap/path" in rows[6] and "moe/expert_load_heatmap/path" not in rows[3]  # replay: no images
+    assert (
+        "moe/expert_load_heatmap/path" in rows[6] and "moe/expert_load_heatmap/path" not in rows[3]
+    )  # replay: no images
 
 
 def test_resume_replaces_only_the_repeated_figures_of_the_resumed_step(tmp_path):
     """The resumed step's validation record also carried the sampled text: `val/loss` is logged
     again by the resumed run, the text is kept, and no (step, key) appears twice."""
     run_dir = tmp_path / "run"
-    first = [(0, {"val/loss": 5.5, "samples/text": "a"}), train(1, 4.9), train(2, 4.8), (2, {"val/loss": 4.7, "samples/text": "b"}),
-             train(3, 4.6)]
+    first = [
+        (0, {"val/loss": 5.5, "samples/text": "a"}),
+        train(1, 4.9),
+        train(2, 4.8),
+        (2, {"val/loss": 4.7, "samples/text": "b"}),
+        train(3, 4.6),
+    ]
     attempt(run_dir, 0, first, mode="disabled")
     second = [(2, {"val/loss": 4.7}), train(3, 4.6)]
     attempt(run_dir, 2, second, mode="disabled")

@@ -55,8 +55,9 @@ def _setup_worker(rank, world_size):
     model = build(job, dims)
     dense = dense_parameters(model)
     dense_bytes = nbytes(dense.values())
-    largest_unit = max(nbytes(p for p in unit.parameters() if any(p is d for d in dense.values()))
-                       for unit, _ in model.init_units())
+    largest_unit = max(
+        nbytes(p for p in unit.parameters() if any(p is d for d in dense.values())) for unit, _ in model.init_units()
+    )
     local_expert_bytes = nbytes(p for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
     assert largest_unit < dense_bytes / 25
 

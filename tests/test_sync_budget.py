@@ -37,19 +37,33 @@ CASES = [  # (ranks, n_layers, num_experts, grad_accum, capacity_factor)
 ]
 
 
-@pytest.mark.parametrize("nproc,n_layers,num_experts,grad_accum,capacity_factor", CASES,
-                         ids=[f"ranks{c[0]}-L{c[1]}-E{c[2]}-ga{c[3]}-cf{c[4]}" for c in CASES])
-def test_training_step_syncs_within_the_budget(tmp_path, data_cache, nproc, n_layers, num_experts, grad_accum,
-                                               capacity_factor):
+@pytest.mark.parametrize(
+    "nproc,n_layers,num_experts,grad_accum,capacity_factor",
+    CASES,
+    ids=[f"ranks{c[0]}-L{c[1]}-E{c[2]}-ga{c[3]}-cf{c[4]}" for c in CASES],
+)
+def test_training_step_syncs_within_the_budget(
+    tmp_path, data_cache, nproc, n_layers, num_experts, grad_accum, capacity_factor
+):
     out = tmp_path / "syncs"
     out.mkdir()
-    overrides = [*TINY, f"train.steps={STEPS}", "train.eval_interval=100", "logging.sample_tokens=0", "run_name=syncs",
-                 f"model.n_layers={n_layers}", f"moe.num_experts={num_experts}", f"train.grad_accum={grad_accum}",
-                 f"parallel.ep={nproc}", "moe.aux_loss_scope=micro_batch"]
+    overrides = [
+        *TINY,
+        f"train.steps={STEPS}",
+        "train.eval_interval=100",
+        "logging.sample_tokens=0",
+        "run_name=syncs",
+        f"model.n_layers={n_layers}",
+        f"moe.num_experts={num_experts}",
+        f"train.grad_accum={grad_accum}",
+        f"parallel.ep={nproc}",
+        "moe.aux_loss_scope=micro_batch",
+    ]
     if capacity_factor is not None:
         overrides.append(f"moe.capacity_factor={capacity_factor}")
-    done = run_job(tmp_path, data_cache, *overrides, nproc=nproc,
-                   extra_env=fault_env(SWITCHYARD_TEST_COUNT_SYNCS=str(out)))
+    done = run_job(
+        tmp_path, data_cache, *overrides, nproc=nproc, extra_env=fault_env(SWITCHYARD_TEST_COUNT_SYNCS=str(out))
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     per_step = grad_accum * n_layers * per_layer_forward(nproc, capacity_factor) + FIXED_PER_STEP[nproc]
     for rank in range(nproc):
@@ -86,8 +100,13 @@ def test_counter_sees_what_would_sync_a_gpu():
         torch.repeat_interleave(y.long(), y.long())  # its output size is data-dependent
         torch.repeat_interleave(y.long(), y.long(), output_size=30)
     assert [what for what, _ in counter.events] == [
-        "aten.index.Tensor", "aten.nonzero.default", "aten._local_scalar_dense.default", "Tensor.tolist",
-        "device->host copy", "device->host copy", "aten.repeat_interleave.Tensor",
+        "aten.index.Tensor",
+        "aten.nonzero.default",
+        "aten._local_scalar_dense.default",
+        "Tensor.tolist",
+        "device->host copy",
+        "device->host copy",
+        "aten.repeat_interleave.Tensor",
     ]
     assert "device" not in torch.Tensor.__dict__  # restored
 

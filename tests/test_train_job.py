@@ -10,8 +10,14 @@ from tests.wandb_reader import history
 
 def test_training_lowers_validation_loss(tmp_path, data_cache):
     done = run_job(
-        tmp_path, data_cache, *TINY, "run_name=learn", "train.steps=300", "train.eval_interval=25",
-        "train.ckpt_interval=300", "optim.warmup_steps=20",
+        tmp_path,
+        data_cache,
+        *TINY,
+        "run_name=learn",
+        "train.steps=300",
+        "train.eval_interval=25",
+        "train.ckpt_interval=300",
+        "optim.warmup_steps=20",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     records = read_metrics(tmp_path, "learn")
@@ -28,7 +34,14 @@ def test_training_lowers_validation_loss(tmp_path, data_cache):
 
 
 def test_resume_gives_the_uninterrupted_losses(tmp_path, data_cache):
-    common = [*TINY, "train.steps=16", "train.eval_interval=100", "train.ckpt_interval=100", "moe.jitter=0.1", "moe.bias_update_rate=0.01"]
+    common = [
+        *TINY,
+        "train.steps=16",
+        "train.eval_interval=100",
+        "train.ckpt_interval=100",
+        "moe.jitter=0.1",
+        "moe.bias_update_rate=0.01",
+    ]
     whole = run_job(tmp_path, data_cache, *common, "run_name=whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
     first = run_job(tmp_path, data_cache, *common, "run_name=split", "train.stop_at=8")
@@ -60,19 +73,39 @@ def test_fresh_run_keeps_earlier_checkpoints_aside(tmp_path, data_cache):
 def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path, data_cache):
     done = run_job(tmp_path, data_cache, *TINY, "run_name=shape", "train.steps=2", "train.eval_interval=2")
     assert done.returncode == 0, done.stderr[-3000:]
-    other = run_job(tmp_path, data_cache, *TINY, "run_name=shape", "train.steps=4", "train.resume=true", "moe.num_experts=8")
+    other = run_job(
+        tmp_path, data_cache, *TINY, "run_name=shape", "train.steps=4", "train.resume=true", "moe.num_experts=8"
+    )
     assert other.returncode == 2
     assert "moe.num_experts" in other.stderr.strip().splitlines()[-1]
 
 
 def test_half_written_checkpoint_is_never_loaded(tmp_path, data_cache):
-    done = run_job(tmp_path, data_cache, *TINY, "run_name=crash", "train.steps=4", "train.ckpt_interval=2", "train.eval_interval=4", "train.stop_at=2")
+    done = run_job(
+        tmp_path,
+        data_cache,
+        *TINY,
+        "run_name=crash",
+        "train.steps=4",
+        "train.ckpt_interval=2",
+        "train.eval_interval=4",
+        "train.stop_at=2",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = tmp_path / "outputs/crash/checkpoints"
     # A crash while saving step 4 leaves a staging folder (and even a garbage file) behind.
     (ckpt / "step_000004.tmp").mkdir()
     (ckpt / "step_000004.tmp" / "rank0.pt").write_bytes(b"truncated")
-    resumed = run_job(tmp_path, data_cache, *TINY, "run_name=crash", "train.steps=4", "train.ckpt_interval=2", "train.eval_interval=4", "train.resume=true")
+    resumed = run_job(
+        tmp_path,
+        data_cache,
+        *TINY,
+        "run_name=crash",
+        "train.steps=4",
+        "train.ckpt_interval=2",
+        "train.eval_interval=4",
+        "train.resume=true",
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = sorted(train_losses(read_metrics(tmp_path, "crash")))
     assert steps == [1, 2, 3, 4]  # resumed from step 2, the last complete checkpoint
@@ -86,14 +119,24 @@ def test_half_written_checkpoint_is_never_loaded(tmp_path, data_cache):
 def test_empty_corpus_is_refused(tmp_path, data_cache):
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n\n")
-    done = run_job(tmp_path, data_cache, *TINY, "data=files", f"data.paths=[{empty}]", "data.tokenizer.kind=bytes", timeout=120)
+    done = run_job(
+        tmp_path, data_cache, *TINY, "data=files", f"data.paths=[{empty}]", "data.tokenizer.kind=bytes", timeout=120
+    )
     assert done.returncode == 2
     assert "empty" in done.stderr.strip().splitlines()[-1]
 
 
 def test_wandb_offline_run_holds_what_the_jsonl_holds(tmp_path, data_cache):
     overrides = [o for o in TINY if not o.startswith("logging.wandb.mode")]
-    done = run_job(tmp_path, data_cache, *overrides, "run_name=wb", "train.steps=3", "train.eval_interval=3", "logging.wandb.mode=offline")
+    done = run_job(
+        tmp_path,
+        data_cache,
+        *overrides,
+        "run_name=wb",
+        "train.steps=3",
+        "train.eval_interval=3",
+        "logging.wandb.mode=offline",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     runs = list((tmp_path / "outputs/wb/wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
@@ -119,8 +162,15 @@ def test_wandb_offline_run_holds_what_the_jsonl_holds(tmp_path, data_cache):
 def test_cpu_run_compiles_no_deepspeed_op(tmp_path, data_cache):
     """DeepSpeed's shared-memory op (inference all-reduce only) is not built: no gcc, no wait."""
     extensions = tmp_path / "torch_extensions"  # where torch would JIT-build it, empty like a fresh machine
-    done = run_job(tmp_path, data_cache, *TINY, "run_name=noop", "train.steps=1", "train.eval_interval=1",
-                   extra_env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    done = run_job(
+        tmp_path,
+        data_cache,
+        *TINY,
+        "run_name=noop",
+        "train.steps=1",
+        "train.eval_interval=1",
+        extra_env={"TORCH_EXTENSIONS_DIR": str(extensions)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (extensions / "deepspeed_shm_comm").exists()
     assert "deepspeed_shm_comm" not in done.stdout + done.stderr

@@ -9,7 +9,13 @@ import pytest
 
 from tests.jobs import TINY, read_metrics, run_job, train_losses
 
-STEPS = ["train.steps=20", "train.eval_interval=20", "train.ckpt_interval=20", "optim.warmup_steps=5", "optim.grad_clip=0.5"]
+STEPS = [
+    "train.steps=20",
+    "train.eval_interval=20",
+    "train.ckpt_interval=20",
+    "optim.warmup_steps=5",
+    "optim.grad_clip=0.5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +33,9 @@ def grad_norms(records: list[dict]) -> dict[int, float]:
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stage_with_ep2_matches_single_process(tmp_path, data_cache, single_process_losses, stage):
-    done = run_job(tmp_path, data_cache, *TINY, *STEPS, "run_name=zero", "parallel.ep=2", f"deepspeed.zero_stage={stage}", nproc=4)
+    done = run_job(
+        tmp_path, data_cache, *TINY, *STEPS, "run_name=zero", "parallel.ep=2", f"deepspeed.zero_stage={stage}", nproc=4
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     records = read_metrics(tmp_path, "zero")
     got = train_losses(records)

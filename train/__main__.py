@@ -70,8 +70,12 @@ def main(cfg: DictConfig) -> dict:
         if cause is None:
             raise  # this rank's own failure: its traceback is the root cause
         rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
-        print(f"switchyard: (rank {rank}) stopped: another rank failed ({cause}); the first failure is the root cause "
-              "torchrun names", file=sys.stderr, flush=True)
+        print(
+            f"switchyard: (rank {rank}) stopped: another rank failed ({cause}); the first failure is the root cause "
+            "torchrun names",
+            file=sys.stderr,
+            flush=True,
+        )
         if run is not None:
             run.lock.release()
         os._exit(EXIT_PEER_FAILED)  # no teardown: the process group is broken and would hang or print more
@@ -90,8 +94,11 @@ def record_settings(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     folder = Path(hydra_cfg.runtime.output_dir) / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"config.yaml": cfg, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
-             "overrides.yaml": OmegaConf.create(list(hydra_cfg.overrides.task))}
+    files = {
+        "config.yaml": cfg,
+        "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+        "overrides.yaml": OmegaConf.create(list(hydra_cfg.overrides.task)),
+    }
     for name, node in files.items():
         write_atomic(folder / name, OmegaConf.to_yaml(node))
 
@@ -149,8 +156,11 @@ def cli() -> None:
     except OSError as err:
         if _job_started:
             raise
-        fail(f"cannot create the run directory: {err.filename}: {err.strerror} "
-             "(set run_name, hydra.run.dir or, for sweeps, hydra.sweep.dir to a writable place)", EXIT_USAGE)
+        fail(
+            f"cannot create the run directory: {err.filename}: {err.strerror} "
+            "(set run_name, hydra.run.dir or, for sweeps, hydra.sweep.dir to a writable place)",
+            EXIT_USAGE,
+        )
     except (ValueError, TrainingDiverged, SaveFailed) as err:  # a sweep with a failed job: each job printed its line
         summary = written_summary()  # Hydra skips on_multirun_end (which prints it) after a failed job
         where = f"; every job's result is in {summary}" if summary else ""

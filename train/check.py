@@ -30,10 +30,12 @@ def checked_summary(job: JobConfig, world_size: int, overrides: list[str]) -> st
     data = job.data.corpus
     if job.data.corpus == "files":
         data += f" ({len(job.data.paths)} file(s) found and readable)"
-    return (f"switchyard: ok: {len(overrides)} override(s) composed with conf/; every setting of the schema checked "
-            f"against its allowed values; layout: {world_size} process(es), parallel.ep={job.parallel.ep} dividing "
-            f"them and moe.num_experts={job.moe.num_experts}; data: {data}; writable: run directory {job.run_dir}, "
-            f"its checkpoints/ and data.cache_dir {job.data.cache_dir}")
+    return (
+        f"switchyard: ok: {len(overrides)} override(s) composed with conf/; every setting of the schema checked "
+        f"against its allowed values; layout: {world_size} process(es), parallel.ep={job.parallel.ep} dividing "
+        f"them and moe.num_experts={job.moe.num_experts}; data: {data}; writable: run directory {job.run_dir}, "
+        f"its checkpoints/ and data.cache_dir {job.data.cache_dir}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,9 +148,11 @@ class TrainConfig:
         if self.global_batch is not None:
             require_positive_int("train.global_batch", self.global_batch, MAX_BATCH)
             if self.grad_accum != 1:
-                raise ValueError(f"train.grad_accum={self.grad_accum}: with train.global_batch set, grad_accum follows "
-                                 "from it "
-                                 "(global_batch / processes / micro_batch): leave train.grad_accum at 1")
+                raise ValueError(
+                    f"train.grad_accum={self.grad_accum}: with train.global_batch set, grad_accum follows "
+                    "from it "
+                    "(global_batch / processes / micro_batch): leave train.grad_accum at 1"
+                )
         if self.seq_len > max_seq_len:
             raise ValueError(f"train.seq_len ({self.seq_len}) must be <= model.max_seq_len ({max_seq_len})")
         require_int_in("train.seed", self.seed, 0, MAX_SEED)
@@ -169,8 +171,10 @@ def batch_layout(t: TrainConfig, world_size: int) -> tuple[int, int]:
     if t.global_batch is None:
         return t.micro_batch, t.grad_accum
     if t.global_batch % world_size:
-        raise ValueError(f"train.global_batch={t.global_batch} must be a multiple of the number of processes "
-                         f"({world_size}): each rank takes an equal share")
+        raise ValueError(
+            f"train.global_batch={t.global_batch} must be a multiple of the number of processes "
+            f"({world_size}): each rank takes an equal share"
+        )
     share = t.global_batch // world_size
     micro_batch = max(d for d in range(1, min(share, t.micro_batch) + 1) if share % d == 0)
     return micro_batch, share // micro_batch
@@ -228,11 +232,15 @@ class JobConfig:
         self.logging.validate()
         if self.moe.backend == "megablocks":  # its kernels are CUDA and bf16 (the machine: train/preflight.py)
             if self.train.device == "cpu":
-                raise ValueError("moe.backend=megablocks runs on CUDA only; got train.device='cpu': "
-                                 "use train.device=cuda (or auto), or moe.backend=torch")
+                raise ValueError(
+                    "moe.backend=megablocks runs on CUDA only; got train.device='cpu': "
+                    "use train.device=cuda (or auto), or moe.backend=torch"
+                )
             if self.train.dtype == "fp32":
-                raise ValueError("moe.backend=megablocks runs bf16 only (grouped_gemm's kernels); got "
-                                 "train.dtype='fp32': use train.dtype=bf16 (or auto), or moe.backend=torch")
+                raise ValueError(
+                    "moe.backend=megablocks runs bf16 only (grouped_gemm's kernels); got "
+                    "train.dtype='fp32': use train.dtype=bf16 (or auto), or moe.backend=torch"
+                )
 
 
 INIT_FROM_KINDS = ("hf", "upcycle")
@@ -244,8 +252,10 @@ def split_init_from(value: str | None) -> tuple[str, str] | None:
         return None
     kind, sep, path = str(value).partition(":")
     if not sep or kind not in INIT_FROM_KINDS or not path:
-        raise ValueError("model.init_from must be null, 'hf:<transformers dir>' or "
-                         f"'upcycle:<run dir or dense transformers dir>'; got {value!r}")
+        raise ValueError(
+            "model.init_from must be null, 'hf:<transformers dir>' or "
+            f"'upcycle:<run dir or dense transformers dir>'; got {value!r}"
+        )
     return kind, path
 
 

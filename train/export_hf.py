@@ -23,8 +23,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a checkpoint (outputs/<run_name>)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="the directory to create (must not exist, or be empty)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--max-shard-mb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e6, help="largest safetensors file (MB)")
+    parser.add_argument(
+        "--max-shard-mb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e6, help="largest safetensors file (MB)"
+    )
     args = parser.parse_args(argv)
+
     def export() -> None:
         model_type = export_hf(args.run_dir, args.out_dir, args.step, int(args.max_shard_mb * 1e6))
         print(f"switchyard: exported {args.run_dir} as {model_type} to {Path(args.out_dir).resolve()}")

@@ -28,7 +28,9 @@ def main(argv: list[str]) -> int:
     def sample() -> None:
         weights = load_run_weights(args.run_dir, args.step)
         model = weights.build_model()
-        text = generate(model, weights.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+        text = generate(
+            model, weights.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed
+        )
         print(args.prompt + text)
 
     return run_tool(sample)

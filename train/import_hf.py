@@ -21,8 +21,12 @@ from train.hf.importing import load_hf_weights, training_overrides
 
 def main(argv: list[str]) -> int:
     parser = tool_parser("python -m train.import_hf", __doc__)
-    parser.add_argument("hf_dir", metavar="HF_DIR", help="a transformers model directory (config.json, safetensors, "
-                        "tokenizer.json); the overrides for python -m train are printed")
+    parser.add_argument(
+        "hf_dir",
+        metavar="HF_DIR",
+        help="a transformers model directory (config.json, safetensors, "
+        "tokenizer.json); the overrides for python -m train are printed",
+    )
     args = parser.parse_args(argv)
 
     def print_overrides() -> None:

@@ -43,7 +43,16 @@ WANDB_ID = "wandb_run_id"
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, job_dict: dict, total_steps: int, first_step: int, wandb_cfg, progress_bar: bool, enabled: bool):
+    def __init__(
+        self,
+        run_dir: Path,
+        job_dict: dict,
+        total_steps: int,
+        first_step: int,
+        wandb_cfg,
+        progress_bar: bool,
+        enabled: bool,
+    ):
         self.enabled = enabled
         self.wandb_run = None
         self.bar = None
@@ -100,7 +109,10 @@ class RunLogger:
             self.bar.n = step
             self.bar.set_postfix(postfix, refresh=True)
         elif self.plain_progress:
-            print(progress_line(step, self.total_steps, self.first_step, time.perf_counter() - self.started, postfix), flush=True)
+            print(
+                progress_line(step, self.total_steps, self.first_step, time.perf_counter() - self.started, postfix),
+                flush=True,
+            )
 
     def info(self, message: str) -> None:
         if not self.enabled:
@@ -127,8 +139,11 @@ def progress_line(step: int, total: int, first_step: int, elapsed_s: float, figu
     """`train: step 20/400 (5%), loss=3.952, tok/s=1,714, 0:29 elapsed, eta 9:09`: the bar's figures as a line."""
     done = step - first_step
     eta = _clock(elapsed_s / done * (total - step)) if done > 0 else "?"
-    parts = [f"train: step {step}/{total} ({100 * step // max(total, 1)}%)", *(f"{k}={v}" for k, v in figures.items()),
-             f"{_clock(elapsed_s)} elapsed, eta {eta}"]
+    parts = [
+        f"train: step {step}/{total} ({100 * step // max(total, 1)}%)",
+        *(f"{k}={v}" for k, v in figures.items()),
+        f"{_clock(elapsed_s)} elapsed, eta {eta}",
+    ]
     return ", ".join(parts)
 
 
@@ -171,8 +186,12 @@ class _ResumedHistory:
             aside = _free_name(self.path, "replaced", self.stamp)
             aside.write_text("".join(f"{line}\n" for line in replaced))
             write_atomic(self.path, "".join(f"{line}\n" for line in lines))
-            log.info("resumed at step %d: %d record(s) the earlier attempt logged after it moved to %s",
-                     self.resume_step, len(replaced), aside)
+            log.info(
+                "resumed at step %d: %d record(s) the earlier attempt logged after it moved to %s",
+                self.resume_step,
+                len(replaced),
+                aside,
+            )
         return kept
 
 
@@ -256,5 +275,8 @@ def quiet_third_party_logs() -> None:
     # DeepSpeed probes its ops by compiling test programs; the compiler's INFO lines are not ours.
     logging.getLogger("compilers").setLevel(logging.WARNING)
     # DeepSpeed's ZeRO calls these torch collectives on every step; torch 2.13 deprecates their names.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )

@@ -103,8 +103,15 @@ def sample(run: Run, seed: int) -> str:
     """The prompt and a sampled continuation, so a person can read what the model learned. Every
     rank generates (the forward is collective under expert parallelism and ZeRO-3) the same text."""
     prompt = run.job.logging.sample_prompt
-    return prompt + generate(run.trainer.engine, run.data.tokenizer, prompt, run.job.logging.sample_tokens,
-                             temperature=0.8, top_k=50, seed=seed)
+    return prompt + generate(
+        run.trainer.engine,
+        run.data.tokenizer,
+        prompt,
+        run.job.logging.sample_tokens,
+        temperature=0.8,
+        top_k=50,
+        seed=seed,
+    )
 
 
 @dataclasses.dataclass
@@ -141,8 +148,11 @@ def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> S
         if micro_step == t.grad_accum - 1:
             # The step's one look at the host: non-finite losses, stop signals and background writes
             # on any rank (one all-reduce), and this rank's cross-entropy (one copy).
-            host_flags = torch.tensor([float(preemption.requested()), float(run.checkpoints.background_write_running())],
-                                      dtype=torch.float64, device=run.device)
+            host_flags = torch.tensor(
+                [float(preemption.requested()), float(run.checkpoints.background_write_running())],
+                dtype=torch.float64,
+                device=run.device,
+            )
             world_3 = all_reduce_sum(torch.cat([num_bad[None], host_flags]), dims)
             num_bad_world, stops, writes, ce_total = torch.cat([world_3, ce_sum[None]]).tolist()
             stop, writing = stops > 0, writes > 0
@@ -191,7 +201,9 @@ class DeadExpertWarnings:
                 continue
             self.last_warned[layer] = dead
             if dead:
-                out.append(f"warning: step {step}: {layer}: expert(s) {dead} got no token in the last {window_steps} step(s)")
+                out.append(
+                    f"warning: step {step}: {layer}: expert(s) {dead} got no token in the last {window_steps} step(s)"
+                )
         return out
 
 
@@ -234,10 +246,18 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
 
         if done % t.log_interval == 0 or done == t.steps:
             elapsed = time.perf_counter() - window_start
-            mean_loss = float(all_reduce_sum(torch.tensor([loss_sum / max(window_steps, 1)], dtype=torch.float64), dims)[0]) / dims.world_size
+            mean_loss = (
+                float(all_reduce_sum(torch.tensor([loss_sum / max(window_steps, 1)], dtype=torch.float64), dims)[0])
+                / dims.world_size
+            )
             tokens_per_s = tokens_per_step * window_steps / elapsed
-            metrics = {"train/loss": mean_loss, "train/lr": lr_at(step, job), "perf/tokens_per_s": tokens_per_s,
-                       **step_metrics, **window.summarize(dims, elapsed)}
+            metrics = {
+                "train/loss": mean_loss,
+                "train/lr": lr_at(step, job),
+                "perf/tokens_per_s": tokens_per_s,
+                **step_metrics,
+                **window.summarize(dims, elapsed),
+            }
             if t.peak_tflops:
                 metrics["perf/mfu"] = tokens_per_s * run.flops_per_token / (t.peak_tflops * 1e12 * dims.world_size)
             logger.log(done, metrics)
@@ -261,11 +281,14 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
         if run.checkpoints.in_flight and not result.writing:
             checkpoint(run, logger, run.checkpoints.finish_background)  # every rank's write is done: publish
         saved = (done % t.ckpt_interval == 0 or done == last_step) and checkpoint(
-            run, logger, lambda: run.checkpoints.save(run.trainer, done, background=t.async_save and done != last_step))
+            run, logger, lambda: run.checkpoints.save(run.trainer, done, background=t.async_save and done != last_step)
+        )
         if result.stop:
             stop_with_checkpoint(run, logger, done, saved)
     if bad_total and not applied_total:
-        raise TrainingDiverged(f"every step of this run ({bad_total}) had a non-finite loss; nothing was trained or saved")
+        raise TrainingDiverged(
+            f"every step of this run ({bad_total}) had a non-finite loss; nothing was trained or saved"
+        )
     return summary
 
 
@@ -296,7 +319,13 @@ def train(run: Run) -> dict:
     job = run.job
     job_dict = dataclasses.asdict(job)
     logger = RunLogger(
-        Path(job.run_dir), job_dict, job.train.steps, run.start_step, job.logging.wandb, job.logging.progress_bar, run.dims.is_main
+        Path(job.run_dir),
+        job_dict,
+        job.train.steps,
+        run.start_step,
+        job.logging.wandb,
+        job.logging.progress_bar,
+        run.dims.is_main,
     )
     try:
         return train_steps(run, logger)

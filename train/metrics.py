@@ -32,9 +32,15 @@ class MoEWindow:
         if not stats:
             return
         self.tokens_LE += tokens_per_expert_LE(stats).to(self.tokens_LE)
-        self.sums_L4 += torch.stack([losses.aux_L.double(), losses.z_L.double(),
-                                     torch.stack([s.router_entropy for s in stats]).double(),
-                                     torch.stack([s.num_dropped for s in stats]).double()], dim=1).to(self.sums_L4)
+        self.sums_L4 += torch.stack(
+            [
+                losses.aux_L.double(),
+                losses.z_L.double(),
+                torch.stack([s.router_entropy for s in stats]).double(),
+                torch.stack([s.num_dropped for s in stats]).double(),
+            ],
+            dim=1,
+        ).to(self.sums_L4)
         host_L2 = [[s.bytes_sent, s.all_to_all_seconds] for s in stats]
         self.host_sums_L2 += torch.tensor(host_L2, dtype=torch.float64, device="cpu")
 

@@ -59,7 +59,7 @@ def parse_plan_settings(overrides: list[str]) -> PlanConfig:
     plan = PlanConfig()
     fields = {f.name: f for f in dataclasses.fields(PlanConfig)}
     for item in overrides:
-        key, sep, value = item[len(PLAN_PREFIX):].partition("=")
+        key, sep, value = item[len(PLAN_PREFIX) :].partition("=")
         if key not in fields:
             allowed = ", ".join(PLAN_PREFIX + name for name in fields)
             raise ValueError(f"{PLAN_PREFIX}{key} is not a planner setting; allowed: {allowed}")
@@ -67,7 +67,9 @@ def parse_plan_settings(overrides: list[str]) -> PlanConfig:
         try:
             setattr(plan, key, kind(value))
         except ValueError:
-            raise ValueError(f"{PLAN_PREFIX}{key} must be {'an integer' if kind is int else 'a number'}; got {value!r}") from None
+            raise ValueError(
+                f"{PLAN_PREFIX}{key} must be {'an integer' if kind is int else 'a number'}; got {value!r}"
+            ) from None
     plan.validate()
     return plan
 
@@ -77,8 +79,10 @@ def check_layout(job, plan: PlanConfig) -> None:
 
     ep = job.parallel.ep
     if plan.world_size % ep:
-        raise ValueError(f"parallel.ep ({ep}) must divide plan.world_size ({plan.world_size}); "
-                         f"allowed: divisors of {plan.world_size}")
+        raise ValueError(
+            f"parallel.ep ({ep}) must divide plan.world_size ({plan.world_size}); "
+            f"allowed: divisors of {plan.world_size}"
+        )
     validate_degrees(plan.world_size, ep, job.moe.num_experts)
     job.train.micro_batch, job.train.grad_accum = batch_layout(job.train, plan.world_size)  # with train.global_batch
 

@@ -40,7 +40,9 @@ def load_shares(records: list[dict]) -> tuple[list[int], np.ndarray]:
     if not steps:
         return [], np.zeros((0, 0, 0))
     layers = sorted(int(m.group(1)) for k in rows[steps[0]] if (m := LOAD_KEY.fullmatch(k)))
-    load_LES = np.array([[rows[s][f"moe/layer{l}/tokens_per_expert"] for s in steps] for l in layers], dtype=float).transpose(0, 2, 1)
+    load_LES = np.array(
+        [[rows[s][f"moe/layer{l}/tokens_per_expert"] for s in steps] for l in layers], dtype=float
+    ).transpose(0, 2, 1)
     return steps, load_LES / np.maximum(load_LES.sum(axis=1, keepdims=True), 1)
 
 
@@ -83,8 +85,13 @@ def plot_expert_heatmaps(records: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(num_layers, 1, figsize=(8, 2.2 * num_layers), squeeze=False)
     for layer, ax in enumerate(axes[:, 0]):
         if share_LES.size:
-            image = ax.imshow(share_LES[layer], aspect="auto", cmap="viridis", vmin=0,
-                              extent=(steps[0], steps[-1], share_LES.shape[1] - 0.5, -0.5))
+            image = ax.imshow(
+                share_LES[layer],
+                aspect="auto",
+                cmap="viridis",
+                vmin=0,
+                extent=(steps[0], steps[-1], share_LES.shape[1] - 0.5, -0.5),
+            )
             fig.colorbar(image, ax=ax)
         ax.set(ylabel=f"layer {layer}\nexpert")
     axes[-1, 0].set_xlabel("step")

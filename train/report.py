@@ -14,8 +14,11 @@ from train.plots import write_report
 
 def main(argv: list[str]) -> int:
     parser = tool_parser("python -m train.report", __doc__)
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a metrics.jsonl (outputs/<run_name>); "
-                        "the plots go to RUN_DIR/plots/")
+    parser.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a run directory with a metrics.jsonl (outputs/<run_name>); the plots go to RUN_DIR/plots/",
+    )
     args = parser.parse_args(argv)
 
     def report() -> None:

@@ -25,9 +25,13 @@ STALE_AFTER_S = 300.0  # ten missed heartbeats
 
 
 def this_holder() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def describe(holder: dict) -> str:
@@ -41,8 +45,11 @@ def why_stale(holder: dict | None, age_s: float, me: dict) -> str | None:
         return "the lock file is damaged"
     if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
         return "its process no longer runs"
-    if holder.get("slurm_job_id") and holder.get("slurm_job_id") == me["slurm_job_id"] \
-            and holder.get("slurm_restart") != me["slurm_restart"]:
+    if (
+        holder.get("slurm_job_id")
+        and holder.get("slurm_job_id") == me["slurm_job_id"]
+        and holder.get("slurm_restart") != me["slurm_restart"]
+    ):
         return "it was an earlier attempt of this SLURM job"
     if age_s > STALE_AFTER_S:
         return f"it has not been refreshed for {age_s:.0f} s"
@@ -82,8 +89,10 @@ class RunLock:
                     continue
                 reason = why_stale(holder, age_s, me)
                 if reason is None:
-                    raise ValueError(f"{self.path.parent} is in use by another job ({describe(holder)}): "
-                                     f"wait for it to end, or use another run_name") from None
+                    raise ValueError(
+                        f"{self.path.parent} is in use by another job ({describe(holder)}): "
+                        f"wait for it to end, or use another run_name"
+                    ) from None
                 note = f"switchyard: took over {self.path} from a job that is gone ({reason}: {describe(holder or {})})"
                 self.path.unlink(missing_ok=True)
                 continue

@@ -28,7 +28,6 @@ from train.metrics import flops_per_token
 from train.preflight import preflight
 from train.run_lock import RunLock
 
-
 DATA_PREPARATION_TIMEOUT = datetime.timedelta(hours=6)
 
 
@@ -93,9 +92,11 @@ def setup(job: JobConfig, record_settings: Callable[[], None] | None = None) -> 
     t = job.train
     t.micro_batch, t.grad_accum = batch_layout(t, dims.world_size)  # the loop reads these
     if t.global_batch is not None and dims.is_main:
-        print(f"switchyard: global batch {t.global_batch} = {dims.world_size} process(es) x "
-              f"{t.grad_accum} micro-batch(es) "
-              f"x {t.micro_batch} sequences")
+        print(
+            f"switchyard: global batch {t.global_batch} = {dims.world_size} process(es) x "
+            f"{t.grad_accum} micro-batch(es) "
+            f"x {t.micro_batch} sequences"
+        )
     lock = take_run_lock(job.run_dir, dims)
     try:
         return _set_up_locked(job, dims, lock, record_settings)
@@ -139,4 +140,6 @@ def _set_up_locked(job: JobConfig, dims: ParallelDims, lock: RunLock, record_set
             f"{dims.world_size} process(es), ep={dims.ep}, ZeRO-{job.deepspeed.zero_stage}, device={dims.device}, "
             f"{len(data.train) / 1e6:.2f}M training tokens, vocab {data.vocab_size}"
         )
-    return Run(job, dims, autocast_dtype(job.train.dtype, dims.device), data, trainer, checkpoints, start_step, fpt, lock)
+    return Run(
+        job, dims, autocast_dtype(job.train.dtype, dims.device), data, trainer, checkpoints, start_step, fpt, lock
+    )

@@ -63,7 +63,7 @@ def document_ids(texts: list[str], tokenizer, max_tokens: int) -> list[list[int]
     for text in texts:
         if total >= max_tokens:
             break
-        ids = (tokenizer.encode(text) + [tokenizer.eot_id])[:max_tokens - total]
+        ids = (tokenizer.encode(text) + [tokenizer.eot_id])[: max_tokens - total]
         docs.append(ids)
         total += len(ids)
     return docs
@@ -72,10 +72,10 @@ def document_ids(texts: list[str], tokenizer, max_tokens: int) -> list[list[int]
 def token_blocks(ids: list[int], seq_len: int, batch: int) -> list[torch.Tensor]:
     """[B, S] blocks of consecutive tokens, B <= batch; the remainder as a last, shorter block."""
     full = len(ids) // seq_len
-    rows_BS = torch.tensor(ids[:full * seq_len], dtype=torch.long).view(full, seq_len)
+    rows_BS = torch.tensor(ids[: full * seq_len], dtype=torch.long).view(full, seq_len)
     blocks = list(rows_BS.split(batch)) if full else []
     if len(ids) > full * seq_len:
-        blocks.append(torch.tensor(ids[full * seq_len:], dtype=torch.long)[None])
+        blocks.append(torch.tensor(ids[full * seq_len :], dtype=torch.long)[None])
     return blocks
 
 
@@ -99,8 +99,10 @@ def group_by_domain(labelled: list[tuple[str, str]], describe: str) -> dict[str,
         docs.setdefault(domain, []).append(text)
     if len(docs) < 2:
         found = ", ".join(repr(d) for d in docs) or "none"
-        raise ValueError(f"{describe}: the validation split holds {len(docs)} domain(s) ({found}); the report compares "
-                         f"at least two (for files, the last data.val_fraction of the rows is validation: mix the domains' rows)")
+        raise ValueError(
+            f"{describe}: the validation split holds {len(docs)} domain(s) ({found}); the report compares "
+            f"at least two (for files, the last data.val_fraction of the rows is validation: mix the domains' rows)"
+        )
     return docs
 
 
@@ -111,8 +113,11 @@ def measure(model, docs: dict[str, list[str]], tokenizer, seq_len: int, batch: i
     for domain, texts in docs.items():
         ids = document_ids(texts, tokenizer, max_tokens)
         halves = [[t for doc in ids[first::2] for t in doc] for first in (0, 1)]
-        out[domain] = {"documents": len(ids), "tokens": sum(map(len, halves)),
-                       "halves_copies_LE": [expert_copies(model, token_blocks(h, seq_len, batch)).numpy() for h in halves if h]}
+        out[domain] = {
+            "documents": len(ids),
+            "tokens": sum(map(len, halves)),
+            "halves_copies_LE": [expert_copies(model, token_blocks(h, seq_len, batch)).numpy() for h in halves if h],
+        }
     return out
 
 
@@ -129,11 +134,16 @@ def per_layer_figures(measured: dict, top_k: int) -> list[dict]:
             assert int(copies[d].sum()) == measured[d]["tokens"] * top_k, "every token goes to top_k experts"
         shares = {d: copies[d] / copies[d].sum() for d in domains}
         within = {d: js_divergence(np.stack([h / h.sum() for h in halves[d]])) for d in domains if len(halves[d]) == 2}
-        layers.append({"layer": layer, "copies": {d: [int(c) for c in copies[d]] for d in domains},
-                       "shares": {d: [float(s) for s in shares[d]] for d in domains},
-                       "js_divergence": js_divergence(np.stack([shares[d] for d in domains])),
-                       "js_divergence_within": within,
-                       "js_divergence_within_mean": float(np.mean(list(within.values()))) if within else None})
+        layers.append(
+            {
+                "layer": layer,
+                "copies": {d: [int(c) for c in copies[d]] for d in domains},
+                "shares": {d: [float(s) for s in shares[d]] for d in domains},
+                "js_divergence": js_divergence(np.stack([shares[d] for d in domains])),
+                "js_divergence_within": within,
+                "js_divergence_within_mean": float(np.mean(list(within.values()))) if within else None,
+            }
+        )
     return layers
 
 
@@ -149,13 +159,16 @@ def labelled_documents(job, domain_field: str | None) -> tuple[list[tuple[str, s
     if data.corpus == "classics":
         return labelled_val_documents(data), "the classics corpus (shakespeare, bible)"
     if not data.domain_field:
-        raise ValueError(f"data.domain_field is not set in this run (data.corpus={data.corpus}): name the column that holds "
-                         "each row's domain, here (--domain-field NAME) or in training (data.domain_field=NAME)")
+        raise ValueError(
+            f"data.domain_field is not set in this run (data.corpus={data.corpus}): name the column that holds "
+            "each row's domain, here (--domain-field NAME) or in training (data.domain_field=NAME)"
+        )
     return labelled_val_documents(data), f"data.domain_field={data.domain_field!r}"
 
 
-def specialization(run_dir: Path, step: int | None = None, domain_field: str | None = None,
-                   max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
+def specialization(
+    run_dir: Path, step: int | None = None, domain_field: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS
+) -> dict:
     """The report's figures for `run_dir` (what specialization.json holds)."""
     from train.checkpoint.run_weights import load_run_weights
 
@@ -165,18 +178,28 @@ def specialization(run_dir: Path, step: int | None = None, domain_field: str | N
     job = weights.job
     model = weights.build_model()
     if not model.moe_layers():
-        raise ValueError(f"{run_dir}: the run's model has no MoE layer (model.n_layers={job.model.n_layers}, "
-                         f"moe.every={job.moe.every}): there is no routing to report")
+        raise ValueError(
+            f"{run_dir}: the run's model has no MoE layer (model.n_layers={job.model.n_layers}, "
+            f"moe.every={job.moe.every}): there is no routing to report"
+        )
     labelled, source = labelled_documents(job, domain_field)
     docs = group_by_domain(labelled, source)
     measured = measure(model, docs, weights.tokenizer, job.train.seq_len, job.train.micro_batch, max_tokens)
     layers = per_layer_figures(measured, job.moe.top_k)
-    return {"run_dir": str(Path(run_dir).resolve()), "step": weights.step, "checkpoint": str(weights.checkpoint),
-            "domains_from": source, "domains": list(measured), "top_k": job.moe.top_k,
-            "num_experts": job.moe.num_experts, "log_base": 2,
-            "documents": {d: m["documents"] for d, m in measured.items()},
-            "tokens": {d: m["tokens"] for d, m in measured.items()},
-            "js_divergence_per_layer": [layer["js_divergence"] for layer in layers], "layers": layers}
+    return {
+        "run_dir": str(Path(run_dir).resolve()),
+        "step": weights.step,
+        "checkpoint": str(weights.checkpoint),
+        "domains_from": source,
+        "domains": list(measured),
+        "top_k": job.moe.top_k,
+        "num_experts": job.moe.num_experts,
+        "log_base": 2,
+        "documents": {d: m["documents"] for d, m in measured.items()},
+        "tokens": {d: m["tokens"] for d, m in measured.items()},
+        "js_divergence_per_layer": [layer["js_divergence"] for layer in layers],
+        "layers": layers,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,8 +209,12 @@ def specialization(run_dir: Path, step: int | None = None, domain_field: str | N
 
 def write_outputs(result: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "specialization.png", out_dir / "specialization.md", out_dir / "expert_shares.csv",
-             out_dir / "specialization.json"]
+    paths = [
+        out_dir / "specialization.png",
+        out_dir / "specialization.md",
+        out_dir / "expert_shares.csv",
+        out_dir / "specialization.json",
+    ]
     plot_heatmaps(result, paths[0])
     paths[1].write_text(markdown(result))
     with open(paths[2], "w", newline="") as f:
@@ -203,19 +230,34 @@ def write_outputs(result: dict, out_dir: Path) -> list[Path]:
 
 def markdown(result: dict) -> str:
     domains, num_experts = result["domains"], result["num_experts"]
-    lines = [f"# Expert specialisation: {result['run_dir']} (step {result['step']})", "",
-             f"Share of each domain's token copies (top-{result['top_k']}: {result['top_k']} per token) that each expert "
-             f"receives, in eval mode, on the validation documents; domains from {result['domains_from']}. "
-             "JS: Jensen-Shannon divergence between the domains' expert distributions (equal weights, bits: "
-             f"0 = alike, at most log2({len(domains)}) = {np.log2(len(domains)):.3g}).", "",
-             "| domain | documents | tokens |", "|---|---|---|"]
+    lines = [
+        f"# Expert specialisation: {result['run_dir']} (step {result['step']})",
+        "",
+        f"Share of each domain's token copies (top-{result['top_k']}: {result['top_k']} per token) that each expert "
+        f"receives, in eval mode, on the validation documents; domains from {result['domains_from']}. "
+        "JS: Jensen-Shannon divergence between the domains' expert distributions (equal weights, bits: "
+        f"0 = alike, at most log2({len(domains)}) = {np.log2(len(domains)):.3g}).",
+        "",
+        "| domain | documents | tokens |",
+        "|---|---|---|",
+    ]
     lines += [f"| {d} | {result['documents'][d]} | {result['tokens'][d]} |" for d in domains]
-    lines += ["", "| MoE layer | JS divergence between domains (bits) | within a domain: even vs odd documents |", "|---|---|---|"]
-    lines += [f"| {layer['layer']} | {layer['js_divergence']:.4f} | {within_text(layer)} |" for layer in result["layers"]]
+    lines += [
+        "",
+        "| MoE layer | JS divergence between domains (bits) | within a domain: even vs odd documents |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {layer['layer']} | {layer['js_divergence']:.4f} | {within_text(layer)} |" for layer in result["layers"]
+    ]
     for layer in result["layers"]:
-        lines += ["", f"## MoE layer {layer['layer']}: JS divergence {layer['js_divergence']:.4f} bits", "",
-                  "| domain | " + " | ".join(f"expert {e}" for e in range(num_experts)) + " |",
-                  "|---|" + "---|" * num_experts]
+        lines += [
+            "",
+            f"## MoE layer {layer['layer']}: JS divergence {layer['js_divergence']:.4f} bits",
+            "",
+            "| domain | " + " | ".join(f"expert {e}" for e in range(num_experts)) + " |",
+            "|---|" + "---|" * num_experts,
+        ]
         lines += [f"| {d} | " + " | ".join(f"{100 * s:.1f}%" for s in layer["shares"][d]) + " |" for d in domains]
     return "\n".join(lines) + "\n"
 
@@ -238,8 +280,15 @@ def plot_heatmaps(result: dict, out: Path) -> None:
         image = ax.imshow(share_NE, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
         if num_experts <= 16:
             for (n, e), share in np.ndenumerate(share_NE):
-                ax.text(e, n, f"{100 * share:.0f}", ha="center", va="center", fontsize=7,
-                        color="white" if share < 0.6 * vmax else "black")
+                ax.text(
+                    e,
+                    n,
+                    f"{100 * share:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if share < 0.6 * vmax else "black",
+                )
         ax.set_yticks(range(len(domains)), domains)
         if num_experts <= 32:
             ax.set_xticks(range(num_experts))
@@ -255,13 +304,20 @@ def main(argv: list[str]) -> int:
     parser = tool_parser("python -m train.specialization", __doc__)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a checkpoint (outputs/<run_name>)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--domain-field", default=None, help="the column holding each row's domain (overrides the run's data.domain_field)")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="per domain, at most this many validation tokens")
+    parser.add_argument(
+        "--domain-field",
+        default=None,
+        help="the column holding each row's domain (overrides the run's data.domain_field)",
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="per domain, at most this many validation tokens"
+    )
     parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/specialization)")
     args = parser.parse_args(argv)
     import datasets
 
     datasets.disable_progress_bars()  # reading the corpus again: errors stay one line
+
     def report() -> None:
         result = specialization(Path(args.run_dir), args.step, args.domain_field, args.max_tokens)
         paths = write_outputs(result, Path(args.out) if args.out else Path(args.run_dir) / "specialization")
@@ -272,8 +328,10 @@ def main(argv: list[str]) -> int:
 
 def print_results(result: dict, paths: list[Path]) -> None:
     for layer in result["layers"]:
-        print(f"MoE layer {layer['layer']}: JS divergence {layer['js_divergence']:.4f} bits between domains "
-              f"({within_text(layer)} within a domain)")
+        print(
+            f"MoE layer {layer['layer']}: JS divergence {layer['js_divergence']:.4f} bits between domains "
+            f"({within_text(layer)} within a domain)"
+        )
     for path in paths:
         print(path)
 

@@ -22,7 +22,11 @@ ROWS = "sweep_results.jsonl"
 SUMMARY = "sweep_summary.md"
 _written: list[Path] = []  # the summary this process wrote last: a failed sweep's last line names it
 
-COLUMNS = (("val/loss", "val loss", "{:.4f}"), ("perf/tokens_per_s", "tokens/s", "{:,.0f}"), ("imbalance", "max/mean load", "{:.2f}"))
+COLUMNS = (
+    ("val/loss", "val loss", "{:.4f}"),
+    ("perf/tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("imbalance", "max/mean load", "{:.2f}"),
+)
 
 
 def in_sweep() -> bool:
@@ -48,7 +52,9 @@ class SweepSummary(Callback):
             f.write(json.dumps(row) + "\n")
         # Rewritten after every job: Hydra skips on_multirun_end when a job failed, and a SLURM
         # sweep may be read while it still runs.
-        rows = sorted((json.loads(line) for line in (sweep_dir / ROWS).read_text().splitlines()), key=lambda r: r["job"])
+        rows = sorted(
+            (json.loads(line) for line in (sweep_dir / ROWS).read_text().splitlines()), key=lambda r: r["job"]
+        )
         (sweep_dir / SUMMARY).write_text(render_table(rows) + "\n")
         _written[:] = [sweep_dir / SUMMARY]
 

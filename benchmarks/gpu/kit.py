@@ -35,8 +35,12 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
 def write(out: Path, name: str, record: dict) -> None:
-    record = {"device": torch.cuda.get_device_name() if CUDA else "cpu (rehearsal)", "torch": torch.__version__,
-              "rehearsal": not CUDA, **record}
+    record = {
+        "device": torch.cuda.get_device_name() if CUDA else "cpu (rehearsal)",
+        "torch": torch.__version__,
+        "rehearsal": not CUDA,
+        **record,
+    }
     (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record)[:2000])
 
@@ -71,8 +75,9 @@ def peak(args) -> None:
     a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))  # random data, never zeros
     times = time_ms(lambda: a @ b, warmup=3, iters=10 if CUDA else 3)
     tflops = 2 * n**3 / (statistics.median(times) / 1000) / 1e12
-    write(args.out, "peak", {"matmul": f"{n}x{n}x{n} bf16", "median_ms": statistics.median(times),
-                             "bf16_tflops": tflops})
+    write(
+        args.out, "peak", {"matmul": f"{n}x{n}x{n} bf16", "median_ms": statistics.median(times), "bf16_tflops": tflops}
+    )
 
 
 def measured_peak(out: Path) -> float | None:
@@ -99,8 +104,9 @@ def sync_count(args) -> None:
     job.run_dir = str(args.out / "runs" / args.name)
     run = setup(job)
     t = job.train
-    sampler = BatchSampler(run.data.train, t.seq_len, t.micro_batch, run.dims.world_size, run.dims.rank,
-                           t.grad_accum, t.seed)
+    sampler = BatchSampler(
+        run.data.train, t.seq_len, t.micro_batch, run.dims.world_size, run.dims.rank, t.grad_accum, t.seed
+    )
     window = MoEWindow(len(run.model.moe_layers()), job.moe.num_experts, run.device)  # sums stay on the device
     run_step(run, sampler, 0, window)  # warm-up: allocator, cuBLAS handles, DeepSpeed's first step
     per_step, where = [], Counter()
@@ -118,15 +124,20 @@ def sync_count(args) -> None:
         syncs = [w for w in caught if "synchroniz" in str(w.message)]
         per_step.append(len(syncs))
         where.update(f"{os.path.relpath(w.filename, REPO)}:{w.lineno}" for w in syncs)
-    write(args.out, args.name, {
-        "overrides": args.overrides,
-        "moe_layers": len(run.model.moe_layers()),
-        "grad_accum": t.grad_accum,
-        "syncs_per_step": per_step if CUDA else None,
-        "by_place": dict(where.most_common()) if CUDA else None,
-        "note": "torch.cuda.set_sync_debug_mode('warn'); first step excluded (warm-up)" if CUDA
-        else "no CUDA: the steps ran, nothing was counted (the CPU count is the sync-budget test's)",
-    })
+    write(
+        args.out,
+        args.name,
+        {
+            "overrides": args.overrides,
+            "moe_layers": len(run.model.moe_layers()),
+            "grad_accum": t.grad_accum,
+            "syncs_per_step": per_step if CUDA else None,
+            "by_place": dict(where.most_common()) if CUDA else None,
+            "note": "torch.cuda.set_sync_debug_mode('warn'); first step excluded (warm-up)"
+            if CUDA
+            else "no CUDA: the steps ran, nothing was counted (the CPU count is the sync-budget test's)",
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,9 +171,21 @@ def build_dmoe(D: int, F: int, E: int, K: int):
     from megablocks.layers.arguments import Arguments
     from megablocks.layers.dmoe import dMoE
 
-    args = Arguments(hidden_size=D, ffn_hidden_size=F, moe_num_experts=E, moe_top_k=K, mlp_type="glu",
-                     mlp_impl="grouped", activation_fn=Fn.silu, bias=False, return_bias=False, bf16=True, fp16=False,
-                     moe_loss_weight=0.01, device=torch.cuda.current_device())
+    args = Arguments(
+        hidden_size=D,
+        ffn_hidden_size=F,
+        moe_num_experts=E,
+        moe_top_k=K,
+        mlp_type="glu",
+        mlp_impl="grouped",
+        activation_fn=Fn.silu,
+        bias=False,
+        return_bias=False,
+        bf16=True,
+        fp16=False,
+        moe_loss_weight=0.01,
+        device=torch.cuda.current_device(),
+    )
     return dMoE(args), args
 
 
@@ -207,13 +230,33 @@ def moe_layer(args) -> None:
                     continue
                 ms = statistics.median(times)
                 tflops = expert_flop / (ms / 1000) / 1e12
-                rows.append({"E": E, "K": K, "backend": backend, "median_ms": ms, "times_ms": times,
-                             "expert_gemm_tflops": tflops,
-                             "fraction_of_bf16_peak": tflops / peak_tflops if peak_tflops else None})
+                rows.append(
+                    {
+                        "E": E,
+                        "K": K,
+                        "backend": backend,
+                        "median_ms": ms,
+                        "times_ms": times,
+                        "expert_gemm_tflops": tflops,
+                        "fraction_of_bf16_peak": tflops / peak_tflops if peak_tflops else None,
+                    }
+                )
                 print(f"E={E:3d} K={K} {backend:10s} {ms:8.2f} ms  {tflops:7.1f} TFLOP/s", flush=True)
-    write(args.out, args.name, {"tokens": T, "d_model": D, "ffn_hidden": F, "activation": "swiglu",
-                                "dtype": "bf16 autocast (Switchyard: fp32 master weights); dMoE: bf16 weights",
-                                "bf16_peak_tflops": peak_tflops, "warmup": warmup, "iters": iters, "rows": rows})
+    write(
+        args.out,
+        args.name,
+        {
+            "tokens": T,
+            "d_model": D,
+            "ffn_hidden": F,
+            "activation": "swiglu",
+            "dtype": "bf16 autocast (Switchyard: fp32 master weights); dMoE: bf16 weights",
+            "bf16_peak_tflops": peak_tflops,
+            "warmup": warmup,
+            "iters": iters,
+            "rows": rows,
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,19 +278,27 @@ def summary(args) -> None:
     for name in ("sync_count", "sync_count_accum2"):
         if (out / f"{name}.json").exists():
             r = json.loads((out / f"{name}.json").read_text())
-            lines.append(f"{name}: {r['moe_layers']} MoE layers, grad_accum {r['grad_accum']}: "
-                         f"syncs per step {r['syncs_per_step']}\n")
+            lines.append(
+                f"{name}: {r['moe_layers']} MoE layers, grad_accum {r['grad_accum']}: "
+                f"syncs per step {r['syncs_per_step']}\n"
+            )
     for path in sorted(out.glob("moe_layer*.json")):
         r = json.loads(path.read_text())
-        lines += [f"## {path.stem}: T={r['tokens']} D={r['d_model']} F={r['ffn_hidden']}", "",
-                  "| E | K | backend | fwd+bwd ms | expert GEMM TFLOP/s | of bf16 peak |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {path.stem}: T={r['tokens']} D={r['d_model']} F={r['ffn_hidden']}",
+            "",
+            "| E | K | backend | fwd+bwd ms | expert GEMM TFLOP/s | of bf16 peak |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in r["rows"]:
             if "error" in row:
                 lines.append(f"| {row['E']} | {row['K']} | {row['backend']} | error: {row['error'][:80]} | | |")
             else:
                 frac = f"{row['fraction_of_bf16_peak']:.2f}" if row["fraction_of_bf16_peak"] else "-"
-                lines.append(f"| {row['E']} | {row['K']} | {row['backend']} | {row['median_ms']:.2f} | "
-                             f"{row['expert_gemm_tflops']:.1f} | {frac} |")
+                lines.append(
+                    f"| {row['E']} | {row['K']} | {row['backend']} | {row['median_ms']:.2f} | "
+                    f"{row['expert_gemm_tflops']:.1f} | {frac} |"
+                )
         lines.append("")
     peak_tflops = measured_peak(out)
     for metrics in sorted((out / "runs").glob("*/metrics.jsonl")):
@@ -259,8 +310,10 @@ def summary(args) -> None:
             mfu = perf[-1].get("perf/mfu")
             mfu_text = f"{mfu:.3f}" if mfu is not None else "-"
             peak_text = round(peak_tflops) if peak_tflops else "-"
-            lines.append(f"run {metrics.parent.name}: last window {tps:,.0f} tokens/s, MFU {mfu_text} "
-                         f"(over {peak_text} TFLOP/s measured), loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+            lines.append(
+                f"run {metrics.parent.name}: last window {tps:,.0f} tokens/s, MFU {mfu_text} "
+                f"(over {peak_text} TFLOP/s measured), loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+            )
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     print(text)

@@ -56,8 +56,10 @@ def _grouped_mm():
     has_params(torch.nn.functional.grouped_mm, "mat_a", "mat_b", "offs")
 
 
-@check("torch.nn.functional.grouped_mm on CPU and CUDA (bf16, fp32)",
-       "models/moe/experts.py: grouped_mm_supported lets fp32 and bf16 through")
+@check(
+    "torch.nn.functional.grouped_mm on CPU and CUDA (bf16, fp32)",
+    "models/moe/experts.py: grouped_mm_supported lets fp32 and bf16 through",
+)
 def _grouped_mm_devices():
     """Reported per device and dtype, never a failure: where it raises, the layer must fall back to
     the loop (torch 2.11's docstring and meta kernel speak of bf16 on CUDA only)."""
@@ -69,8 +71,10 @@ def _grouped_mm_devices():
         offs = torch.tensor([2, 6], dtype=torch.int32, device=device)
         try:
             torch.testing.assert_close(
-                torch.nn.functional.grouped_mm(x, w, offs=offs), torch.cat([x[:2] @ w[0], x[2:] @ w[1]]),
-                rtol=2e-2, atol=2e-2,
+                torch.nn.functional.grouped_mm(x, w, offs=offs),
+                torch.cat([x[:2] @ w[0], x[2:] @ w[1]]),
+                rtol=2e-2,
+                atol=2e-2,
             )
             results.append(f"{device} {dtype}: ok")
         except (RuntimeError, NotImplementedError) as err:
@@ -126,8 +130,9 @@ def _dispatch_mode():
 # ---------------------------------------------------------------------------------------------
 
 
-@check("torch.distributed.init_process_group(store=, device_id=), HashStore, PrefixStore, rendezvous",
-       "parallel/dims.py")
+@check(
+    "torch.distributed.init_process_group(store=, device_id=), HashStore, PrefixStore, rendezvous", "parallel/dims.py"
+)
 def _process_group():
     import torch.distributed as dist
 
@@ -135,19 +140,24 @@ def _process_group():
     has_attrs(dist, "HashStore", "PrefixStore", "rendezvous", "destroy_process_group", "is_initialized")
 
 
-@check("torch.distributed.all_to_all_single(async_op=), all_reduce, barrier, all_gather, all_gather_object",
-       "parallel/all_to_all.py, parallel/collectives.py, parallel/flat_split.py, train/checkpoint/manager.py")
+@check(
+    "torch.distributed.all_to_all_single(async_op=), all_reduce, barrier, all_gather, all_gather_object",
+    "parallel/all_to_all.py, parallel/collectives.py, parallel/flat_split.py, train/checkpoint/manager.py",
+)
 def _collectives():
     import torch.distributed as dist
 
-    has_params(dist.all_to_all_single, "output", "input", "output_split_sizes", "input_split_sizes", "group",
-               "async_op")
+    has_params(
+        dist.all_to_all_single, "output", "input", "output_split_sizes", "input_split_sizes", "group", "async_op"
+    )
     has_params(dist.all_reduce, "tensor", "op", "group", "async_op")
     has_attrs(dist, "barrier", "all_gather", "all_gather_object", "ReduceOp", "Work", "ProcessGroup")
 
 
-@check("torch.distributed.device_mesh.init_device_mesh(mesh_dim_names=), DeviceMesh.get_group, mesh[name]",
-       "parallel/dims.py")
+@check(
+    "torch.distributed.device_mesh.init_device_mesh(mesh_dim_names=), DeviceMesh.get_group, mesh[name]",
+    "parallel/dims.py",
+)
 def _device_mesh():
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -155,8 +165,10 @@ def _device_mesh():
     has_attrs(DeviceMesh, "get_group", "__getitem__", "size", "get_local_rank")
 
 
-@check("torch.distributed.fsdp.fully_shard(mesh=, reshard_after_forward=, shard_placement_fn=, mp_policy=)",
-       "parallel/zero.py: shard_experts")
+@check(
+    "torch.distributed.fsdp.fully_shard(mesh=, reshard_after_forward=, shard_placement_fn=, mp_policy=)",
+    "parallel/zero.py: shard_experts",
+)
 def _fully_shard():
     from torch.distributed.fsdp import fully_shard
 
@@ -170,17 +182,29 @@ def _mp_policy():
     MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-@check("FSDPModule.set_gradient_divide_factor, set_force_sum_reduction_for_comms, set_requires_gradient_sync, "
-       "set_is_last_backward, reshard, unshard", "parallel/zero.py, parallel/trainer.py")
+@check(
+    "FSDPModule.set_gradient_divide_factor, set_force_sum_reduction_for_comms, set_requires_gradient_sync, "
+    "set_is_last_backward, reshard, unshard",
+    "parallel/zero.py, parallel/trainer.py",
+)
 def _fsdp_module():
     from torch.distributed.fsdp import FSDPModule
 
-    has_attrs(FSDPModule, "set_gradient_divide_factor", "set_force_sum_reduction_for_comms",
-              "set_requires_gradient_sync", "set_is_last_backward", "reshard", "unshard")
+    has_attrs(
+        FSDPModule,
+        "set_gradient_divide_factor",
+        "set_force_sum_reduction_for_comms",
+        "set_requires_gradient_sync",
+        "set_is_last_backward",
+        "reshard",
+        "unshard",
+    )
 
 
-@check("torch.distributed.tensor.DTensor.from_local(run_check=, shape=, stride=), Shard, Replicate",
-       "parallel/zero.py: expert_global_view; parallel/training_state.py: the dense state")
+@check(
+    "torch.distributed.tensor.DTensor.from_local(run_check=, shape=, stride=), Shard, Replicate",
+    "parallel/zero.py: expert_global_view; parallel/training_state.py: the dense state",
+)
 def _dtensor():
     from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: F401
 
@@ -188,8 +212,10 @@ def _dtensor():
     has_attrs(DTensor, "to_local", "full_tensor", "redistribute")
 
 
-@check("torch.profiler.profile(profile_memory=), torch._C._profiler._EventType.Allocation, experimental_event_tree",
-       "parallel/memory.py: peak set-up memory on CPU")
+@check(
+    "torch.profiler.profile(profile_memory=), torch._C._profiler._EventType.Allocation, experimental_event_tree",
+    "parallel/memory.py: peak set-up memory on CPU",
+)
 def _profiler():
     from torch._C._profiler import _EventType
 
@@ -204,8 +230,10 @@ def _profiler():
 # ---------------------------------------------------------------------------------------------
 
 
-@check("torch.distributed.checkpoint.save(storage_writer=), load(storage_reader=, planner=, no_dist=), async_save",
-       "train/checkpoint/manager.py")
+@check(
+    "torch.distributed.checkpoint.save(storage_writer=), load(storage_reader=, planner=, no_dist=), async_save",
+    "train/checkpoint/manager.py",
+)
 def _dcp():
     import torch.distributed.checkpoint as dcp
 
@@ -214,8 +242,10 @@ def _dcp():
     has_attrs(dcp, "async_save", "FileSystemWriter", "FileSystemReader", "DefaultLoadPlanner")
 
 
-@check("FileSystemReader._get_metadata_path, .fs.create_stream, .load_id; DefaultLoadPlanner.load_bytes",
-       "train/checkpoint/safe_dcp.py: SafeFileSystemReader, TensorOnlyLoadPlanner")
+@check(
+    "FileSystemReader._get_metadata_path, .fs.create_stream, .load_id; DefaultLoadPlanner.load_bytes",
+    "train/checkpoint/safe_dcp.py: SafeFileSystemReader, TensorOnlyLoadPlanner",
+)
 def _dcp_reader(tmp=None):
     import tempfile
 
@@ -229,21 +259,34 @@ def _dcp_reader(tmp=None):
     has_attrs(DefaultLoadPlanner, "load_bytes")
 
 
-@check("DCP metadata classes (Metadata, StorageMeta, _MEM_FORMAT_ENCODING, _StorageInfo, serialization._get_layout)",
-       "train/checkpoint/safe_dcp.py: the unpickling allow-list")
+@check(
+    "DCP metadata classes (Metadata, StorageMeta, _MEM_FORMAT_ENCODING, _StorageInfo, serialization._get_layout)",
+    "train/checkpoint/safe_dcp.py: the unpickling allow-list",
+)
 def _dcp_metadata():
     import torch.distributed.checkpoint.filesystem as fs
     import torch.distributed.checkpoint.metadata as md
     import torch.serialization
 
-    has_attrs(md, "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-              "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
+    has_attrs(
+        md,
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
     has_attrs(fs, "_StorageInfo")
     has_attrs(torch.serialization, "_get_layout")
 
 
-@check("torch.distributed.tensor.distribute_tensor(src_data_rank=)",
-       "parallel/training_state.py: whole weights (model.init_from) cut into each rank's DTensor piece")
+@check(
+    "torch.distributed.tensor.distribute_tensor(src_data_rank=)",
+    "parallel/training_state.py: whole weights (model.init_from) cut into each rank's DTensor piece",
+)
 def _distribute_tensor():
     from torch.distributed.tensor import distribute_tensor
 
@@ -275,8 +318,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     version_ok = torch_version() >= MIN_TORCH
     needed = ".".join(map(str, MIN_TORCH))
-    print(f"{'ok' if version_ok else 'OLD':7} torch {torch.__version__} (Switchyard needs >= {needed}); "
-          f"cuda {torch.version.cuda}, cuda available: {torch.cuda.is_available()}")
+    print(
+        f"{'ok' if version_ok else 'OLD':7} torch {torch.__version__} (Switchyard needs >= {needed}); "
+        f"cuda {torch.version.cuda}, cuda available: {torch.cuda.is_available()}"
+    )
     results = run_checks()
     for r in results:
         line = f"{'ok' if r['ok'] else 'MISSING':7} {r['api']}"

@@ -20,6 +20,7 @@ import sys
 from typing import Any, Sequence
 
 from hydra.core.utils import JobReturn
+
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 
 # Words of sbatch's refusal -> the launcher setting (hydra.launcher.*) that asked for it.
@@ -36,7 +37,9 @@ REQUEST = ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb"
 
 def refusal_line(sbatch_stderr: str, params: dict[str, Any]) -> str:
     """One line: the setting SLURM refused (or the whole request) and sbatch's own reason."""
-    reason = "; ".join(line.strip().removeprefix("sbatch: error: ") for line in sbatch_stderr.splitlines() if line.strip())
+    reason = "; ".join(
+        line.strip().removeprefix("sbatch: error: ") for line in sbatch_stderr.splitlines() if line.strip()
+    )
     lowered = reason.lower()
     for words, key in CULPRITS:
         if words in lowered and key in params:

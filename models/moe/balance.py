@@ -33,7 +33,9 @@ class RouterLosses(NamedTuple):
     z_L: torch.Tensor  # [L] each layer's z-loss (detached)
 
 
-def routing_summary(probs_BSE: torch.Tensor, expert_ids_BSK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def routing_summary(
+    probs_BSE: torch.Tensor, expert_ids_BSK: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(selected_BE int64 copies per sequence and expert, prob_mean_BE mean probability per
     sequence and expert) of one layer."""
     B, S, K = expert_ids_BSK.shape
@@ -48,8 +50,9 @@ def switch_loss(fraction_E: torch.Tensor, prob_mean_E: torch.Tensor) -> torch.Te
     return fraction_E.numel() * (fraction_E.to(prob_mean_E.dtype) * prob_mean_E).sum()
 
 
-def balance_loss(selected_BE: torch.Tensor, prob_mean_BE: torch.Tensor, scope: str,
-                 global_selected_E: torch.Tensor | None = None) -> torch.Tensor:
+def balance_loss(
+    selected_BE: torch.Tensor, prob_mean_BE: torch.Tensor, scope: str, global_selected_E: torch.Tensor | None = None
+) -> torch.Tensor:
     """One layer's balance loss in `scope`; `global_selected_E` (copies per expert over the whole
     step) is required for global_batch."""
     if scope == "sequence":
@@ -64,16 +67,21 @@ def balance_loss(selected_BE: torch.Tensor, prob_mean_BE: torch.Tensor, scope: s
     return switch_loss(fraction_E, prob_mean_E)
 
 
-def router_losses(stats: list, aux_loss_coef: float, z_loss_coef: float, scope: str,
-                  global_selected_LE: torch.Tensor | None = None) -> RouterLosses:
+def router_losses(
+    stats: list, aux_loss_coef: float, z_loss_coef: float, scope: str, global_selected_LE: torch.Tensor | None = None
+) -> RouterLosses:
     """Over the MoE layers of one forward (`stats`: each layer's MoEStats, in depth order)."""
     if not stats:
         zero = torch.zeros(())
         return RouterLosses(zero, zero.new_zeros(0), zero.new_zeros(0))
-    aux_L = torch.stack([
-        balance_loss(s.selected_BE, s.prob_mean_BE, scope, None if global_selected_LE is None else global_selected_LE[i])
-        for i, s in enumerate(stats)
-    ])
+    aux_L = torch.stack(
+        [
+            balance_loss(
+                s.selected_BE, s.prob_mean_BE, scope, None if global_selected_LE is None else global_selected_LE[i]
+            )
+            for i, s in enumerate(stats)
+        ]
+    )
     z_L = torch.stack([s.z_loss for s in stats])
     total = aux_loss_coef * aux_L.sum() + z_loss_coef * z_L.sum()
     return RouterLosses(total, aux_L.detach(), z_L.detach())

@@ -103,7 +103,9 @@ class Dispatcher(Protocol):
     top_k: int
     capacity_factor: float | None
 
-    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DispatchState]: ...
+    def dispatch(
+        self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]: ...
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, state: DispatchState) -> torch.Tensor: ...
 
@@ -116,7 +118,9 @@ class LocalDispatcher:
         self.top_k = top_k
         self.capacity_factor = capacity_factor
 
-    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+    def dispatch(
+        self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         plan = plan_routing(expert_ids_TK, self.num_experts, self.capacity_factor)
         if self.capacity_factor is not None:  # dropless keeps all T·K copies; with drops, one host copy says how many
             plan = plan.keep_first(int(plan.kept_per_expert_E.sum()))

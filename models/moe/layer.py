@@ -71,8 +71,10 @@ class MoELayer(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         if x_BSD.dim() != 3 and self.aux_loss_scope == "sequence":
-            raise ValueError(f"moe.aux_loss_scope='sequence' balances each sequence, but this MoE layer got inputs of shape "
-                             f"{tuple(x_BSD.shape)} with no sequence dimension; use 'micro_batch' or 'global_batch'")
+            raise ValueError(
+                f"moe.aux_loss_scope='sequence' balances each sequence, but this MoE layer got inputs of shape "
+                f"{tuple(x_BSD.shape)} with no sequence dimension; use 'micro_batch' or 'global_batch'"
+            )
         D = x_BSD.shape[-1]
         x_TD = x_BSD.reshape(-1, D)
         B, S = (x_BSD.shape[0], x_BSD.shape[1]) if x_BSD.dim() == 3 else (1, x_TD.shape[0])  # [T, D]: one sequence
@@ -89,7 +91,9 @@ class MoELayer(nn.Module):
             out_TD = out_TD + self.shared_experts(x_TD)
         # Explicit sizes, not -1: a batch of 0 tokens has no size to infer.
         E, K = self.router.num_experts, self.top_k
-        selected_BE, prob_mean_BE = routing_summary(routing.probs_TE.view(B, S, E), routing.expert_ids_TK.view(B, S, K), E)
+        selected_BE, prob_mean_BE = routing_summary(
+            routing.probs_TE.view(B, S, E), routing.expert_ids_TK.view(B, S, K), E
+        )
         stats = MoEStats(
             tokens_per_expert=state.plan.routed_per_expert_E.detach(),
             selected_BE=selected_BE,

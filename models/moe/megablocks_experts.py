@@ -39,8 +39,10 @@ def run_experts_megablocks(x_ND, counts_E, w1_EDF, w2_EFD, w3_EDF=None) -> torch
     Inputs: CUDA bf16, rows grouped by expert with `counts_E` rows each (any device)."""
     tensors = [t for t in (x_ND, w1_EDF, w2_EFD, w3_EDF) if t is not None]
     if any(t.dtype != MEGABLOCKS_DTYPE or not t.is_cuda for t in tensors):
-        raise ValueError(f"moe.backend=megablocks runs CUDA bf16 tensors only (train.dtype=bf16); got "
-                         f"{sorted({f'{t.device.type} {t.dtype}' for t in tensors})}")
+        raise ValueError(
+            f"moe.backend=megablocks runs CUDA bf16 tensors only (train.dtype=bf16); got "
+            f"{sorted({f'{t.device.type} {t.dtype}' for t in tensors})}"
+        )
     from megablocks import grouped_gemm_util as gg  # lazy: a CUDA-only package
 
     gg.assert_grouped_gemm_is_available()

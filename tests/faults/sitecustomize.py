@@ -77,6 +77,7 @@ def _count_syncs(out_dir: str) -> None:
         def call(*args, **kwargs):
             with counter.pause():
                 return fn(*args, **kwargs)
+
         return call
 
     loop.evaluate, loop.sample = paused(loop.evaluate), paused(loop.sample)
@@ -86,8 +87,9 @@ def _count_syncs(out_dir: str) -> None:
     def counted_train_steps(run, logger):
         # AdamW's step counters stay on the host on a GPU too (torch keeps them there unless capturable).
         optimizers = [run.trainer.dense.client_optimizer, run.trainer.expert_optimizer]
-        host = [state["step"] for opt in optimizers if opt is not None
-                for state in opt.state.values() if "step" in state]
+        host = [
+            state["step"] for opt in optimizers if opt is not None for state in opt.state.values() if "step" in state
+        ]
         counter.seed(host)
         with counter.counting():
             summary = train_steps(run, logger)

@@ -48,13 +48,29 @@ FORMAT_VERSION = 2  # 1 was DeepSpeed's files + dense.pt + experts_ep*.pt; 2 fro
 LATEST = "latest"
 META = "meta.json"
 SHAPE_KEYS = {
-    "model": ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "activation", "tie_embeddings",
-              "n_kv_heads", "head_dim", "qk_norm", "qkv_bias"),
+    "model": (
+        "vocab_size",
+        "n_layers",
+        "d_model",
+        "n_heads",
+        "ffn_hidden",
+        "activation",
+        "tie_embeddings",
+        "n_kv_heads",
+        "head_dim",
+        "qk_norm",
+        "qkv_bias",
+    ),
     "moe": ("num_experts", "every", "expert_ffn_hidden", "num_shared_experts", "shared_expert_gate"),
 }
 # Keys added after checkpoints were written without them: those checkpoints had the default.
-SIGNATURE_DEFAULTS = {"model.n_kv_heads": None, "model.head_dim": None, "model.qk_norm": "none", "model.qkv_bias": False,
-                      "moe.shared_expert_gate": False}
+SIGNATURE_DEFAULTS = {
+    "model.n_kv_heads": None,
+    "model.head_dim": None,
+    "model.qk_norm": "none",
+    "model.qkv_bias": False,
+    "moe.shared_expert_gate": False,
+}
 
 
 class CheckpointError(ValueError):
@@ -80,8 +96,9 @@ def _snapshot(state: dict) -> dict:
     for key, t in state.items():
         if isinstance(t, DTensor):
             local = t.to_local().detach().clone()
-            copies[key] = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape,
-                                             stride=t.stride())
+            copies[key] = DTensor.from_local(
+                local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+            )
         else:
             copies[key] = t.detach().clone()
     return copies
@@ -94,7 +111,9 @@ def _global_bytes(t: torch.Tensor) -> int:
 
 def model_signature(job) -> dict:
     """The settings that fix parameter shapes; a checkpoint only loads into a model with the same."""
-    return {f"{section}.{key}": getattr(getattr(job, section), key) for section, keys in SHAPE_KEYS.items() for key in keys}
+    return {
+        f"{section}.{key}": getattr(getattr(job, section), key) for section, keys in SHAPE_KEYS.items() for key in keys
+    }
 
 
 def layout(job, dims: ParallelDims) -> dict:
@@ -156,16 +175,24 @@ class CheckpointManager:
         """meta.json of `folder`, after checking that this run can load it."""
         meta = _readable_meta(folder)
         if meta is None:
-            raise CheckpointError(f"{folder / META} is missing or damaged: delete {folder} to resume from the checkpoint before it")
+            raise CheckpointError(
+                f"{folder / META} is missing or damaged: delete {folder} to resume from the checkpoint before it"
+            )
         if not isinstance(meta.get("files"), dict) or ".metadata" not in meta["files"]:
-            raise CheckpointError(f"{folder / META} lists no files (damaged): delete {folder} to resume from the checkpoint before it")
+            raise CheckpointError(
+                f"{folder / META} lists no files (damaged): delete {folder} to resume from the checkpoint before it"
+            )
         if meta.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{folder} has checkpoint format {meta.get('format', 1)!r}; this Switchyard reads format "
-                                  f"{FORMAT_VERSION} only: resume it with the version that wrote it")
+            raise CheckpointError(
+                f"{folder} has checkpoint format {meta.get('format', 1)!r}; this Switchyard reads format "
+                f"{FORMAT_VERSION} only: resume it with the version that wrote it"
+            )
         for key, want in model_signature(self.job).items():
             have = meta["model_signature"].get(key, SIGNATURE_DEFAULTS.get(key))
             if have != want:
-                raise CheckpointError(f"train.resume=true: checkpoint {folder} was saved with {key}={have!r}, this run has {key}={want!r}")
+                raise CheckpointError(
+                    f"train.resume=true: checkpoint {folder} was saved with {key}={have!r}, this run has {key}={want!r}"
+                )
         return meta
 
     # -- saving -------------------------------------------------------------------------------
@@ -237,8 +264,13 @@ class CheckpointManager:
     def _complete(self, step: int, staging: Path, final: Path) -> None:
         files = _gather_file_digests(staging, self.dims)
         if self.dims.is_main:
-            meta = {"format": FORMAT_VERSION, "step": step, "model_signature": model_signature(self.job),
-                    **layout(self.job, self.dims), "files": files}
+            meta = {
+                "format": FORMAT_VERSION,
+                "step": step,
+                "model_signature": model_signature(self.job),
+                **layout(self.job, self.dims),
+                "files": files,
+            }
             self._publish(staging, final, meta)
         _barrier(self.dims)
 
@@ -252,8 +284,10 @@ class CheckpointManager:
         free = shutil.disk_usage(self.dir).free
         if needed <= free:
             return None
-        return (f"checkpoint at step {step} not saved: {self.dir} needs {needed} bytes, {free} are free "
-                f"(the checkpoints saved before are intact)")
+        return (
+            f"checkpoint at step {step} not saved: {self.dir} needs {needed} bytes, {free} are free "
+            f"(the checkpoints saved before are intact)"
+        )
 
     def _write_failure(self, err: BaseException, needed: int, step: int) -> str:
         """One line for a failed write; a full disk is named as such, whatever layer noticed it
@@ -275,7 +309,7 @@ class CheckpointManager:
 
     def _prune(self, keep: str) -> None:
         """Drop stale staging folders and all but the newest train.keep_checkpoints complete checkpoints."""
-        for old in complete_checkpoints(self.dir)[:-self.job.train.keep_checkpoints]:
+        for old in complete_checkpoints(self.dir)[: -self.job.train.keep_checkpoints]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.dir.glob("step_*.tmp"):
@@ -308,8 +342,11 @@ def restarted() -> bool:
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Published folders (a readable meta.json), oldest first."""
-    return [path for path in sorted(Path(ckpt_dir).glob("step_*"))
-            if path.is_dir() and not path.name.endswith(".tmp") and _readable_meta(path) is not None]
+    return [
+        path
+        for path in sorted(Path(ckpt_dir).glob("step_*"))
+        if path.is_dir() and not path.name.endswith(".tmp") and _readable_meta(path) is not None
+    ]
 
 
 def latest_checkpoint(ckpt_dir: Path, announce: bool = False) -> Path | None:
@@ -351,8 +388,11 @@ def read_tensors(folder: Path, prefixes: tuple[str, ...] = ("model.",)) -> dict[
         raise CheckpointError(f"{folder / META} is missing or damaged: not a complete checkpoint")
     _verify_files(folder, meta, None)
     entries = _read_metadata(folder).state_dict_metadata
-    state = {name: torch.empty(md.size, dtype=md.properties.dtype) for name, md in entries.items()
-             if name.startswith(prefixes) and hasattr(md, "size")}
+    state = {
+        name: torch.empty(md.size, dtype=md.properties.dtype)
+        for name, md in entries.items()
+        if name.startswith(prefixes) and hasattr(md, "size")
+    }
     with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the point
         warnings.simplefilter("ignore", UserWarning)
         _read_into(state, folder, no_dist=True)
@@ -366,19 +406,25 @@ def _read_metadata(folder: Path):
     except UnsafeCheckpointError as err:
         raise CheckpointError(f"{folder / '.metadata'} {err}: refusing to load it") from None
     except Exception as err:  # not a pickle at all
-        raise CheckpointError(f"{folder / '.metadata'} is damaged ({type(err).__name__}): delete {folder} "
-                              f"to resume from the checkpoint before it") from None
+        raise CheckpointError(
+            f"{folder / '.metadata'} is damaged ({type(err).__name__}): delete {folder} "
+            f"to resume from the checkpoint before it"
+        ) from None
 
 
 def _read_into(state: dict, folder: Path, no_dist: bool = False) -> None:
     """DCP load with the safe reader; any failure becomes one line naming the folder."""
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)), planner=TensorOnlyLoadPlanner(), no_dist=no_dist)
+        dcp.load(
+            state, storage_reader=SafeFileSystemReader(str(folder)), planner=TensorOnlyLoadPlanner(), no_dist=no_dist
+        )
     except UnsafeCheckpointError as err:
         raise CheckpointError(f"{folder / '.metadata'} {err}: refusing to load it") from None
     except (Exception, CheckpointException) as err:  # DCP wraps each rank's failure (a BaseException)
-        raise CheckpointError(f"{folder} could not be read ({_last_line(err)}): refusing to load it; "
-                              f"delete it to resume from the checkpoint before it") from None
+        raise CheckpointError(
+            f"{folder} could not be read ({_last_line(err)}): refusing to load it; "
+            f"delete it to resume from the checkpoint before it"
+        ) from None
 
 
 def read_model_weights(folder: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -462,8 +508,11 @@ def _is_enospc(err: BaseException | None) -> bool:
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             return True
         failures = getattr(err, "failures", None)  # DCP's CheckpointException: {rank: exception}
-        if isinstance(failures, dict) and any(_is_enospc(getattr(f, "exception", f)) for f in failures.values()
-                                              if isinstance(getattr(f, "exception", f), BaseException)):
+        if isinstance(failures, dict) and any(
+            _is_enospc(getattr(f, "exception", f))
+            for f in failures.values()
+            if isinstance(getattr(f, "exception", f), BaseException)
+        ):
             return True
         err, seen = err.__cause__ or err.__context__, seen + 1
     return False

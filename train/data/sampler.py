@@ -12,8 +12,10 @@ import torch
 
 def _check_split_length(tokens: np.ndarray, seq_len: int) -> None:
     if len(tokens) < seq_len + 1:
-        raise ValueError(f"data: the split has {len(tokens)} tokens, fewer than one block of seq_len + 1 = "
-                         f"{seq_len + 1}; use more data, a larger data.val_fraction or a smaller seq_len")
+        raise ValueError(
+            f"data: the split has {len(tokens)} tokens, fewer than one block of seq_len + 1 = "
+            f"{seq_len + 1}; use more data, a larger data.val_fraction or a smaller seq_len"
+        )
 
 
 def _check_positive(**values: int) -> None:
@@ -45,8 +47,16 @@ class BatchSampler:
     the first micro_batch * num_replicas rows, as one replica with that micro_batch would get.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, micro_batch: int, num_replicas: int = 1,
-                 rank: int = 0, grad_accum: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        micro_batch: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        grad_accum: int = 1,
+        seed: int = 0,
+    ):
         _check_positive(seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum)
         _check_rank(num_replicas, rank)
         if seed < 0:
@@ -73,12 +83,13 @@ class BatchSampler:
         if not 0 <= micro_step < self.grad_accum:
             raise ValueError(f"micro_step must be in [0, grad_accum={self.grad_accum}); got {micro_step!r}")
         first = (micro_step * self.num_replicas + self.rank) * self.micro_batch
-        starts = self.global_starts(step)[first:first + self.micro_batch]  # [micro_batch]
+        starts = self.global_starts(step)[first : first + self.micro_batch]  # [micro_batch]
         return _blocks(self.tokens, starts, self.seq_len)
 
 
-def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int, num_replicas: int = 1,
-                rank: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def val_batches(
+    tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int, num_replicas: int = 1, rank: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed validation batches: batch_size * num_replicas * num_batches blocks evenly spaced over the
     split (overlapping if the split is short), the same every call. Batch i of replica r holds global
     rows [(i * num_replicas + r) * batch_size, +batch_size), so replicas get disjoint shares and the
@@ -91,5 +102,5 @@ def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: 
     batches = []
     for i in range(num_batches):
         first = (i * num_replicas + rank) * batch_size
-        batches.append(_blocks(tokens, starts[first:first + batch_size], seq_len))
+        batches.append(_blocks(tokens, starts[first : first + batch_size], seq_len))
     return batches

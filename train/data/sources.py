@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from train.data.classics import classics_documents, labelled_classics_documents, read_classics
 from train.cli import first_line
+from train.data.classics import classics_documents, labelled_classics_documents, read_classics
 from train.data.filecheck import check_text_file, diagnose
 
 if TYPE_CHECKING:  # datasets (with pandas, pyarrow) is imported where data is built, not by every rank
@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # datasets (with pandas, pyarrow) is imported where data is b
 
 CORPORA = ("classics", "files", "hub")
 FILE_BUILDERS = MappingProxyType(  # extension -> datasets builder
-    {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"})
+    {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,8 +69,12 @@ def _nonblank(texts: Sequence[str | None]) -> list[str]:
 
 def _split_rows(ds: datasets.Dataset, val_fraction: float, describe: str) -> tuple[datasets.Dataset, datasets.Dataset]:
     """The last `val_fraction` of the rows (at least one) is validation; one row is split by text."""
-    ds = ds.filter(lambda texts: [bool(t) and not t.isspace() for t in texts],
-                   batched=True, input_columns="text", desc="dropping empty rows")
+    ds = ds.filter(
+        lambda texts: [bool(t) and not t.isspace() for t in texts],
+        batched=True,
+        input_columns="text",
+        desc="dropping empty rows",
+    )
     if len(ds) == 0:
         raise ValueError(f"data: corpus {describe} is empty: no non-whitespace text")
     if len(ds) == 1:
@@ -82,6 +87,7 @@ def _split_rows(ds: datasets.Dataset, val_fraction: float, describe: str) -> tup
 
 def _text_dataset(texts: list[str], domain: str | None = None) -> datasets.Dataset:
     import datasets
+
     if domain is not None:
         return datasets.Dataset.from_dict({"text": texts, "domain": [domain] * len(texts)})
     return datasets.Dataset.from_dict({"text": texts}, features=datasets.Features({"text": datasets.Value("string")}))
@@ -108,8 +114,9 @@ def checked_paths(cfg) -> list[str]:
         if not os.access(path, os.R_OK):
             raise ValueError(f"data.paths: {path}: not readable (permission denied)")
         if os.path.splitext(path)[1].lower() not in FILE_BUILDERS:  # checked here so _builder cannot fail
-            raise ValueError(f"data.paths: {path}: extension must be one of "
-                             f"{', '.join(repr(e) for e in FILE_BUILDERS)}")
+            raise ValueError(
+                f"data.paths: {path}: extension must be one of {', '.join(repr(e) for e in FILE_BUILDERS)}"
+            )
     return paths
 
 
@@ -122,6 +129,7 @@ def _text_column(ds: datasets.Dataset, field: str, source: str, domain_field: st
     """Just the text, as a string column named "text"; with `domain_field` (data.domain_field),
     also each row's domain label, as a column named "domain"."""
     import datasets
+
     if field not in ds.column_names:
         raise ValueError(f"data.text_field={field!r}: no such column in {source}; columns: {ds.column_names}")
     feature = ds.features[field]
@@ -133,8 +141,13 @@ def _text_column(ds: datasets.Dataset, field: str, source: str, domain_field: st
     if domain_field not in ds.column_names:
         raise ValueError(f"data.domain_field={domain_field!r}: no such column in {source}; columns: {ds.column_names}")
     feature = ds.features[domain_field]
-    if not (isinstance(feature, datasets.Value) and (feature.dtype in ("string", "large_string") or feature.dtype.startswith("int"))):
-        raise ValueError(f"data.domain_field={domain_field!r}: column in {source} holds {feature}, not a label (text or an integer)")
+    if not (
+        isinstance(feature, datasets.Value)
+        and (feature.dtype in ("string", "large_string") or feature.dtype.startswith("int"))
+    ):
+        raise ValueError(
+            f"data.domain_field={domain_field!r}: column in {source} holds {feature}, not a label (text or an integer)"
+        )
     ds = ds.select_columns([field, domain_field])
     return ds.rename_columns({old: new for old, new in ((field, "text"), (domain_field, "domain")) if old != new})
 
@@ -143,6 +156,7 @@ def _load_files(cfg) -> datasets.Dataset:
     """Rows of all files, in the order of data.paths. A .txt file is one document (one row). With
     data.domain_field (never set with .txt files: check_data_config), also a "domain" column."""
     import datasets
+
     paths = checked_paths(cfg)
     for path in paths:  # before any reading: a binary or mis-encoded file fails fast, naming its line
         if _builder(path) in ("text", "json"):  # (pyarrow would take bytes that are not UTF-8 into a string)
@@ -154,11 +168,18 @@ def _load_files(cfg) -> datasets.Dataset:
         extra = {"sample_by": "document"} if builder == "text" else {}
         try:
             with _datasets_quiet():  # a bad file is Switchyard's one line below, not datasets' ERROR and bar
-                ds = datasets.load_dataset(builder, data_files=group, split="train",
-                                           cache_dir=os.path.join(abspath(cfg.cache_dir), "hf"), **extra)
+                ds = datasets.load_dataset(
+                    builder,
+                    data_files=group,
+                    split="train",
+                    cache_dir=os.path.join(abspath(cfg.cache_dir), "hf"),
+                    **extra,
+                )
         except Exception as err:  # datasets' errors name neither the file nor the line: find them
-            raise ValueError(_first_problem(group, field) or f"data.paths: could not read {', '.join(group)}: "
-                             f"{type(err).__name__}: {_first_line(err)}") from err
+            raise ValueError(
+                _first_problem(group, field)
+                or f"data.paths: could not read {', '.join(group)}: {type(err).__name__}: {_first_line(err)}"
+            ) from err
         try:
             parts.append(_text_column(ds, field, ", ".join(group), getattr(cfg, "domain_field", None)))
         except ValueError as err:  # e.g. a column of mixed types: name the first row that is not text
@@ -215,12 +236,15 @@ def require_hub_reachable(setting: str, remedy: str) -> None:
         socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
     except OSError as err:
         why = err.strerror or type(err).__name__
-        raise ValueError(f"{setting}: cannot reach the Hugging Face Hub at {host}:{port} ({why}); it needs network "
-                         f"access ({remedy}, or set HF_HUB_OFFLINE=1 to use a copy already downloaded)") from None
+        raise ValueError(
+            f"{setting}: cannot reach the Hugging Face Hub at {host}:{port} ({why}); it needs network "
+            f"access ({remedy}, or set HF_HUB_OFFLINE=1 to use a copy already downloaded)"
+        ) from None
 
 
 def _load_hub(cfg) -> datasets.Dataset:
     import datasets
+
     require_hub_reachable(f"data.hub_name={cfg.hub_name!r}", "or use data.corpus=files")
     try:
         ds = datasets.load_dataset(cfg.hub_name, split="train", cache_dir=os.path.join(abspath(cfg.cache_dir), "hf"))
@@ -261,13 +285,17 @@ def labelled_val_documents(cfg) -> list[tuple[str, str]]:
         return [(domain, tail) for (domain, _), (_, tail) in zip(labelled, parts, strict=True) if _nonblank([tail])]
     field = getattr(cfg, "domain_field", None)
     if not field:
-        raise ValueError(f"data.domain_field is not set: the rows of data.corpus={cfg.corpus!r} carry no domain label "
-                         "until it names the field that holds each row's domain")
+        raise ValueError(
+            f"data.domain_field is not set: the rows of data.corpus={cfg.corpus!r} carry no domain label "
+            "until it names the field that holds each row's domain"
+        )
     _, val = _user_rows(cfg)
     labelled = []
     for row, (domain, text) in enumerate(zip(val["domain"], val["text"], strict=True)):
         if domain is None or (isinstance(domain, str) and not domain.strip()):
-            raise ValueError(f"data.domain_field={field!r}: validation document {row + 1} of {len(val)} "
-                             f"(the last rows of the corpus) has no domain")
+            raise ValueError(
+                f"data.domain_field={field!r}: validation document {row + 1} of {len(val)} "
+                f"(the last rows of the corpus) has no domain"
+            )
         labelled.append((str(domain), text))
     return labelled

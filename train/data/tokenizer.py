@@ -108,8 +108,11 @@ def train_bpe(texts: Iterator[str], vocab_size: int) -> tokenizers.Tokenizer:
     )
     backend.train_from_iterator(texts, trainer=trainer)
     if backend.get_vocab_size() < vocab_size:
-        log.warning("BPE stopped at %d tokens (< data.tokenizer.vocab_size=%d): corpus too small",
-                    backend.get_vocab_size(), vocab_size)
+        log.warning(
+            "BPE stopped at %d tokens (< data.tokenizer.vocab_size=%d): corpus too small",
+            backend.get_vocab_size(),
+            vocab_size,
+        )
     return backend
 
 
@@ -128,8 +131,12 @@ def make_tokenizer(cfg, train: datasets.Dataset) -> Tokenizer:
     if tok_cfg.kind == "bytes":
         return Tokenizer()
     if tok_cfg.kind == "bpe":
-        texts = (piece for batch in train.iter(batch_size=64) for text in batch["text"]
-                 for piece in _line_pieces(text, 1 << 16))
+        texts = (
+            piece
+            for batch in train.iter(batch_size=64)
+            for text in batch["text"]
+            for piece in _line_pieces(text, 1 << 16)
+        )
         return Tokenizer(train_bpe(texts, int(tok_cfg.vocab_size)))
     if tok_cfg.kind == "file":
         try:

@@ -37,8 +37,14 @@ def write_prepared(cfg, inputs: dict, out_dir: str) -> None:
         num_tokens[split] = _write_tokens(ds, tokenizer, path, dtype, int(cfg.num_proc))
     if tokenizer.backend is not None:
         tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    meta = {"vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "eot_id": tokenizer.eot_id,
-            "num_tokens": num_tokens, "num_docs": {"train": len(train), "val": len(val)}, "inputs": inputs}
+    meta = {
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype.name,
+        "eot_id": tokenizer.eot_id,
+        "num_tokens": num_tokens,
+        "num_docs": {"train": len(train), "val": len(val)},
+        "inputs": inputs,
+    }
     _write_file(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2).encode())  # last: marks completion
     log.info("%d train / %d val tokens, vocab %d", num_tokens["train"], num_tokens["val"], tokenizer.vocab_size)
 
@@ -56,11 +62,19 @@ def _encode_rows(texts: list[str], tokenizer: Tokenizer) -> dict:
 def _write_tokens(ds: datasets.Dataset, tokenizer: Tokenizer, path: str, dtype: np.dtype, num_proc: int) -> int:
     """Tokenize every document and append all ids to one flat binary file; returns the count."""
     import datasets
+
     big = num_proc > 1 and len(ds) >= num_proc and ds.data.nbytes >= PARALLEL_MIN_BYTES
-    encoded = ds.map(_encode_rows, batched=True, batch_size=64, input_columns="text",
-                     remove_columns=ds.column_names, fn_kwargs={"tokenizer": tokenizer},
-                     features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}),  # no type guessing
-                     num_proc=num_proc if big else None, desc=f"tokenizing {os.path.basename(path)}")
+    encoded = ds.map(
+        _encode_rows,
+        batched=True,
+        batch_size=64,
+        input_columns="text",
+        remove_columns=ds.column_names,
+        fn_kwargs={"tokenizer": tokenizer},
+        features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}),  # no type guessing
+        num_proc=num_proc if big else None,
+        desc=f"tokenizing {os.path.basename(path)}",
+    )
     count = 0
     with open(path, "wb") as f:
         for batch in encoded.with_format("arrow").iter(batch_size=256):
@@ -78,4 +92,3 @@ def _write_file(path: str, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
