@@ -95,12 +95,12 @@ def metrics_figures(run_dir: Path) -> dict:
         "val_loss": val,
         "final_val_loss": val[max(val)],
         "imbalance_last_steps_per_layer": [
-            mean([r[f"moe/layer{l}/imbalance_max_over_mean"] for r in late]) for l in layers
+            mean([r[f"moe/layer{layer}/imbalance_max_over_mean"] for r in late]) for layer in layers
         ],
         "imbalance_whole_run_per_layer": [
-            mean([r[f"moe/layer{l}/imbalance_max_over_mean"] for r in windows]) for l in layers
+            mean([r[f"moe/layer{layer}/imbalance_max_over_mean"] for r in windows]) for layer in layers
         ],
-        "aux_loss_last_steps_per_layer": [mean([r[f"moe/layer{l}/aux_loss"] for r in late]) for l in layers],
+        "aux_loss_last_steps_per_layer": [mean([r[f"moe/layer{layer}/aux_loss"] for r in late]) for layer in layers],
         "tokens_per_s": mean([r["perf/tokens_per_s"] for r in windows]),
     }
 
@@ -127,7 +127,8 @@ def markdown(results: dict) -> str:
             f"| {scope} | "
             + " | ".join(f"{r['val_loss'][s]:.4f}" for s in steps)
             + f" | {mean(r['imbalance_last_steps_per_layer']):.3f} | {mean(r['imbalance_whole_run_per_layer']):.3f}"
-            + f" | {mean([l['js_divergence'] for l in spec]):.4f} | {mean([l['js_divergence_within_mean'] for l in spec]):.4f} |"
+            + f" | {mean([layer['js_divergence'] for layer in spec]):.4f}"
+            f" | {mean([layer['js_divergence_within_mean'] for layer in spec]):.4f} |"
         )
     lines += [
         "",

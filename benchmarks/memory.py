@@ -14,7 +14,8 @@ A. ZeRO 0/1/2/3 with parallel.ep=2 on 4 spawned ranks (gloo, 1 torch thread each
    ranks, as all stages did before the experts had ZeRO; the expert optimizer state of ZeRO >= 1
    is shown as a fraction of ZeRO-0's (1/EDP = 1/2 expected).
 B. train.activation_checkpointing none / full / moe with train.seq_len=1024 (model.max_seq_len
-   1024), one process, ZeRO-0, micro-batch 8 (8192 tokens per step), fp32, 1 torch thread: the peak memory of a training step (model states at rest + the torch profiler's peak
+   1024), one process, ZeRO-0, micro-batch 8 (8192 tokens per step), fp32, 1 torch thread: the
+   peak memory of a training step (model states at rest + the torch profiler's peak
    of what the step allocates on top; forward, backward and optimizer step), the planner's
    estimate, and the median step time over interleaved timed steps (no profiler). This
    machine's fp32 matmul peak (torch.mm, 2048^3, same threads, best of 10) is measured in the
@@ -251,11 +252,13 @@ def mib(n: float) -> str:
 
 def print_tables(zero: dict, ckpt: dict, args) -> None:
     print(
-        f"\nA. model states per rank (MiB), default model, {ZERO_WORLD} ranks, parallel.ep={ZERO_EP} (expert-data-parallel "
-        f"groups of {ZERO_WORLD // ZERO_EP}); gradients at the accumulation boundary, the rest at rest after a step; rank 0"
+        f"\nA. model states per rank (MiB), default model, {ZERO_WORLD} ranks, parallel.ep={ZERO_EP} "
+        f"(expert-data-parallel groups of {ZERO_WORLD // ZERO_EP}); gradients at the accumulation boundary, "
+        "the rest at rest after a step; rank 0"
     )
     head = (
-        "| ZeRO | dense weights | dense grads | dense optim | dense buffers | expert weights | expert grads | expert optim "
+        "| ZeRO | dense weights | dense grads | dense optim | dense buffers "
+        "| expert weights | expert grads | expert optim "
         "| expert optim / ZeRO-0 | all states | max over ranks | = planner |"
     )
     print(head)
@@ -265,7 +268,8 @@ def print_tables(zero: dict, ckpt: dict, args) -> None:
         d, e = r0["dense"], r0["experts"]
         worst = max(total_bytes(r) for r in s["measured_per_rank"])
         print(
-            f"| {stage:>4} | {mib(d['weights']):>13} | {mib(d['gradients']):>11} | {mib(d['optimizer']):>11} | {mib(d['buffers']):>13} | "
+            f"| {stage:>4} | {mib(d['weights']):>13} | {mib(d['gradients']):>11} | {mib(d['optimizer']):>11} | "
+            f"{mib(d['buffers']):>13} | "
             f"{mib(e['weights']):>14} | {mib(e['gradients']):>12} | {mib(e['optimizer']):>12} | "
             f"{s['expert_optimizer_over_zero0']:>21.3f} | {mib(total_bytes(r0)):>10} | {mib(worst):>14} | "
             f"{'yes' if s['planned_equals_measured'] else 'NO':>9} |"
@@ -319,7 +323,8 @@ def main(argv=None) -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     machine = machine_info()
     print(
-        f"{command}\nload average at start: {machine['load_average_at_start']}\nA: ZeRO stages on {ZERO_WORLD} ranks...",
+        f"{command}\nload average at start: {machine['load_average_at_start']}\n"
+        f"A: ZeRO stages on {ZERO_WORLD} ranks...",
         flush=True,
     )
     zero = run_zero_stages()

@@ -153,8 +153,8 @@ def build_deepspeed(args, full: MoELayer, E: int, k: int, capacity_factor: float
     local = E // WORLD
     with torch.no_grad():
         moe.deepspeed_moe.gate.wg.weight.copy_(full.router.gate_ED)
-        for l, mlp in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
-            e = rank * local + l
+        for local_index, mlp in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
+            e = rank * local + local_index
             mlp[0].weight.copy_(full.experts.w1_EDF[e].t())  # Linear(D, F).weight is [F, D]
             mlp[2].weight.copy_(full.experts.w2_EFD[e].t())
     return moe.train()
@@ -238,8 +238,8 @@ def check_case(args, full: MoELayer, E: int, k: int, rank: int, dims) -> dict:
     torch.testing.assert_close(
         x.grad, x_ref.grad[mine], **tol, msg=lambda m: f"DeepSpeed (no drops) vs Switchyard input grad, {case}\n{m}"
     )
-    for l, mlp in enumerate(ds_nodrop.deepspeed_moe.experts.deepspeed_experts):
-        e = first + l
+    for local_index, mlp in enumerate(ds_nodrop.deepspeed_moe.experts.deepspeed_experts):
+        e = first + local_index
         torch.testing.assert_close(
             mlp[0].weight.grad,
             ref.experts.w1_EDF.grad[e].t(),
@@ -470,13 +470,17 @@ def print_tables(ep_results: list[dict], floor: list[dict], args) -> None:
     T = args.tokens_per_rank
     print()
     print(
-        f"MoE layer fwd+bwd, CPU, {WORLD} ranks x 1 thread, gloo; {T} tokens/rank, D={args.d_model}, F={args.ffn_hidden}, "
+        f"MoE layer fwd+bwd, CPU, {WORLD} ranks x 1 thread, gloo; {T} tokens/rank, "
+        f"D={args.d_model}, F={args.ffn_hidden}, "
         f"GELU experts; median of {args.iters} iterations after {args.warmup} warm-up"
     )
     print(
         f"Switchyard: dropless, ep=2.  DeepSpeed: ep_size=2, capacity factor {args.capacity_factor}, drop_tokens=True"
     )
-    head = f"| {'E':>3} | k | {'Switchyard tok/s':>16} | {'DeepSpeed tok/s':>15} | {'SY / DS':>7} | {'DS capacity/expert':>18} | {'DS dropped copies':>20} | {'max/mean expert load':>20} |"
+    head = (
+        f"| {'E':>3} | k | {'Switchyard tok/s':>16} | {'DeepSpeed tok/s':>15} | {'SY / DS':>7} "
+        f"| {'DS capacity/expert':>18} | {'DS dropped copies':>20} | {'max/mean expert load':>20} |"
+    )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in ep_results:
@@ -484,19 +488,25 @@ def print_tables(ep_results: list[dict], floor: list[dict], args) -> None:
         dropped = f"{ds['dropped_copies']} / {ds['routed_copies']} ({100 * ds['dropped_fraction']:.1f}%)"
         print(
             f"| {r['E']:>3} | {r['k']} | {r['switchyard']['tokens_per_s']:>16.0f} | {ds['tokens_per_s']:>15.0f} | "
-            f"{r['ratio_switchyard_over_deepspeed']:>7.2f} | {ds['capacity_per_expert_per_rank']:>18} | {dropped:>20} | "
+            f"{r['ratio_switchyard_over_deepspeed']:>7.2f} | {ds['capacity_per_expert_per_rank']:>18} | "
+            f"{dropped:>20} | "
             f"{r['global_expert_load_max_over_mean']:>20.2f} |"
         )
     print()
     print(
-        f"The floor: one process, 1 thread, {T} tokens, unsharded Switchyard layer vs run_experts_grouped alone (fwd+bwd), median of {args.floor_iters}"
+        f"The floor: one process, 1 thread, {T} tokens, unsharded Switchyard layer vs run_experts_grouped alone "
+        f"(fwd+bwd), median of {args.floor_iters}"
     )
-    head = f"| {'E':>3} | k | {'whole layer ms':>14} | {'expert GEMMs ms':>15} | {'layer / GEMMs':>13} | {'non-GEMM share':>14} |"
+    head = (
+        f"| {'E':>3} | k | {'whole layer ms':>14} | {'expert GEMMs ms':>15} "
+        f"| {'layer / GEMMs':>13} | {'non-GEMM share':>14} |"
+    )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for f in floor:
         print(
-            f"| {f['E']:>3} | {f['k']} | {1000 * f['layer_median_s']:>14.1f} | {1000 * f['experts_only_median_s']:>15.1f} | "
+            f"| {f['E']:>3} | {f['k']} | {1000 * f['layer_median_s']:>14.1f} | "
+            f"{1000 * f['experts_only_median_s']:>15.1f} | "
             f"{f['ratio_layer_over_experts']:>13.2f} | {100 * f['overhead_fraction_of_layer']:>13.1f}% |"
         )
 
@@ -526,7 +536,10 @@ def main(argv=None) -> None:
             "global_tokens": WORLD * args.tokens_per_rank,
             "activation": "gelu (exact, erf) in both; experts Linear(D,F) -> GELU -> Linear(F,D), no biases in either",
             "dtype": "float32",
-            "switchyard": "MoELayer, dropless (capacity_factor=None), ep=2 via shard_moe_layer, softmax router, normalize_topk = (k == 2)",
+            "switchyard": (
+                "MoELayer, dropless (capacity_factor=None), ep=2 via shard_moe_layer, softmax router, "
+                "normalize_topk = (k == 2)"
+            ),
             "deepspeed": {
                 "class": "deepspeed.moe.layer.MoE",
                 "ep_size": WORLD,

@@ -214,7 +214,8 @@ class ModelConfig:
                 )
             if (self.d_model // self.n_heads) % 2:
                 raise ValueError(
-                    f"model.d_model / model.n_heads must be even for rotary embeddings; got head size {self.d_model // self.n_heads}"
+                    "model.d_model / model.n_heads must be even for rotary embeddings; "
+                    f"got head size {self.d_model // self.n_heads}"
                 )
         require_choice("model.qk_norm", self.qk_norm, QK_NORMS)
         if not isinstance(self.qkv_bias, bool):

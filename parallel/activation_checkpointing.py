@@ -25,7 +25,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """`full`: every transformer block; `moe`: only the MoE feed-forward layers; `none`: nothing."""
     if mode not in ACTIVATION_CHECKPOINTING:
         raise ValueError(
-            f"train.activation_checkpointing must be one of {', '.join(map(repr, ACTIVATION_CHECKPOINTING))}; got {mode!r}"
+            f"train.activation_checkpointing must be one of {', '.join(map(repr, ACTIVATION_CHECKPOINTING))}; "
+            f"got {mode!r}"
         )
     if mode == "none":
         return

@@ -160,8 +160,10 @@ def render(r: Report) -> str:
         "switchyard memory plan (model built on the meta device; nothing allocated)",
         f"model: {count(r.total_params)} parameters ({count(r.active_params)} active per token), "
         f"{count(r.expert_params)} of them in routed experts; vocabulary {job.model.vocab_size} (model.vocab_size)",
-        f"layout: {layout.world_size} rank(s), parallel.ep={layout.ep}, {layout.edp} expert-data-parallel rank(s) per expert, "
-        f"ZeRO-{layout.zero_stage} (dense: DeepSpeed; experts: {'FSDP2 shards' if layout.experts_sharded else 'whole'}); "
+        f"layout: {layout.world_size} rank(s), parallel.ep={layout.ep}, "
+        f"{layout.edp} expert-data-parallel rank(s) per expert, "
+        f"ZeRO-{layout.zero_stage} (dense: DeepSpeed; "
+        f"experts: {'FSDP2 shards' if layout.experts_sharded else 'whole'}); "
         f"micro-batch {t.micro_batch} x {t.seq_len} tokens, grad_accum {t.grad_accum}",
         f"bytes (train.dtype={t.dtype}): {layout.bytes_per_param} per weight/gradient element (fp32 masters), "
         f"{r.bytes_per_activation} per activation value and all-to-all element (logits and router scores fp32)",

@@ -22,7 +22,10 @@ from tests.ranks import free_port
 
 NODES = ("n1", "n2")
 COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
-ENABLE = "run `make setup-slurm` (or `make setup`) as root: it installs slurmd slurmctld slurm-client munge and maps n1 n2 to 127.0.0.1"
+ENABLE = (
+    "run `make setup-slurm` (or `make setup`) as root: "
+    "it installs slurmd slurmctld slurm-client munge and maps n1 n2 to 127.0.0.1"
+)
 # Daemons live in sbin, which is not on every PATH.
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 FINISHED = {
@@ -143,7 +146,8 @@ class SlurmCluster:
         self._wait(lambda: (munge / "munge.socket").exists(), timeout, "munged did not create its socket")
         ports = {node: free_port() for node in NODES}
         node_lines = "\n".join(
-            f"NodeName={node} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port={port} CPUs=1 RealMemory=10000"
+            f"NodeName={node} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port={port} "
+            "CPUs=1 RealMemory=10000"
             for node, port in ports.items()
         )
         self.conf.write_text(

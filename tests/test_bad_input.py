@@ -36,7 +36,8 @@ BAD_SETTINGS = [
     (["train.steps=["], "cannot parse the override 'train.steps=['", 1),
     (
         ["model=huge"],
-        "model=huge: no such option (conf/model/ has: mixtral_8x7b, olmoe_1b_7b, qwen1_5_moe_a2_7b, qwen3_30b_a3b, small, tiny)",
+        "model=huge: no such option "
+        "(conf/model/ has: mixtral_8x7b, olmoe_1b_7b, qwen1_5_moe_a2_7b, qwen3_30b_a3b, small, tiny)",
         1,
     ),
     (["moe.top_k=${nope}"], "moe.top_k: Interpolation key 'nope' not found", 1),

@@ -41,10 +41,12 @@ def expected_bytes_sent(router, x_global: torch.Tensor, dims, num_experts: int) 
     """Computed independently from the routing of every rank's tokens: this rank sends its copies
     bound for experts on other EP ranks (dispatch), and returns the results of other ranks' copies
     that its own experts computed (combine). Dropless: nothing more, nothing less."""
-    owner_of = lambda peer: (
-        router(x_global[peer * TOKENS_PER_RANK : (peer + 1) * TOKENS_PER_RANK]).expert_ids_TK.flatten()
-        // (num_experts // dims.ep)
-    )
+
+    def owner_of(peer):
+        return router(x_global[peer * TOKENS_PER_RANK : (peer + 1) * TOKENS_PER_RANK]).expert_ids_TK.flatten() // (
+            num_experts // dims.ep
+        )
+
     group_start = dims.rank - dims.ep_rank
     sent = int((owner_of(dims.rank) != dims.ep_rank).sum())
     returned = sum(int((owner_of(group_start + p) == dims.ep_rank).sum()) for p in range(dims.ep) if p != dims.ep_rank)

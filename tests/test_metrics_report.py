@@ -127,7 +127,9 @@ def write_run(run_dir):
 
 def test_load_shares_by_hand(tmp_path):
     write_run(tmp_path / "run")
-    steps, share_LES = load_shares([json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()])
+    steps, share_LES = load_shares(
+        [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    )
     assert steps == [10, 20]
     np.testing.assert_allclose(share_LES, [[[0.75, 0.5], [0.25, 0.5]]])
 

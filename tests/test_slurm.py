@@ -296,7 +296,8 @@ def test_a_submission_slurm_refuses_is_one_line_naming_the_setting(slurm_cluster
     )
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip() == (  # the nodes have 10000 MB
-        "switchyard: error: hydra.launcher.mem_gb=64: SLURM refused the job: Memory specification can not be satisfied; "
+        "switchyard: error: hydra.launcher.mem_gb=64: SLURM refused the job: "
+        "Memory specification can not be satisfied; "
         "Batch job submission failed: Requested node configuration is not available"
     )
 
@@ -306,8 +307,10 @@ def test_a_submission_slurm_refuses_is_one_line_naming_the_setting(slurm_cluster
     "sbatch_stderr, expected",
     [
         (
-            "sbatch: error: invalid partition specified: gpu\nsbatch: error: Batch job submission failed: Invalid partition name specified",
-            "hydra.launcher.partition=gpu: SLURM refused the job: invalid partition specified: gpu; Batch job submission failed: Invalid partition name specified",
+            "sbatch: error: invalid partition specified: gpu\n"
+            "sbatch: error: Batch job submission failed: Invalid partition name specified",
+            "hydra.launcher.partition=gpu: SLURM refused the job: invalid partition specified: gpu; "
+            "Batch job submission failed: Invalid partition name specified",
         ),
         (
             "sbatch: error: Invalid generic resource (gres) specification",

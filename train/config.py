@@ -182,7 +182,8 @@ def batch_layout(t: TrainConfig, world_size: int) -> tuple[int, int]:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # "offline" (a W&B run directory in the run directory, synced later with wandb sync) | "online" | "disabled"
+    # "offline" (a W&B run directory in the run directory, synced later with wandb sync) | "online" | "disabled"
+    mode: str = "offline"
     project: str = "switchyard"  # W&B project
     entity: Optional[str] = None  # W&B team or user (null: your default)
     group: Optional[str] = None  # W&B group (a sweep sets it to the sweep's name)
@@ -213,7 +214,8 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_name: str = "default"  # the run directory is outputs/<run_name>
-    run_dir: str = "outputs/default"  # where the run writes: Hydra's hydra.run.dir (outputs/<run_name>); set hydra.run.dir to move it
+    # where the run writes: Hydra's hydra.run.dir (outputs/<run_name>); set hydra.run.dir to move it
+    run_dir: str = "outputs/default"
 
     def gpt_config(self) -> GPTConfig:
         return GPTConfig(model=self.model, moe=self.moe)

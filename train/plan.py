@@ -33,9 +33,12 @@ from train.preflight import preflight
 
 PLAN_PREFIX = "plan."
 USAGE = "python -m train.plan [job overrides, as for python -m train] [plan.KEY=VALUE ...]"
-EXAMPLE = """example: python -m train.plan model.n_layers=32 model.d_model=4096 model.n_heads=32 moe.expert_ffn_hidden=14336 \\
-           model.vocab_size=32000 model.tie_embeddings=false train.seq_len=4096 train.micro_batch=1 \\
-           parallel.ep=8 deepspeed.zero_stage=1 plan.world_size=64 train.dtype=bf16 plan.device_memory_gb=80"""
+EXAMPLE = (
+    "example: python -m train.plan model.n_layers=32 model.d_model=4096 model.n_heads=32 "
+    "moe.expert_ffn_hidden=14336 \\\n"
+    "           model.vocab_size=32000 model.tie_embeddings=false train.seq_len=4096 train.micro_batch=1 \\\n"
+    "           parallel.ep=8 deepspeed.zero_stage=1 plan.world_size=64 train.dtype=bf16 plan.device_memory_gb=80"
+)
 
 
 @dataclass

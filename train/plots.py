@@ -41,7 +41,7 @@ def load_shares(records: list[dict]) -> tuple[list[int], np.ndarray]:
         return [], np.zeros((0, 0, 0))
     layers = sorted(int(m.group(1)) for k in rows[steps[0]] if (m := LOAD_KEY.fullmatch(k)))
     load_LES = np.array(
-        [[rows[s][f"moe/layer{l}/tokens_per_expert"] for s in steps] for l in layers], dtype=float
+        [[rows[s][f"moe/layer{layer}/tokens_per_expert"] for s in steps] for layer in layers], dtype=float
     ).transpose(0, 2, 1)
     return steps, load_LES / np.maximum(load_LES.sum(axis=1, keepdims=True), 1)
 

@@ -86,7 +86,8 @@ def run_checkpoint_config(run_dir: Path | str, step: int | None = None) -> tuple
         section, name = key.split(".")
         if key != "model.vocab_size" and getattr(getattr(job, section), name) != value:
             raise ValueError(
-                f"{folder}: checkpoint has {key}={value!r} but the run's .hydra/config.yaml says {getattr(getattr(job, section), name)!r}"
+                f"{folder}: checkpoint has {key}={value!r} "
+                f"but the run's .hydra/config.yaml says {getattr(getattr(job, section), name)!r}"
             )
     job.model.vocab_size = meta["model_signature"]["model.vocab_size"]  # set from the tokenizer at run time
     return job, folder, meta

@@ -39,9 +39,15 @@ def _text_problem(path: str) -> str | None:
             except UnicodeDecodeError as err:
                 data = pending + block
                 where = f"line {line + data.count(NEWLINE, 0, err.start)}"
-                return f"{where}: byte 0x{data[err.start]:02x} at offset {offset - len(pending) + err.start} is not UTF-8; {TEXT_FIX}"
+                return (
+                    f"{where}: byte 0x{data[err.start]:02x} at offset {offset - len(pending) + err.start} "
+                    f"is not UTF-8; {TEXT_FIX}"
+                )
             if nul >= 0:
-                return f"line {line + block.count(NEWLINE, 0, nul)}: a NUL byte at offset {offset + nul}: binary data, not text"
+                return (
+                    f"line {line + block.count(NEWLINE, 0, nul)}: a NUL byte at offset {offset + nul}: "
+                    "binary data, not text"
+                )
             if not block:
                 return None
             line += block.count(NEWLINE)
