@@ -148,3 +148,27 @@ def test_launchers_use_the_checkouts_venv_whatever_path_holds(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert [line.split()[0] for line in log.read_text().splitlines()] == ["python3.12", "python3.12"]
+
+
+def test_quiet_torchrun_ends_in_one_line_with_the_workers_code(tmp_path):
+    """launch/quiet_torchrun.py (the SLURM script's torchrun): a stopping signal and a failed worker
+    are one line each, no traceback; a worker's exit code (75: preempted) is torchrun's."""
+    import signal
+    import time
+
+    quiet = [sys.executable, str(REPO / "launch" / "quiet_torchrun.py"), "--standalone", "--nproc_per_node=1"]
+    (tmp_path / "exit75.py").write_text("import sys\nsys.exit(75)\n")
+    done = subprocess.run([*quiet, str(tmp_path / "exit75.py")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 75, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "worker rank 0 exited with code 75" in done.stderr, done.stderr
+
+    (tmp_path / "sleep.py").write_text("import time\nprint('up', flush=True)\ntime.sleep(120)\n")
+    proc = subprocess.Popen(
+        [*quiet, str(tmp_path / "sleep.py")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "up"  # the worker runs: torchrun is past its start-up
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "switchyard: torchrun stopped by SIGTERM" in err, err
