@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
-from models.gpt import count_parameters
+from models.config import GPTConfig, ModelConfig, MoEConfig
+from models.gpt import GPT, count_parameters
 from parallel.activation_checkpointing import ACTIVATION_CHECKPOINTING
 from planner.activations import ActivationPeak, activation_peak
 from planner.model_states import (
@@ -20,6 +22,34 @@ from planner.model_states import (
 )
 
 GIB = 2**30
+
+
+class StepShape(Protocol):
+    """What the planner reads of a job's train settings (train.config.TrainConfig is one)."""
+
+    micro_batch: int
+    seq_len: int
+    grad_accum: int
+    dtype: str
+
+
+class PlannedJob(Protocol):
+    """What the planner reads of a job (train.config.JobConfig is one): the planner never imports
+    the job's modules, so it names the fields it needs here."""
+
+    model: ModelConfig
+    moe: MoEConfig
+    train: StepShape
+
+    def gpt_config(self) -> GPTConfig: ...
+
+
+class PlanSettings(Protocol):
+    """The planner's own settings (train.plan.PlanConfig is one)."""
+
+    device_memory_gb: float
+
+
 KINDS = (
     ("weights", "weights"),
     ("gradients", "gradients (at the accumulation boundary)"),
@@ -30,8 +60,8 @@ KINDS = (
 
 @dataclass
 class Report:
-    job: object
-    plan: object
+    job: PlannedJob
+    plan: PlanSettings
     layout: Layout
     total_params: int
     active_params: int
@@ -61,7 +91,7 @@ class Report:
         return self.peaks[mode] <= self.device_bytes
 
 
-def build_report(job, plan, model, layout: Layout) -> Report:
+def build_report(job: PlannedJob, plan: PlanSettings, model: GPT, layout: Layout) -> Report:
     settings = DeepSpeedSettings.for_model(model, layout.zero_stage)
     total, active = count_parameters(model)
     experts = sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters())
