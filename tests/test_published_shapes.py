@@ -71,7 +71,7 @@ def test_plan_answers_for_a_published_shape(tmp_path):
             "parallel.ep=8",
             "deepspeed.zero_stage=1",
             "plan.world_size=32",
-            "plan.bytes_per_activation=2",
+            "train.dtype=bf16",
         ],
         cwd=tmp_path,
         env=job_env(tmp_path),

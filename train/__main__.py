@@ -121,6 +121,7 @@ def fail(message: str, code: int) -> None:
     exits (torchrun and `srun --kill-on-bad-exit` do): were one of them first to exit, torchrun
     could stop rank 0 before it printed. A rank still running after OTHER_RANKS_WAIT_S failed
     alone (e.g. a file missing on its node) and says so itself."""
+    preemption.uninstall()  # the launcher's SIGTERM, when rank 0 has exited, must stop this rank
     if is_first_process():
         report(message)
     else:

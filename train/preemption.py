@@ -58,6 +58,13 @@ def install() -> None:
         signal.signal(sig, _on_signal)
 
 
+def uninstall() -> None:
+    """The default handlers again: a job that is failing has nothing to save, and a launcher's stop
+    signal must end it at once."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
 def requested() -> bool:
     """Whether this process got a stop signal; the ranks agree on it through the loop's all-reduce."""
     return _requested is not None
