@@ -2,6 +2,7 @@
 loss curve; the SLURM script outside an allocation names what is missing. (The SLURM script under
 real SLURM: tests/test_slurm.py.)"""
 
+import os
 import subprocess
 import sys
 
@@ -133,7 +134,7 @@ def test_launchers_use_the_checkouts_venv_whatever_path_holds(tmp_path):
     calls = log.read_text().splitlines()
     assert calls[0] == "python -m train.check --quiet --nproc 2 -- model=tiny"
     assert calls[1].startswith(
-        f"srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=1 {venv} -m torch.distributed.run"
+        f"srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=1 {venv} -m train.torchrun"
     )
     # SWITCHYARD_PYTHON wins over the checkout's .venv
     log.unlink()
@@ -150,21 +151,22 @@ def test_launchers_use_the_checkouts_venv_whatever_path_holds(tmp_path):
     assert [line.split()[0] for line in log.read_text().splitlines()] == ["python3.12", "python3.12"]
 
 
-def test_quiet_torchrun_ends_in_one_line_with_the_workers_code(tmp_path):
-    """launch/quiet_torchrun.py (the SLURM script's torchrun): a stopping signal and a failed worker
+def test_slurm_torchrun_ends_in_one_line_with_the_workers_code(tmp_path):
+    """train/torchrun.py (the SLURM script's torchrun): a stopping signal and a failed worker
     are one line each, no traceback; a worker's exit code (75: preempted) is torchrun's."""
     import signal
     import time
 
-    quiet = [sys.executable, str(REPO / "launch" / "quiet_torchrun.py"), "--standalone", "--nproc_per_node=1"]
+    quiet = [sys.executable, "-m", "train.torchrun", "--standalone", "--nproc_per_node=1"]
     (tmp_path / "exit75.py").write_text("import sys\nsys.exit(75)\n")
-    done = subprocess.run([*quiet, str(tmp_path / "exit75.py")], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([*quiet, str(tmp_path / "exit75.py")], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 75, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "worker rank 0 exited with code 75" in done.stderr, done.stderr
 
     (tmp_path / "sleep.py").write_text("import time\nprint('up', flush=True)\ntime.sleep(120)\n")
     proc = subprocess.Popen(
-        [*quiet, str(tmp_path / "sleep.py")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*quiet, str(tmp_path / "sleep.py")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     assert proc.stdout.readline().strip() == "up"  # the worker runs: torchrun is past its start-up
     time.sleep(1)

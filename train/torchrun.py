@@ -1,12 +1,13 @@
-"""torchrun (`python -m torch.distributed.run`) as the SLURM script starts it, with its endings said
-in one line instead of a Python traceback and a failure report:
+"""`python -m train.torchrun [torchrun arguments]`: torchrun (`python -m torch.distributed.run`) as the
+SLURM script starts it, with its endings said in one line instead of a Python traceback and a
+failure report:
 
 - stopped by a signal (scancel, a requeue, the time limit): `switchyard: torchrun stopped by SIGTERM`,
   exit 128 + signal;
 - a worker failed: `switchyard: torchrun: worker rank R exited with code C` (the worker has printed
   its own line), exit C, so that a preempted job's 75 reaches SLURM (RequeueExit=75) as it is.
 
-Arguments are torchrun's. Run by path (`python launch/quiet_torchrun.py ...`): launch/ is no package.
+A module of the installed package, so that every node finds it wherever the job was submitted from.
 """
 
 from __future__ import annotations
