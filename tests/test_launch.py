@@ -133,9 +133,7 @@ def test_launchers_use_the_checkouts_venv_whatever_path_holds(tmp_path):
     assert done.returncode == 0, done.stderr
     calls = log.read_text().splitlines()
     assert calls[0] == "python -m train.check --quiet --nproc 2 -- model=tiny"
-    assert calls[1].startswith(
-        f"srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=1 {venv} -m train.torchrun"
-    )
+    assert calls[1].startswith(f"srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=1 {venv} -m train.torchrun")
     # SWITCHYARD_PYTHON wins over the checkout's .venv
     log.unlink()
     _recording_program(tmp_path / "mine/python3.12", log)
