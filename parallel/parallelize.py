@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from models.moe.experts import GroupedExperts
-from parallel.activation_checkpointing import apply_activation_checkpointing
 from models.moe.layer import MoELayer
+from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.deepspeed_state import (
     DenseShards,
     StageGroups,

@@ -98,3 +98,18 @@ def stage_ranges(counts: list[int]) -> list[range]:
 def local_stages(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
     """The stages pipeline rank `pp_rank` holds, in order."""
     return [pp_rank + i * pp for i in range(stages_per_rank)]
+
+
+def validate_micro_batches(schedule: str, grad_accum: int, pp: int) -> None:
+    """What each schedule needs of train.grad_accum, the step's micro-batches (torch's own checks,
+    said in the job's settings; interleaved 1F1B as torch 2.11 wants it, a multiple of pp)."""
+    if schedule == "1f1b" and grad_accum < pp:
+        raise ValueError(
+            f"parallel.schedule=1f1b needs train.grad_accum (micro-batches per step) >= parallel.pp ({pp}); "
+            f"got {grad_accum}"
+        )
+    if schedule == "interleaved_1f1b" and grad_accum % pp:
+        raise ValueError(
+            f"parallel.schedule=interleaved_1f1b needs train.grad_accum (micro-batches per step) to be a multiple "
+            f"of parallel.pp ({pp}); got {grad_accum}"
+        )

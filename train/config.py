@@ -31,7 +31,12 @@ from models.config import (
     require_positive_number,
 )
 from parallel.activation_checkpointing import ACTIVATION_CHECKPOINTING
-from parallel.pipeline_layout import PIPELINE_SCHEDULES, PIPELINE_ZERO_STAGES, validate_split
+from parallel.pipeline_layout import (
+    PIPELINE_SCHEDULES,
+    PIPELINE_ZERO_STAGES,
+    validate_micro_batches,
+    validate_split,
+)
 from parallel.zero import validate_zero_stage
 from train.data.prepare import check_data_config
 
@@ -187,14 +192,28 @@ class TrainConfig:
         require_choice("train.activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING)
 
 
-def batch_layout(t: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(micro_batch, grad_accum) of each rank on `world_size` processes (see TrainConfig.global_batch)."""
+def process_layout(job: "JobConfig", world_size: int) -> tuple[int, int]:
+    """The checks of the job's layout on `world_size` processes (pure arithmetic: every rank refuses
+    alike, before any collective); returns each rank's (micro_batch, grad_accum)."""
+    from parallel.dims import validate_degrees  # imports torch.distributed: only where needed
+
+    p = job.parallel
+    validate_degrees(world_size, p.ep, job.moe.num_experts, p.pp)
+    micro_batch, grad_accum = batch_layout(job.train, world_size // p.pp, p.pp)
+    if p.pp > 1:
+        validate_micro_batches(p.schedule, grad_accum, p.pp)
+    return micro_batch, grad_accum
+
+
+def batch_layout(t: TrainConfig, world_size: int, pp: int = 1) -> tuple[int, int]:
+    """(micro_batch, grad_accum) of each rank, `world_size` data-parallel ranks (the processes, or
+    under pipeline parallelism the ranks of one stage; see TrainConfig.global_batch)."""
     if t.global_batch is None:
         return t.micro_batch, t.grad_accum
     if t.global_batch % world_size:
+        ranks = f"the number of processes ({world_size})" if pp == 1 else f"processes / parallel.pp ({world_size})"
         raise ValueError(
-            f"train.global_batch={t.global_batch} must be a multiple of the number of processes "
-            f"({world_size}): each rank takes an equal share"
+            f"train.global_batch={t.global_batch} must be a multiple of {ranks}: each rank takes an equal share"
         )
     share = t.global_batch // world_size
     micro_batch = max(d for d in range(1, min(share, t.micro_batch) + 1) if share % d == 0)
@@ -252,6 +271,8 @@ class JobConfig:
         if self.parallel.pp > 1:
             num_stages = self.parallel.pp * self.parallel.stages_per_rank
             validate_split(self.parallel.split, self.model.n_layers, num_stages)
+            if self.train.global_batch is None:  # else grad_accum is derived per layout (train/setup.py)
+                validate_micro_batches(self.parallel.schedule, self.train.grad_accum, self.parallel.pp)
             if self.deepspeed.zero_stage not in PIPELINE_ZERO_STAGES:
                 raise ValueError(
                     f"parallel.pp={self.parallel.pp} runs with deepspeed.zero_stage "

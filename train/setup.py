@@ -15,13 +15,13 @@ import torch
 import torch.distributed as dist
 
 from models.gpt import GPT, count_parameters
-from parallel.dims import ParallelDims, init_parallel, wait_for_every_rank
+from parallel.dims import ParallelDims, init_parallel, read_launch_env, wait_for_every_rank
 from parallel.parallelize import parallelize
 from parallel.precision import autocast_dtype
 from parallel.trainer import Trainer
 from train.checkpoint.manager import CheckpointManager
 from train.checkpoint.run_weights import save_run_tokenizer
-from train.config import JobConfig, batch_layout
+from train.config import JobConfig, process_layout
 from train.data import PreparedData, prepare_data
 from train.hf.init_from import load_initial_weights
 from train.metrics import flops_per_token
@@ -92,11 +92,12 @@ def setup(job: JobConfig, record_settings: Callable[[], None] | None = None) -> 
     """Everything that can fail because of the user's input fails here, as a ValueError.
     `record_settings` (rank 0, once every check passed) writes the run's settings into its folder."""
     preflight(job)
+    t = job.train
+    # The layout's checks from the launcher's variables: every rank refuses before any collective.
+    t.micro_batch, t.grad_accum = process_layout(job, read_launch_env()[0])  # the loop reads these
     dims = init_parallel(job.parallel.ep, job.moe.num_experts, pick_device(job), pp=job.parallel.pp)
     if dims.device.type == "cuda":
         torch.cuda.set_device(dims.device)
-    t = job.train
-    t.micro_batch, t.grad_accum = batch_layout(t, dims.dp)  # the loop reads these
     if t.global_batch is not None and dims.is_main:
         print(
             f"switchyard: global batch {t.global_batch} = {dims.world_size} process(es) x "
