@@ -174,3 +174,102 @@ def test_counter_reads_deepspeed_moves_to_its_device_as_moves_not_host_copies():
         torch.tensor(0.5).item()  # a host scalar: not one
     assert [what for what, _ in counter.events] == ["aten._local_scalar_dense.default", "device->host copy"]
     assert accelerator.current_device_name() == "cpu"  # restored
+
+
+# -- moe.backend=megablocks: the dispatcher's host copy of the counts feeds its grouped GEMM ------------
+
+
+def stub_megablocks(monkeypatch) -> list[list[int]]:
+    """`megablocks.grouped_gemm_util` with a per-expert-loop `gmm` (MegaBlocks needs CUDA; this runs on
+    CPU in fp32): like gmm it insists on int64 group sizes on the host. Returns the sizes it was given."""
+    import sys
+    import types
+
+    given = []
+
+    def gmm(a_ND, b_EDF, batch_sizes_E, trans_b=False):
+        assert batch_sizes_E.device == torch.device("cpu") and batch_sizes_E.dtype == torch.int64  # the host
+        sizes = batch_sizes_E.tolist()
+        given.append(sizes)
+        rows = [x @ (w.t() if trans_b else w) for x, w in zip(a_ND.split(sizes), b_EDF)]
+        return torch.cat(rows) if rows else a_ND.new_zeros(0, b_EDF.shape[-1])
+
+    grouped_gemm_util = types.ModuleType("megablocks.grouped_gemm_util")
+    grouped_gemm_util.ops = types.SimpleNamespace(gmm=gmm)
+    grouped_gemm_util.assert_grouped_gemm_is_available = lambda: None
+    package = types.ModuleType("megablocks")
+    package.grouped_gemm_util = grouped_gemm_util
+    monkeypatch.setitem(sys.modules, "megablocks", package)
+    monkeypatch.setitem(sys.modules, "megablocks.grouped_gemm_util", grouped_gemm_util)
+    monkeypatch.setattr("models.moe.megablocks_experts.require_cuda_bf16", lambda tensors: None)  # fp32 on CPU
+    return given
+
+
+def count_layer_syncs(layer: MoELayer, x_BSD: torch.Tensor):
+    """The syncs of one forward and backward of `layer`, its output and its input's gradient."""
+    x = x_BSD.clone().requires_grad_()
+    counter = SyncCounter()
+    counter.mark([*layer.parameters(), *layer.buffers(), x])
+    with counter.counting():
+        out, stats = layer(x)
+        (out.square().sum() + stats.z_loss).backward()
+    return counter.events, out.detach(), x.grad
+
+
+def megablocks_twin(layer: MoELayer) -> MoELayer:
+    import copy
+
+    twin = copy.deepcopy(layer, memo={id(layer.dispatcher): layer.dispatcher})  # shared: it holds a process group
+    twin.experts.backend = "megablocks"
+    return twin
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_megablocks_backend_reuses_the_dispatchers_host_counts(monkeypatch, capacity_factor):
+    """One rank: with capacity the dispatcher copied the kept counts to the host, and the backend
+    adds nothing to that one copy; dropless, nothing else needs them on the host, and the backend's
+    own copy is the layer's one."""
+    given = stub_megablocks(monkeypatch)
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden=32, capacity_factor=capacity_factor)
+    layer = MoELayer(16, "swiglu", cfg)
+    layer.reset_parameters(0.2, 2)
+    x = torch.randn(2, 8, 16)
+    torch_events, torch_out, torch_grad = count_layer_syncs(layer, x)
+    events, out, grad = count_layer_syncs(megablocks_twin(layer), x)
+    assert len(events) == 1, events
+    assert len(torch_events) == (0 if capacity_factor is None else 1), torch_events
+    torch.testing.assert_close(out, torch_out)
+    torch.testing.assert_close(grad, torch_grad)
+    assert len(given) == 3 and sum(given[0]) == 2 * 8 * 2 - int(layer(x)[1].num_dropped)  # w1, w3, w2
+
+
+def _megablocks_ep_worker(rank, world_size):
+    from parallel.dims import init_parallel
+    from parallel.expert_parallel import shard_moe_layer
+
+    monkeypatch = pytest.MonkeyPatch()
+    given = stub_megablocks(monkeypatch)
+    dims = init_parallel(ep=2, num_experts=4, device=torch.device("cpu"))
+    for capacity_factor in (None, 1.0):
+        torch.manual_seed(0)  # the same layer on both ranks
+        cfg = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden=32, capacity_factor=capacity_factor)
+        layer = MoELayer(16, "swiglu", cfg)
+        layer.reset_parameters(0.2, 2)
+        shard_moe_layer(layer, dims)
+        x = torch.randn(2, 8 + 4 * rank, 16, generator=torch.Generator().manual_seed(rank))
+        torch_events, torch_out, torch_grad = count_layer_syncs(layer, x)
+        events, out, grad = count_layer_syncs(megablocks_twin(layer), x)
+        # The all-to-all's one copy of the counts, for either backend: gmm's sizes come from it.
+        assert len(torch_events) == 1, torch_events
+        assert len(events) == 1, events
+        torch.testing.assert_close(out, torch_out)
+        torch.testing.assert_close(grad, torch_grad)
+    assert len(given) == 2 * 3
+    monkeypatch.undo()
+
+
+def test_megablocks_backend_adds_no_sync_under_expert_parallelism():
+    from tests.ranks import run_ranks
+
+    run_ranks(2, _megablocks_ep_worker)
