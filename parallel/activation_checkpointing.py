@@ -30,6 +30,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         )
     if mode == "none":
         return
-    targets = list(model.blocks) if mode == "full" else model.moe_layers()
+    blocks = model.blocks.values() if isinstance(model.blocks, nn.ModuleDict) else model.blocks  # a pipeline stage's
+    targets = list(blocks) if mode == "full" else model.moe_layers()
     for module in targets:
         module.forward = functools.partial(_checkpointed, module.forward)

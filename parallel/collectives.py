@@ -36,9 +36,10 @@ def any_rank_of(flags: tuple[bool, ...], dims: ParallelDims) -> tuple[bool, ...]
 
 def average_replicated_expert_gradients(params: list[torch.nn.Parameter], dims: ParallelDims) -> None:
     """Experts kept whole on each rank of their expert-data-parallel (EDP) group: sum their
-    gradients over that group, divided by the world size.
+    gradients over that group, divided by the data-parallel degree W (the world, or under pipeline
+    parallelism the ranks of one stage).
 
-    Why the world size, not the group size: the single-process gradient of a global-batch mean is
+    Why W, not the group size: the single-process gradient of a global-batch mean is
     (1/W)·Σ_ranks ∂L_r/∂θ. A rank holding expert e already receives, through the all-to-all
     backward, the contributions of every rank in its EP group; summing over the EDP group adds the
     other EP groups, giving Σ over all W ranks. (Sharded experts get the same divisor from FSDP.)
@@ -50,11 +51,11 @@ def average_replicated_expert_gradients(params: list[torch.nn.Parameter], dims: 
             p.grad = torch.zeros_like(p)  # experts that saw no token still join the collective
     if dims.edp == 1:  # no replica to sum with: only the 1/W of the global-batch mean, in place
         for p in params:
-            p.grad.div_(dims.world_size)
+            p.grad.div_(dims.dp)
         return
     flat = torch.cat([p.grad.reshape(-1) for p in params])  # one collective instead of one per tensor
     dist.all_reduce(flat, group=dims.edp_group)
-    flat /= dims.world_size
+    flat /= dims.dp
     offset = 0
     for p in params:
         p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))

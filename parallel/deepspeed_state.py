@@ -295,3 +295,41 @@ def partition_zero3(params: list[nn.Parameter], zero3_config: dict) -> None:
 def full_shape(p: nn.Parameter) -> torch.Size:
     """The parameter's shape in the model, also when ZeRO-3 has partitioned it (then it is empty here)."""
     return getattr(p, "ds_shape", p.shape)
+
+
+class StageGroups:
+    """DeepSpeed's `mpu` protocol for one pipeline slice (parallel/pipeline.py): the engine of a stage
+    reduces and partitions its dense weights over the ranks of that stage only, never across
+    stages. No model parallelism inside a stage: its model-parallel group is this rank alone."""
+
+    def __init__(self, dp_group, singleton_group):
+        import torch.distributed as dist
+
+        self._dp_group = dp_group
+        self._singleton = singleton_group
+        self._dp_size = dist.get_world_size(dp_group)
+        self._dp_rank = dist.get_rank(dp_group)
+
+    def get_data_parallel_group(self):
+        return self._dp_group
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._dp_size
+
+    def get_data_parallel_rank(self) -> int:
+        return self._dp_rank
+
+    def get_model_parallel_group(self):
+        return self._singleton
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+
+def set_accumulation_boundary(engine, is_boundary: bool) -> None:
+    """Tell the engine whether the next backward ends the step's accumulation (a pipeline schedule
+    runs every micro-batch's backward before `step`, in an order of its own)."""
+    engine.set_gradient_accumulation_boundary(is_boundary)

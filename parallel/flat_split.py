@@ -42,16 +42,17 @@ def chunk_split(numel: int, world: int) -> list[Piece]:
     return [chunk_piece(numel, world, rank) for rank in range(world)]
 
 
-def gather_split(pieces: list[Piece | None], device: torch.device) -> list[list[Piece]]:
+def gather_split(pieces: list[Piece | None], device: torch.device, group=None) -> list[list[Piece]]:
     """Every rank's piece of each tensor: `pieces[i]` is this rank's piece of tensor i (None: none);
-    returns [i][rank]. Every rank must pass the same number of pieces."""
+    returns [i][rank], ranks of `group` (default: the world). Every rank of the group must pass the
+    same number of pieces."""
     if not pieces:
         return []
     local = torch.tensor(
         [[p.start, p.numel] if p is not None and p.numel else [0, 0] for p in pieces], dtype=torch.int64, device=device
     )  # [i, 2]
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
     table = torch.stack(gathered, dim=1).tolist()  # [i][rank][start, numel]
     return [[Piece(start, numel) for start, numel in ranks] for ranks in table]
 
@@ -61,11 +62,17 @@ def _overlap(a: Piece, b: Piece) -> tuple[int, int]:
 
 
 def repartition(
-    values: list[torch.Tensor], have: list[list[Piece]], want: list[list[Piece]], rank: int, device: torch.device
+    values: list[torch.Tensor],
+    have: list[list[Piece]],
+    want: list[list[Piece]],
+    rank: int,
+    device: torch.device,
+    group=None,
 ) -> list[torch.Tensor]:
     """values[i]: this rank's piece have[i][rank] of flat tensor i (1-D, all of one dtype). Returns
     this rank's pieces want[i][rank], new tensors on `device`; the two splits cover the same
-    elements. One all-to-all over the world (every rank calls it)."""
+    elements. One all-to-all over `group` (default: the world; `rank` is this rank's index in it;
+    every rank of the group calls it)."""
     world = len(have[0]) if have else 1
     send_parts, input_splits = [], []
     for peer in range(world):  # what this rank sends to each peer, peer by peer, tensor by tensor
@@ -83,7 +90,7 @@ def repartition(
     dtype = values[0].dtype
     send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype, device=device)
     received = torch.empty(sum(output_splits), dtype=dtype, device=device)
-    dist.all_to_all_single(received, send, output_splits, input_splits)
+    dist.all_to_all_single(received, send, output_splits, input_splits, group=group)
     out = [torch.empty(want[i][rank].numel, dtype=dtype, device=device) for i in range(len(values))]
     at = 0
     for peer in range(world):  # the same order, seen from the receiving side

@@ -29,7 +29,7 @@ def global_grad_norm(
     dense: DenseShards, expert_grads: list[torch.Tensor], experts_sharded: bool, dims: ParallelDims
 ) -> float:
     dense_grads = [g for _, p in dense.named_parameters() if (g := dense.grad(p)) is not None]
-    dense_copies = 1 if dense.partitioned else dims.world_size  # ranks holding each dense element
+    dense_copies = 1 if dense.partitioned else dims.dp  # ranks holding each dense element (its stage's)
     expert_copies = 1 if experts_sharded else dims.edp  # ranks holding each expert element
     shares = torch.stack(
         [squared_sum(dense_grads, dims.device) / dense_copies, squared_sum(expert_grads, dims.device) / expert_copies]

@@ -25,9 +25,11 @@ import torch
 from torch import nn
 
 from models.moe.experts import GroupedExperts
+from models.moe.layer import MoELayer
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.deepspeed_state import (
     DenseShards,
+    StageGroups,
     ensure_adamw_state,
     full_shape,
     partition_zero3,
@@ -35,7 +37,8 @@ from parallel.deepspeed_state import (
     skip_zero3_grad_norm,
 )
 from parallel.dims import ParallelDims
-from parallel.expert_parallel import apply_expert_parallel
+from parallel.expert_parallel import apply_expert_parallel, shard_moe_layer
+from parallel.pipeline import LocalStages, PipelineRunner, StageModule, kept_modules, stage_plan
 from parallel.precision import autocast_dtype
 from parallel.trainer import Trainer
 from parallel.zero import (
@@ -49,8 +52,10 @@ from parallel.zero import (
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
+    if dims.pp > 1:
+        return parallelize_pipeline(model, dims, job)
     config = deepspeed_config(
-        job.deepspeed.zero_stage, job.train.micro_batch, job.train.grad_accum, dims.world_size, job.model.d_model
+        job.deepspeed.zero_stage, job.train.micro_batch, job.train.grad_accum, dims.dp, job.model.d_model
     )
     experts_sharded = experts_are_sharded(dims, job.deepspeed.zero_stage)
     apply_expert_parallel(model, dims)  # 1
@@ -83,6 +88,95 @@ def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
     return Trainer(
         engine, dense, experts, expert_optimizer, experts_sharded, dims, job.deepspeed.zero_stage, job.optim.grad_clip
     )
+
+
+def parallelize_pipeline(model: nn.Module, dims: ParallelDims, job) -> Trainer:
+    """The same order with pipeline stages (parallel/pipeline.py): the model is cut first, on the
+    meta device, and each rank materialises only its stages' weights."""
+    config = deepspeed_config(
+        job.deepspeed.zero_stage, job.train.micro_batch, job.train.grad_accum, dims.dp, job.model.d_model
+    )
+    experts_sharded = experts_are_sharded(dims, job.deepspeed.zero_stage)
+    mine, ranges, num_stages = stage_plan(model, dims, job.parallel)
+    kept = kept_modules(model, mine, ranges, num_stages)
+    for module in kept:
+        for layer in module.modules():
+            if isinstance(layer, MoELayer):
+                shard_moe_layer(layer, dims)  # 1
+    materialize_stages(model, kept, dims.device, job.train.seed, experts_stay_meta=experts_sharded)  # 2
+    local = LocalStages(model, [StageModule(model, s, num_stages, ranges[s]) for s in mine])
+    apply_activation_checkpointing(local, job.train.activation_checkpointing)  # 3
+    experts = detach_experts(local)  # 4
+    shard_experts(experts, dims, job.deepspeed.zero_stage, autocast_dtype(job.train.dtype, dims.device))
+    if experts_sharded:
+        materialize_expert_shards(experts, dims)
+    dense_optimizer = adamw(local.parameters(), job.optim)  # 5
+    expert_params = [p for module in experts.values() for p in module.parameters()]
+    expert_optimizer = adamw(expert_params, job.optim) if expert_params else None
+    if expert_optimizer is not None:
+        ensure_adamw_state(expert_optimizer)
+    import deepspeed
+
+    skip_deepspeed_shm_op()
+    _, singleton = torch.distributed.new_subgroups(group_size=1)
+    engine, _, _, _ = deepspeed.initialize(
+        model=local,
+        optimizer=dense_optimizer,
+        config=config,
+        mpu=StageGroups(dims.dp_mesh.get_group(), singleton),
+        dist_init_required=False,
+    )
+    dense = DenseShards(engine, dense_optimizer, job.deepspeed.zero_stage)
+    block_stage = {i: s for s in mine for i in ranges[s]}
+    experts_by_stage: dict[int, list[GroupedExperts]] = {}
+    if experts_sharded:
+        for name, module in experts.items():
+            experts_by_stage.setdefault(block_stage[int(name.split(".")[1])], []).append(module)
+    runner = PipelineRunner(engine, local, num_stages, dims, job, experts_by_stage)
+    return Trainer(
+        engine,
+        dense,
+        experts,
+        expert_optimizer,
+        experts_sharded,
+        dims,
+        job.deepspeed.zero_stage,
+        job.optim.grad_clip,
+        pipeline=runner,
+    )
+
+
+@torch.no_grad()
+def materialize_stages(
+    model: nn.Module, kept: list[nn.Module], device: torch.device, seed: int, experts_stay_meta: bool
+) -> None:
+    """`materialize` for a pipeline stage: every initialisation unit draws from the RNG in the
+    single-process order, so the kept weights get exactly the single-process values; a unit this
+    rank does not keep is allocated (one at a time, on the same device, so the same generator
+    draws) and freed again. Routed experts draw from their own generators: those not kept are
+    never allocated."""
+    torch.manual_seed(seed)
+    kept_ids = {id(m) for top in kept for m in top.modules()}
+    model.to_empty(device=device, recurse=False)  # the rotary tables: every stage uses them
+    model.init_buffers()
+    for unit, init in model.init_units():
+        keep = id(unit) in kept_ids
+        for module in unit.modules():
+            if isinstance(module, GroupedExperts) and (experts_stay_meta or not keep):
+                continue
+            if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+                module.to_empty(device=device, recurse=False)
+        model.tie_weights()
+        init()
+        if not keep:
+            unit.to_empty(device="meta")
+    left = [
+        name
+        for top in kept
+        for name, p in top.named_parameters()
+        if p.is_meta and not (experts_stay_meta and ".experts." in f".{name}")
+    ]
+    assert not left, f"no initialisation unit covers {left}"
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ class Trainer:
         dims: ParallelDims,
         zero_stage: int,
         grad_clip: float,
+        pipeline=None,
     ):
         self.engine = engine
         self.dense = dense
@@ -41,6 +42,8 @@ class Trainer:
         self.dims = dims
         self.zero_stage = zero_stage
         self.grad_clip = grad_clip
+        # parallel/pipeline.py: PipelineRunner with pipeline parallelism (the loop's pipeline step), else None.
+        self.pipeline = pipeline
 
     @property
     def module(self) -> nn.Module:

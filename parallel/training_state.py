@@ -172,11 +172,12 @@ def _to_chunks(trainer, params: list, values: list[torch.Tensor | None]) -> list
     dims, dense = trainer.dims, trainer.dense
     if not dims.distributed:
         return values
-    have = gather_split([dense.piece(p) for p in params], dims.device)
-    want = [chunk_split(dense.full_numel(p), dims.world_size) for p in params]
+    group = dims.dp_mesh.get_group()  # this slice's ranks: the dense weights' data-parallel group
+    have = gather_split([dense.piece(p) for p in params], dims.device, group)
+    want = [chunk_split(dense.full_numel(p), dims.dp) for p in params]
     if have == want:  # ZeRO-3
         return [_or_empty(v, dims.device) for v in values]
-    return repartition([_or_empty(v, dims.device) for v in values], have, want, dims.rank, dims.device)
+    return repartition([_or_empty(v, dims.device) for v in values], have, want, dims.dp_rank, dims.device, group)
 
 
 def _from_chunks(trainer, params: list, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -184,11 +185,12 @@ def _from_chunks(trainer, params: list, chunks: list[torch.Tensor]) -> list[torc
     dims, dense = trainer.dims, trainer.dense
     if not dims.distributed:
         return chunks
-    have = [chunk_split(dense.full_numel(p), dims.world_size) for p in params]
-    want = gather_split([dense.piece(p) for p in params], dims.device)
+    group = dims.dp_mesh.get_group()
+    have = [chunk_split(dense.full_numel(p), dims.dp) for p in params]
+    want = gather_split([dense.piece(p) for p in params], dims.device, group)
     if have == want:
         return chunks
-    return repartition(chunks, have, want, dims.rank, dims.device)
+    return repartition(chunks, have, want, dims.dp_rank, dims.device, group)
 
 
 def _or_empty(values: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -199,13 +201,13 @@ def _sharded(chunk: torch.Tensor, numel: int, dims) -> torch.Tensor:
     if not dims.distributed:
         return chunk
     shape = torch.Size([numel])
-    return DTensor.from_local(chunk, dims.world_mesh, [Shard(0)], run_check=False, shape=shape, stride=(1,))
+    return DTensor.from_local(chunk, dims.dp_mesh, [Shard(0)], run_check=False, shape=shape, stride=(1,))
 
 
 def _replicated(t: torch.Tensor, dims) -> torch.Tensor:
     if not dims.distributed:
         return t
-    return DTensor.from_local(t, dims.world_mesh, [Replicate()], run_check=False)
+    return DTensor.from_local(t, dims.dp_mesh, [Replicate()], run_check=False)
 
 
 # -- buffers, experts, steps, random state ------------------------------------------------------------

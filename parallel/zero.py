@@ -108,9 +108,9 @@ def shard_experts(
             shard_placement_fn=lambda _: Shard(EXPERT_SHARD_DIM),
             mp_policy=mp_policy,
         )
-        # Sum over the EDP group divided by the world size: see parallel/collectives.py for why.
+        # Sum over the EDP group divided by the data-parallel degree: see parallel/collectives.py for why.
         # As a plain SUM with a separate division: gloo has no PREMUL_SUM.
-        module.set_gradient_divide_factor(float(dims.world_size))
+        module.set_gradient_divide_factor(float(dims.dp))
         module.set_force_sum_reduction_for_comms(True)
     return True
 

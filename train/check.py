@@ -12,17 +12,14 @@ from __future__ import annotations
 import sys
 
 from train.cli import compose_job, run_tool, tool_parser, wants_help
-from train.config import JobConfig, batch_layout
+from train.config import JobConfig, process_layout
 from train.preflight import preflight
 
 
 def check_job(job: JobConfig, world_size: int = 1) -> None:
     """Everything checked before the first process group: settings, places, process layout."""
-    from parallel.dims import validate_degrees  # imports torch.distributed: only where needed
-
     preflight(job)
-    validate_degrees(world_size, job.parallel.ep, job.moe.num_experts)
-    batch_layout(job.train, world_size)
+    process_layout(job, world_size)
 
 
 def checked_summary(job: JobConfig, world_size: int, overrides: list[str]) -> str:

@@ -31,6 +31,12 @@ from models.config import (
     require_positive_number,
 )
 from parallel.activation_checkpointing import ACTIVATION_CHECKPOINTING
+from parallel.pipeline_layout import (
+    PIPELINE_SCHEDULES,
+    PIPELINE_ZERO_STAGES,
+    validate_micro_batches,
+    validate_split,
+)
 from parallel.zero import validate_zero_stage
 from train.data.prepare import check_data_config
 
@@ -45,6 +51,26 @@ MAX_BATCH = 2**20  # micro_batch, grad_accum, eval_batches: rows or passes per s
 @dataclass
 class ParallelConfig:
     ep: int = 1  # expert-parallel degree: ranks that split moe.num_experts between them
+    # Pipeline stages: the blocks are split into pp x stages_per_rank stages, the processes into pp
+    # slices of world / pp (parallel/pipeline.py); train.grad_accum micro-batches fill the pipeline.
+    pp: int = 1
+    schedule: str = "1f1b"  # pipeline schedule: "gpipe" | "1f1b" | "interleaved_1f1b" (stages_per_rank > 1)
+    stages_per_rank: int = 1  # pipeline stages each rank holds (virtual stages; > 1 needs interleaved_1f1b)
+    # How blocks are split into stages: "layers" (the same number in each; must divide model.n_layers),
+    # "params" (balanced by parameter count, the embedding in the first stage and the output head in
+    # the last), or a list of block counts, one per stage (e.g. [3, 5]).
+    split: typing.Any = "layers"
+
+    def validate(self) -> None:
+        require_positive_int("parallel.ep", self.ep)
+        require_positive_int("parallel.pp", self.pp)
+        require_choice("parallel.schedule", self.schedule, PIPELINE_SCHEDULES)
+        require_positive_int("parallel.stages_per_rank", self.stages_per_rank)
+        if (self.stages_per_rank > 1) != (self.schedule == "interleaved_1f1b"):
+            raise ValueError(
+                f"parallel.schedule={self.schedule!r} with parallel.stages_per_rank={self.stages_per_rank}: "
+                "interleaved_1f1b needs stages_per_rank > 1, gpipe and 1f1b need stages_per_rank = 1"
+            )
 
 
 @dataclass
@@ -166,14 +192,28 @@ class TrainConfig:
         require_choice("train.activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING)
 
 
-def batch_layout(t: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(micro_batch, grad_accum) of each rank on `world_size` processes (see TrainConfig.global_batch)."""
+def process_layout(job: "JobConfig", world_size: int) -> tuple[int, int]:
+    """The checks of the job's layout on `world_size` processes (pure arithmetic: every rank refuses
+    alike, before any collective); returns each rank's (micro_batch, grad_accum)."""
+    from parallel.dims import validate_degrees  # imports torch.distributed: only where needed
+
+    p = job.parallel
+    validate_degrees(world_size, p.ep, job.moe.num_experts, p.pp)
+    micro_batch, grad_accum = batch_layout(job.train, world_size // p.pp, p.pp)
+    if p.pp > 1:
+        validate_micro_batches(p.schedule, grad_accum, p.pp)
+    return micro_batch, grad_accum
+
+
+def batch_layout(t: TrainConfig, world_size: int, pp: int = 1) -> tuple[int, int]:
+    """(micro_batch, grad_accum) of each rank, `world_size` data-parallel ranks (the processes, or
+    under pipeline parallelism the ranks of one stage; see TrainConfig.global_batch)."""
     if t.global_batch is None:
         return t.micro_batch, t.grad_accum
     if t.global_batch % world_size:
+        ranks = f"the number of processes ({world_size})" if pp == 1 else f"processes / parallel.pp ({world_size})"
         raise ValueError(
-            f"train.global_batch={t.global_batch} must be a multiple of the number of processes "
-            f"({world_size}): each rank takes an equal share"
+            f"train.global_batch={t.global_batch} must be a multiple of {ranks}: each rank takes an equal share"
         )
     share = t.global_batch // world_size
     micro_batch = max(d for d in range(1, min(share, t.micro_batch) + 1) if share % d == 0)
@@ -227,6 +267,17 @@ class JobConfig:
         self.gpt_config().validate()
         require_positive_int("parallel.ep", self.parallel.ep, MAX_EXPERTS)
         validate_zero_stage(self.deepspeed.zero_stage)
+        self.parallel.validate()
+        if self.parallel.pp > 1:
+            num_stages = self.parallel.pp * self.parallel.stages_per_rank
+            validate_split(self.parallel.split, self.model.n_layers, num_stages)
+            if self.train.global_batch is None:  # else grad_accum is derived per layout (train/setup.py)
+                validate_micro_batches(self.parallel.schedule, self.train.grad_accum, self.parallel.pp)
+            if self.deepspeed.zero_stage not in PIPELINE_ZERO_STAGES:
+                raise ValueError(
+                    f"parallel.pp={self.parallel.pp} runs with deepspeed.zero_stage "
+                    f"{', '.join(map(str, PIPELINE_ZERO_STAGES))}; got {self.deepspeed.zero_stage}"
+                )
         self.optim.validate()
         check_data_config(self.data)
         split_init_from(self.model.init_from)

@@ -90,7 +90,13 @@ def evaluate(run: Run) -> float:
     run.trainer.train(False)
     total = torch.zeros(2, dtype=torch.float64, device="cpu")
     num_batches = t.eval_batches * (t.grad_accum if t.global_batch is not None else 1)
-    for x, y in val_batches(run.data.val, t.seq_len, t.micro_batch, num_batches, run.dims.world_size, run.dims.rank):
+    batches = val_batches(run.data.val, t.seq_len, t.micro_batch, num_batches, run.dims.dp, run.dims.dp_rank)
+    if run.trainer.pipeline is not None:
+        from train.pipeline_step import evaluate_pipeline
+
+        total = evaluate_pipeline(run, batches)
+        batches = []
+    for x, y in batches:
         logits_BSV, _ = forward(run, x)
         ce = F.cross_entropy(logits_BSV.flatten(0, 1), y.to(run.device).flatten())
         total += torch.tensor([ce.item(), 1.0], dtype=torch.float64, device="cpu")
@@ -133,8 +139,12 @@ def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> S
     device, and read once, before the last backward (see README: the sync budget)."""
     t, dims = run.job.train, run.dims
     lr = lr_at(step, run.job)
+    if run.trainer.pipeline is not None:
+        from train.pipeline_step import run_pipeline_step  # (it imports this module)
+
+        return run_pipeline_step(run, sampler, step, window, lr)
     grad_norm = float("nan")
-    load_LE = torch.zeros(len(run.model.moe_layers()), run.job.moe.num_experts, dtype=torch.int64, device=run.device)
+    load_LE = torch.zeros(run.num_moe_layers, run.job.moe.num_experts, dtype=torch.int64, device=run.device)
     ce_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     num_bad = torch.zeros((), dtype=torch.float64, device=run.device)  # micro-batches with a non-finite loss
     step_selected_LE, stop, writing = None, False, False
@@ -209,10 +219,10 @@ class DeadExpertWarnings:
 
 def train_steps(run: Run, logger: RunLogger) -> dict:
     job, dims, t = run.job, run.dims, run.job.train
-    sampler = BatchSampler(run.data.train, t.seq_len, t.micro_batch, dims.world_size, dims.rank, t.grad_accum, t.seed)
-    window = MoEWindow(len(run.model.moe_layers()), job.moe.num_experts, run.device)
+    sampler = BatchSampler(run.data.train, t.seq_len, t.micro_batch, dims.dp, dims.dp_rank, t.grad_accum, t.seed)
+    window = MoEWindow(run.num_moe_layers, job.moe.num_experts, run.device)
     dead_experts = DeadExpertWarnings(after_step=job.optim.warmup_steps)
-    tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * dims.world_size
+    tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * dims.dp
     loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()
     bad_in_a_row, bad_total, applied_total = 0, 0, 0
     summary: dict = {}
@@ -248,7 +258,7 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
             elapsed = time.perf_counter() - window_start
             mean_loss = (
                 float(all_reduce_sum(torch.tensor([loss_sum / max(window_steps, 1)], dtype=torch.float64), dims)[0])
-                / dims.world_size
+                / dims.dp  # (under pipeline parallelism only the last stage's ranks hold a loss)
             )
             tokens_per_s = tokens_per_step * window_steps / elapsed
             metrics = {
@@ -272,7 +282,7 @@ def train_steps(run: Run, logger: RunLogger) -> dict:
         if done % t.eval_interval == 0 or done == t.steps:
             val_loss = evaluate(run)
             record = {"val/loss": val_loss}
-            if job.logging.sample_tokens:
+            if job.logging.sample_tokens and run.trainer.pipeline is None:  # (no generation through a pipeline)
                 record["samples/text"] = sample(run, seed=t.seed + done)
                 logger.info(f"step {done}: sample: {record['samples/text']!r}")
             logger.log(done, record)

@@ -44,12 +44,22 @@ class MoEWindow:
         host_L2 = [[s.bytes_sent, s.all_to_all_seconds] for s in stats]
         self.host_sums_L2 += torch.tensor(host_L2, dtype=torch.float64, device="cpu")
 
+    def add_records(self, records: list, num_micro_steps: int) -> None:
+        """`add` for a pipeline stage (parallel/pipeline.py): the layers this rank holds, each record
+        one layer's figures of one micro-batch, tagged with its MoE-layer index."""
+        self.num_micro_steps += num_micro_steps
+        for r in records:
+            s = r.stats
+            self.tokens_LE[r.moe_index] += s.tokens_per_expert.to(self.tokens_LE)
+            self.sums_L4[r.moe_index] += torch.stack([r.aux, r.z, s.router_entropy, s.num_dropped]).to(self.sums_L4)
+            self.host_sums_L2[r.moe_index] += torch.tensor([s.bytes_sent, s.all_to_all_seconds], dtype=torch.float64)
+
     def summarize(self, dims: ParallelDims, elapsed_seconds: float) -> dict:
         """Global figures (identical on every rank): counts summed over ranks, losses averaged."""
         on_device = torch.cat([self.tokens_LE, self.sums_L4, self.host_sums_L2.to(self.sums_L4.device)], dim=1)
         on_host = all_reduce_sum(on_device, dims).cpu()  # the window's one device->host copy
         tokens_LE, sums_L6 = on_host[:, :-6], on_host[:, -6:]
-        means_L3 = sums_L6[:, :3] / max(self.num_micro_steps * dims.world_size, 1)
+        means_L3 = sums_L6[:, :3] / max(self.num_micro_steps * dims.dp, 1)  # each layer runs on dp ranks
         # Forward all-to-all wall time per rank, as a share of the window (CPU/gloo only).
         out = {"perf/all_to_all_time_share": float(sums_L6[:, 5].sum() / dims.world_size / max(elapsed_seconds, 1e-9))}
         # Max/mean load per layer, and its spread over layers: a deep model's dashboard reads these

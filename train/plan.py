@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from train.cli import compose_job, run_tool
-from train.config import batch_layout
+from train.config import process_layout
 from train.preflight import preflight
 
 PLAN_PREFIX = "plan."
@@ -78,7 +78,6 @@ def parse_plan_settings(overrides: list[str]) -> PlanConfig:
 
 
 def check_layout(job, plan: PlanConfig) -> None:
-    from parallel.dims import validate_degrees
 
     ep = job.parallel.ep
     if plan.world_size % ep:
@@ -86,8 +85,7 @@ def check_layout(job, plan: PlanConfig) -> None:
             f"parallel.ep ({ep}) must divide plan.world_size ({plan.world_size}); "
             f"allowed: divisors of {plan.world_size}"
         )
-    validate_degrees(plan.world_size, ep, job.moe.num_experts)
-    job.train.micro_batch, job.train.grad_accum = batch_layout(job.train, plan.world_size)  # with train.global_batch
+    job.train.micro_batch, job.train.grad_accum = process_layout(job, plan.world_size)  # with train.global_batch
 
 
 def main(argv: list[str]) -> int:

@@ -15,13 +15,13 @@ import torch
 import torch.distributed as dist
 
 from models.gpt import GPT, count_parameters
-from parallel.dims import ParallelDims, init_parallel, wait_for_every_rank
+from parallel.dims import ParallelDims, init_parallel, read_launch_env, wait_for_every_rank
 from parallel.parallelize import parallelize
 from parallel.precision import autocast_dtype
 from parallel.trainer import Trainer
 from train.checkpoint.manager import CheckpointManager
 from train.checkpoint.run_weights import save_run_tokenizer
-from train.config import JobConfig, batch_layout
+from train.config import JobConfig, process_layout
 from train.data import PreparedData, prepare_data
 from train.hf.init_from import load_initial_weights
 from train.metrics import flops_per_token
@@ -47,7 +47,13 @@ class Run:
 
     @property
     def model(self) -> GPT:
+        """The model, or under pipeline parallelism this rank's stages (parallel/pipeline.py: LocalStages)."""
         return self.trainer.module
+
+    @property
+    def num_moe_layers(self) -> int:
+        """MoE layers of the whole model (also where this rank holds only some of them)."""
+        return self.job.model.n_layers // self.job.moe.every
 
     @property
     def device(self) -> torch.device:
@@ -86,11 +92,12 @@ def setup(job: JobConfig, record_settings: Callable[[], None] | None = None) -> 
     """Everything that can fail because of the user's input fails here, as a ValueError.
     `record_settings` (rank 0, once every check passed) writes the run's settings into its folder."""
     preflight(job)
-    dims = init_parallel(job.parallel.ep, job.moe.num_experts, pick_device(job))
+    t = job.train
+    # The layout's checks from the launcher's variables: every rank refuses before any collective.
+    t.micro_batch, t.grad_accum = process_layout(job, read_launch_env()[0])  # the loop reads these
+    dims = init_parallel(job.parallel.ep, job.moe.num_experts, pick_device(job), pp=job.parallel.pp)
     if dims.device.type == "cuda":
         torch.cuda.set_device(dims.device)
-    t = job.train
-    t.micro_batch, t.grad_accum = batch_layout(t, dims.world_size)  # the loop reads these
     if t.global_batch is not None and dims.is_main:
         print(
             f"switchyard: global batch {t.global_batch} = {dims.world_size} process(es) x "
@@ -137,7 +144,9 @@ def _set_up_locked(job: JobConfig, dims: ParallelDims, lock: RunLock, record_set
     if dims.is_main:
         print(
             f"switchyard: {total_params / 1e6:.1f}M parameters ({active_params / 1e6:.1f}M active), "
-            f"{dims.world_size} process(es), ep={dims.ep}, ZeRO-{job.deepspeed.zero_stage}, device={dims.device}, "
+            f"{dims.world_size} process(es), "
+            + (f"pp={dims.pp} ({job.parallel.schedule}), " if dims.pp > 1 else "")
+            + f"ep={dims.ep}, ZeRO-{job.deepspeed.zero_stage}, device={dims.device}, "
             f"{len(data.train) / 1e6:.2f}M training tokens, vocab {data.vocab_size}"
         )
     return Run(

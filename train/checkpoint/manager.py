@@ -116,8 +116,16 @@ def model_signature(job) -> dict:
     }
 
 
+LAYOUT_BEFORE_THE_KEY = {"parallel.pp": 1}  # what a checkpoint written before a layout key existed had
+
+
 def layout(job, dims: ParallelDims) -> dict:
-    return {"world_size": dims.world_size, "parallel.ep": dims.ep, "deepspeed.zero_stage": job.deepspeed.zero_stage}
+    return {
+        "world_size": dims.world_size,
+        "parallel.pp": dims.pp,
+        "parallel.ep": dims.ep,
+        "deepspeed.zero_stage": job.deepspeed.zero_stage,
+    }
 
 
 @dataclass(frozen=True)
@@ -321,12 +329,12 @@ class CheckpointManager:
         """Put the whole training state of `point` into `trainer` (any saved layout); returns the step."""
         folder, meta = point.folder, point.meta
         now = layout(self.job, self.dims)
-        exact = all(meta.get(k) == v for k, v in now.items())
+        exact = all(meta.get(k, LAYOUT_BEFORE_THE_KEY.get(k)) == v for k, v in now.items())
         state = trainer.state_dict(with_rng=exact)  # receivers for exactly what this rank holds now
         _read_into(state, folder)
         trainer.load_state_dict(state)
         if self.dims.is_main:
-            saved = {k: meta.get(k) for k in now}
+            saved = {k: meta.get(k, LAYOUT_BEFORE_THE_KEY.get(k)) for k in now}
             how = "exact" if exact else f"resharded from {saved} to {now}, optimizer state kept"
             print(f"switchyard: resumed from step {meta['step']} ({how})")
         return meta["step"]
