@@ -1,7 +1,7 @@
 """Pipeline parallelism on CPU: the bubble against the schedule's theoretical fraction, and tokens/s
 of pp=2 x ep=2 against dp=2 x ep=2, each part's peers side by side in one run.
 
-    python benchmarks/pipeline.py [--rounds 5] [--grad-accums 2 4 8]     # see benchmarks/README.md
+    python benchmarks/pipeline.py [--rounds 6] [--grad-accums 2 4 8]     # see benchmarks/README.md
 
 A. The bubble. 2 ranks over gloo (parallel/local_launch.py: torchrun's variables, 1 torch thread
    each, so the 2 ranks fit the 2 cores), parallel.pp=2, ep=1. Every rank builds one trainer per
@@ -32,6 +32,8 @@ B. Throughput. 4 ranks on the 2 cores (oversubscribed: 2 processes a core), para
    (rank 0 between the barriers) and tokens per CPU-second (the 4 processes' CPU time summed,
    gloo's threads included): with 4 processes on 2 cores the wall clock also counts the time a
    rank waits for a core, so the CPU figure is the fairer measure of the work done.
+B2. The same pair on 2 ranks (a core each, ep=1): pp=2 against dp=2, where the bubble is idle time
+   of a core, as it would be of a GPU.
 
 Model (both parts): model=tiny widened to 4 blocks of d_model 128 (4 heads), 4 experts top-2 of
 width 128, the byte vocabulary (256, tied embeddings), train.seq_len 128, micro-batch 4, fp32,
@@ -146,6 +148,12 @@ def simulate(orders: dict[int, list[Op]], duration: dict[tuple[str, int], float]
         if not progressed:
             raise ValueError(f"the recorded orders deadlock: {[ops[position[r]] for r, ops in orders.items()]}")
     return max(free.values()), busy
+
+
+def equal_costs(num_stages: int) -> dict[tuple[str, int], float]:
+    """Equal stages, a backward twice a forward, a free loss: the theory's assumptions."""
+    costs = {(kind, s): cost for s in range(num_stages) for kind, cost in (("F", 1.0), ("B", 2.0))}
+    return {**costs, ("L", num_stages - 1): 0.0}
 
 
 def idle_fraction(makespan: float, busy: dict[int, float]) -> float:
@@ -321,12 +329,22 @@ def summarize_bubble(arms: list[dict], per_rank: list[list[list[dict]]]) -> list
             {
                 **arm,
                 "theory": theoretical_bubble(arm["schedule"], PP, arm["grad_accum"], arm["stages_per_rank"]),
+                # torch's recorded order with equal stages (F 1, B 2, loss 0): the schedule's own fraction
+                "replayed_equal": idle_fraction(*simulate(orders, equal_costs(num_stages), num_stages)),
                 "simulated_cpu": idle_fraction(*simulate(orders, median_cpu, num_stages)),
                 "simulated_wall": idle_fraction(*simulate(orders, median, num_stages)),
                 "measured": statistics.fmean(measured),
                 "measured_per_rank": measured,
                 "measured_per_step": per_step,
                 "schedule_ms_median": statistics.median(windows) * 1e3,
+                # the last timed step's operations on each rank, in order: [kind, stage, micro-batch, wall ms, CPU ms]
+                "last_step_ops": {
+                    rank: [
+                        [*op, round(1e3 * took, 2), round(1e3 * cpu, 2)]
+                        for op, (_, _, took, cpu) in zip(orders[rank], steps[i][-1]["events"])
+                    ]
+                    for rank, steps in enumerate(per_rank)
+                },
                 "op_wall_ms_median": {
                     f"{kind}{stage}": round(1e3 * v, 3) for (kind, stage), v in sorted(median.items())
                 },
@@ -343,21 +361,19 @@ def summarize_bubble(arms: list[dict], per_rank: list[list[list[dict]]]) -> list
 # -- B: throughput, pp=2 x ep=2 against dp=2 x ep=2 ------------------------------------------------
 
 
-def throughput_arms(micro_batch: int, pp_grad_accum: int) -> dict[str, list[str]]:
-    """Same global batch: micro_batch x grad_accum x (world / pp) sequences in both."""
+def throughput_arms(micro_batch: int, pp_grad_accum: int, ep: int) -> dict[str, list[str]]:
+    """pp=2 (1F1B) against pp=1 on the same ranks, the same global batch (micro_batch x grad_accum x
+    world / pp sequences: the pp=1 arm takes half the micro-batches on twice the data-parallel ranks)."""
+    suffix = f" x ep={ep}" if ep > 1 else ""
+    common = [f"parallel.ep={ep}", f"train.micro_batch={micro_batch}"]
     return {
-        "pp=2 x ep=2 (1f1b)": [
+        f"pp=2{suffix} (1f1b)": [
+            *common,
             "parallel.pp=2",
-            "parallel.ep=2",
             "parallel.schedule=1f1b",
-            f"train.micro_batch={micro_batch}",
             f"train.grad_accum={pp_grad_accum}",
         ],
-        "dp=2 x ep=2": [
-            "parallel.ep=2",
-            f"train.micro_batch={micro_batch}",
-            f"train.grad_accum={pp_grad_accum // 2}",
-        ],
+        f"dp=2{suffix}": [*common, f"train.grad_accum={pp_grad_accum // 2}"],
     }
 
 
@@ -396,6 +412,7 @@ def summarize_throughput(arms: dict, per_rank: list[dict]) -> list[dict]:
                 "arm": name,
                 "global_tokens_per_step": tokens,
                 "median_step_wall_s": statistics.median(walls),
+                "min_step_wall_s": min(walls),
                 "tokens_per_wall_s": tokens / statistics.median(walls),
                 "cpu_s_per_step_all_ranks": statistics.median(cpu_per_step),
                 "tokens_per_cpu_s": tokens / statistics.median(cpu_per_step),
@@ -415,7 +432,7 @@ def summarize_throughput(arms: dict, per_rank: list[dict]) -> list[dict]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds (each arm one step a round), after one untimed")
+    p.add_argument("--rounds", type=int, default=6, help="timed rounds (each arm one step a round), after one untimed")
     p.add_argument("--grad-accums", type=int, nargs="+", default=[2, 4, 8], help="A: train.grad_accum values")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--pp-grad-accum", type=int, default=4, help="B: train.grad_accum of the pp arm (dp arm: half)")
@@ -431,29 +448,33 @@ def parse_args(argv=None):
     return args
 
 
-def print_tables(bubble: list[dict], throughput: list[dict]) -> None:
+def print_tables(bubble: list[dict], throughput: list[dict], throughput_2: list[dict]) -> None:
     print("\nA. Pipeline bubble, pp=2, 2 ranks x 1 thread, gloo (idle fraction of the schedule's time, mean of ranks)")
     print(
-        "| schedule | stages/rank | micro-batches n | theory | simulated, op CPU times | simulated, op wall times "
-        "| measured | measured, range over steps | schedule ms (median) |"
+        "| schedule | stages/rank | micro-batches n | theory | torch's order, equal stages | simulated, op CPU times "
+        "| simulated, op wall times | measured | measured, range over steps | schedule ms (median) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in bubble:
         print(
             f"| {r['schedule']} | {r['stages_per_rank']} | {r['grad_accum']} | {r['theory']:.3f} "
-            f"| {r['simulated_cpu']:.3f} | {r['simulated_wall']:.3f} | **{r['measured']:.3f}** "
+            f"| {r['replayed_equal']:.3f} | {r['simulated_cpu']:.3f} | {r['simulated_wall']:.3f} "
+            f"| **{r['measured']:.3f}** "
             f"| {min(r['measured_per_step']):.3f} to {max(r['measured_per_step']):.3f} "
             f"| {r['schedule_ms_median']:.0f} |"
         )
-    print("\nB. Throughput, 4 ranks on 2 cores, same model and global batch")
-    print("| layout | tokens/step | tokens per wall-s | vs dp | tokens per CPU-s (4 ranks) | vs dp |")
-    print("|---|---|---|---|---|---|")
-    for r in throughput:
-        print(
-            f"| {r['arm']} | {r['global_tokens_per_step']} | {r['tokens_per_wall_s']:.0f} "
-            f"| {r['wall_ratio_vs_dp']:.2f} "
-            f"| {r['tokens_per_cpu_s']:.0f} | {r['cpu_ratio_vs_dp']:.2f} |"
-        )
+    for title, rows in (
+        ("B. Throughput, 4 ranks on 2 cores (2 processes a core), same model and global batch", throughput),
+        ("B2. Throughput, 2 ranks on 2 cores (a core each), same model and global batch", throughput_2),
+    ):
+        print(f"\n{title}")
+        print("| layout | tokens/step | tokens per wall-s | vs dp | tokens per CPU-s (all ranks) | vs dp |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['arm']} | {r['global_tokens_per_step']} | {r['tokens_per_wall_s']:.0f} "
+                f"| {r['wall_ratio_vs_dp']:.2f} | {r['tokens_per_cpu_s']:.0f} | {r['cpu_ratio_vs_dp']:.2f} |"
+            )
 
 
 def main(argv=None) -> None:
@@ -463,17 +484,25 @@ def main(argv=None) -> None:
     load_start = os.getloadavg()
     print(f"{command}\nload average at start: {load_start}", flush=True)
     arms_a = bubble_arms(args.grad_accums)
-    arms_b = throughput_arms(args.micro_batch, args.pp_grad_accum)
+    arms_b = throughput_arms(args.micro_batch, args.pp_grad_accum, ep=2)
+    arms_c = throughput_arms(args.micro_batch, args.pp_grad_accum, ep=1)
     with tempfile.TemporaryDirectory() as tmp:
+        loads = {"start": load_start}
         print("A: the bubble, 2 ranks...", flush=True)
         run_local_ranks(2, bubble_worker, tmp, arms_a, args.rounds, args.micro_batch)
         per_rank_a = [json.loads(Path(tmp, f"bubble{r}.json").read_text()) for r in range(2)]
+        loads["after A"] = os.getloadavg()
         print("B: throughput, 4 ranks...", flush=True)
         run_local_ranks(4, throughput_worker, tmp, arms_b, args.rounds)
         per_rank_b = [json.loads(Path(tmp, f"throughput{r}.json").read_text()) for r in range(4)]
+        loads["after B"] = os.getloadavg()
+        print("B2: throughput, 2 ranks...", flush=True)
+        run_local_ranks(2, throughput_worker, tmp, arms_c, args.rounds)
+        per_rank_c = [json.loads(Path(tmp, f"throughput{r}.json").read_text()) for r in range(2)]
     bubble = summarize_bubble(arms_a, per_rank_a)
     throughput = summarize_throughput(arms_b, per_rank_b)
-    print_tables(bubble, throughput)
+    throughput_2 = summarize_throughput(arms_c, per_rank_c)
+    print_tables(bubble, throughput, throughput_2)
     load_end = os.getloadavg()
     wall = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     print(f"\nload average at end: {load_end}; {wall:.0f} s")
@@ -489,10 +518,12 @@ def main(argv=None) -> None:
             "torch": torch.__version__,
             "load_average_at_start": load_start,
             "load_average_at_end": load_end,
+            "load_average_after_each_part": loads,
         },
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "model": MODEL},
         "bubble": bubble,
         "throughput": throughput,
+        "throughput_2_ranks": throughput_2,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")

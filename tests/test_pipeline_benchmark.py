@@ -85,6 +85,14 @@ def test_the_loss_sits_between_the_last_forward_and_its_backward():
     assert busy == {0: 3, 1: 4}
 
 
+def test_equal_costs_with_a_free_loss_keep_the_textbook_fraction():
+    """The benchmark's "torch's order, equal stages" column: the loss ops are recorded but cost 0."""
+    orders = one_f_one_b_orders(2, 4)
+    orders[1] = [op for f in orders[1] for op in ([f, ("L", 1, f[2])] if f[0] == "F" else [f])]
+    makespan, busy = bench.simulate(orders, bench.equal_costs(2), num_stages=2)
+    assert bench.idle_fraction(makespan, busy) == pytest.approx(0.2)
+
+
 def test_unequal_stages_make_the_bubble_larger():
     slow_last = {**equal_stages(2), ("F", 1): 2.0, ("B", 1): 4.0}
     makespan, busy = bench.simulate(gpipe_orders(2, 4), slow_last, num_stages=2)
