@@ -36,7 +36,7 @@ B2. The same pair on 2 ranks (a core each, ep=1): pp=2 against dp=2, where the b
    of a core, as it would be of a GPU.
 
 Model (both parts): model=tiny widened to 4 blocks of d_model 128 (4 heads), 4 experts top-2 of
-width 128, the byte vocabulary (256, tied embeddings), train.seq_len 128, micro-batch 4, fp32,
+width 128, the byte vocabulary (256, tied embeddings), train.seq_len 256 (the default), micro-batch 4, fp32,
 ZeRO-0, moe.aux_loss_scope=micro_batch (the global_batch scope's extra routing pass is measured by
 balance_cost.py and would blur the schedule here), random tokens.
 
