@@ -101,7 +101,7 @@ class StageModule(nn.Module):
                 self.lm_head = model.lm_head
         moe_blocks = [i for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoELayer)]
         self.moe_index = {i: moe_blocks.index(i) for i in blocks if i in moe_blocks}
-        self.rope = (model.rope_cos, model.rope_sin)  # the model's own tables (not state: recomputed)
+        self.__dict__["tables"] = model  # what holds the rotary tables (not a submodule; see LocalStages)
         self.settings = RouterLossSettings()
         self.records: list[LayerRecord] = []
 
@@ -115,7 +115,7 @@ class StageModule(nn.Module):
             x_BSD = inputs[0]
             w_VD = inputs[1] if self.tied else None
         S = x_BSD.shape[1]
-        cos, sin = self.rope[0][:S], self.rope[1][:S]
+        cos, sin = self.tables.rope_cos[:S], self.tables.rope_sin[:S]
         for key, block in self.blocks.items():
             x_BSD, stats = block(x_BSD, cos, sin)
             if stats is not None:
@@ -159,6 +159,8 @@ class LocalStages(nn.Module):
         self.stages = stages  # a plain list: their modules are registered above, once
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+        for stage in stages:  # the tables the stages read, wherever this module moves them
+            stage.__dict__["tables"] = self
 
     def forward(self, stage: int, *inputs):
         return self.stage(stage)(*inputs)

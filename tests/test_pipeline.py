@@ -44,14 +44,16 @@ LAYOUTS = {
         4,
         ["parallel.pp=4", "parallel.schedule=gpipe", "train.grad_accum=4", "model.tie_embeddings=false"],
     ),
-    "pp2_interleaved_zero2_checkpointed": (
-        2,
+    # dp=2 in each stage: ZeRO-2 partitions the dense weights, FSDP2 shards the experts (edp=2) and
+    # reduce-scatters them in each stage's last backward of the step.
+    "pp2_interleaved_zero2_fsdp_checkpointed": (
+        4,
         [
             "parallel.pp=2",
             "parallel.stages_per_rank=2",
             "parallel.schedule=interleaved_1f1b",
             "deepspeed.zero_stage=2",
-            "train.grad_accum=4",
+            "train.grad_accum=2",
             "train.activation_checkpointing=full",
         ],
     ),
