@@ -148,6 +148,73 @@ def check_layout(rank: int, world_size: int, ep: int, stage: int, model_name: st
     gc.collect()
 
 
+# -- pipeline stages: each rank holds its stages' part -------------------------------------------
+
+# (world, pp, ep, ZeRO stage, model): 4 ranks pp=2 x ep=2 with the tied model (the last stage holds no
+# head weight); pp=2 x dp=2 with the untied one, its experts FSDP-sharded over 2 ranks; 2 ranks pp=2.
+PIPELINE_LAYOUTS_4 = [(4, 2, 2, 1, "even"), (4, 2, 1, 2, "uneven"), (4, 2, 2, 0, "uneven")]
+PIPELINE_LAYOUTS_2 = [(2, 2, 1, 1, "uneven"), (2, 2, 1, 2, "even")]
+
+
+def pipeline_step(trainer, job: JobConfig, seed: int) -> None:
+    """One step's forward and backward of every micro-batch through the pipeline schedule."""
+    import contextlib
+
+    from parallel.pipeline import RouterLossSettings
+
+    t, runner = job.train, trainer.pipeline
+    torch.manual_seed(seed)
+    idx = [torch.randint(0, job.model.vocab_size, (t.micro_batch, t.seq_len + 1)) for _ in range(t.grad_accum)]
+    runner.set_router_losses(
+        RouterLossSettings(job.moe.aux_loss_coef, job.moe.z_loss_coef, "micro_batch", grad_scale=1 / t.grad_accum)
+    )
+    runner.train_step([x[:, :-1] for x in idx], [x[:, 1:] for x in idx], contextlib.nullcontext())
+    runner.take_records()
+
+
+def check_pipeline_layout(rank: int, world_size: int, pp: int, ep: int, stage: int, model_name: str) -> None:
+    job = tiny_job(ep, stage, **MODELS[model_name])
+    job.parallel.pp, job.train.grad_accum = pp, 2
+    layout = Layout(world_size, ep, stage, *element_bytes("fp32"), pp=pp)
+    with torch.device("meta"):
+        planned = plan_model_states(GPT(job.gpt_config()), layout, rank)
+        model = GPT(job.gpt_config())
+    dims = init_parallel(ep, job.moe.num_experts, torch.device("cpu"), pp=pp)
+    trainer = parallelize(model, dims, job)
+    for step in range(2):
+        pipeline_step(trainer, job, seed=100 * step + dims.dp_rank)  # a pipeline's ranks read the same data
+        if step == 1:
+            boundary, boundary_reachable = count_model_states(trainer), reachable_storages(trainer)
+        trainer.step(1e-3)
+    rest, rest_reachable = count_model_states(trainer), reachable_storages(trainer)
+
+    where = f"rank {rank}/{world_size}, pp={pp}, ep={ep}, ZeRO-{stage}, {model_name} model"
+    for part in ("dense", "experts"):
+        assert boundary.bytes[part]["gradients"] == planned[part]["gradients"], (where, part, boundary.bytes, planned)
+        for kind in ("weights", "optimizer", "buffers"):
+            assert rest.bytes[part][kind] == planned[part][kind], (where, part, kind, rest.bytes, planned)
+    assert rest.bytes["experts"]["gradients"] == 0, (where, rest.bytes)
+    for moment, counted, reachable in (("boundary", boundary, boundary_reachable), ("rest", rest, rest_reachable)):
+        missed = {path: size for ptr, (size, path) in reachable.items() if ptr not in counted.storages and size > 8}
+        assert not missed, (where, moment, missed)
+    # The stages differ: the plan is not one rank's figures repeated.
+    with torch.device("meta"):
+        other = plan_model_states(GPT(job.gpt_config()), layout, (rank + layout.dp) % world_size)
+    assert other != planned, where
+    del trainer, model
+    gc.collect()
+
+
+def _pipeline_worker(rank: int, world_size: int) -> None:
+    for layout in PIPELINE_LAYOUTS_4 if world_size == 4 else PIPELINE_LAYOUTS_2:
+        check_pipeline_layout(rank, *layout)
+
+
+def test_planned_model_states_of_pipeline_stages_equal_what_each_rank_holds():
+    run_ranks(4, _pipeline_worker)
+    run_ranks(2, _pipeline_worker)
+
+
 def _worker(process: int, num_processes: int) -> None:
     """Processes 0-3 form a 4-rank world; process 4 is a world of its own (one start-up for both,
     running side by side)."""
