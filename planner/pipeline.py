@@ -10,10 +10,11 @@ torch.distributed.pipelining holds between the stages (parallel/pipeline.py).
                      receives (not on the first stage: the hidden state B·S·D, and with tied
                      embeddings the V·D matrix) and for every output gradient it receives (not on
                      the last stage: the same shapes), in the weights' dtype, and keeps them
-    transients       with tied embeddings, each stage after the first computes the V·D matrix's
-                     gradient in every backward; the last stage's schedule keeps every micro-batch's
-                     fp32 logits (B·S·V) until the next step, and concatenates them after the last
-                     backward (the schedule's merged output)
+    transients       the V·D gradients of the embedding matrix in a backward (`_vocab_matrices`:
+                     the first stage's lookup gradient; tied, the received matrix's gradient and
+                     the product of the backward's Σ output · output-gradient); the last stage's
+                     schedule keeps every micro-batch's fp32 logits (B·S·V) until the next step,
+                     and concatenates them after the last backward (the schedule's merged output)
 
 Legend: B micro-batch, S sequence, D hidden, V vocabulary, n = train.grad_accum micro-batches.
 """
@@ -77,12 +78,13 @@ def receive_buffers(cfg: GPTConfig, layout: Layout, stages: RankStages, shape: S
 
 def pipeline_transients(cfg: GPTConfig, layout: Layout, stages: RankStages, shape: StepShape) -> list[Transient]:
     m, out = cfg.model, []
-    if m.tie_embeddings and any(s > 0 for s in stages.stages):
+    matrices = max(_vocab_matrices(m.tie_embeddings, s, stages.num_stages) for s in stages.stages)
+    if matrices:
         out.append(
             Transient(
-                "gradient of the tied embedding matrix received (V x D)",
+                "V x D matrices of the embedding's backward (its gradients; tied: the surrogate's product)",
                 DURING_COMPUTE,
-                m.vocab_size * m.d_model * layout.bytes_per_param,
+                matrices * m.vocab_size * m.d_model * layout.bytes_per_param,
             )
         )
     if stages.holds_last:
@@ -90,3 +92,12 @@ def pipeline_transients(cfg: GPTConfig, layout: Layout, stages: RankStages, shap
         out.append(Transient("every micro-batch's logits, kept by the schedule", DURING_COMPUTE, logits))
         out.append(Transient("the schedule's kept logits and their concatenation", AT_STEP, 2 * logits))
     return out
+
+
+def _vocab_matrices(tied: bool, stage: int, num_stages: int) -> int:
+    """V x D tensors one backward of `stage` allocates: the first stage's embedding gradient (dense);
+    with tied embeddings also the gradient of the matrix a later stage received, the surrogate
+    Σ output · output-gradient's product on a stage that sent it on, and on the first stage the sum
+    of the embedding's two gradients (lookup and projection)."""
+    first, last = stage == 0, stage == num_stages - 1
+    return first + (tied and not first) + (tied and not last) + (tied and first)

@@ -134,7 +134,10 @@ def _rank_report(job, plan, model, layout, settings, rank, states, spread, total
         stages = rank_stages(model, layout, rank // layout.dp)
         shape = PipelineStep(t.micro_batch, t.seq_len, t.grad_accum)
         transients += pipeline_transients(job.gpt_config(), layout, stages, shape)
-        counts, buffers = in_flight(layout, stages, t.grad_accum), receive_buffers(job.gpt_config(), layout, stages, shape)
+        counts, buffers = (
+            in_flight(layout, stages, t.grad_accum),
+            receive_buffers(job.gpt_config(), layout, stages, shape),
+        )
         num_moe = len(stages.module.moe_layers())
     else:
         num_moe = len(model.moe_layers())
@@ -145,7 +148,13 @@ def _rank_report(job, plan, model, layout, settings, rank, states, spread, total
     for mode in ACTIVATION_CHECKPOINTING:
         if stages is None:
             activations[mode] = activation_peak(
-                job.gpt_config(), t.micro_batch, t.seq_len, layout.ep, mode, bytes_per_activation, layout.bytes_per_param
+                job.gpt_config(),
+                t.micro_batch,
+                t.seq_len,
+                layout.ep,
+                mode,
+                bytes_per_activation,
+                layout.bytes_per_param,
             )
         else:
             activations[mode] = rank_activation_peak(
@@ -297,7 +306,9 @@ def render(r: Report) -> str:
             lines.append(_row(x.what, "", x.when, human(x.bytes)))
     if r.stages is not None:
         counts = ", ".join(f"stage {s}: {c}" for s, c in zip(r.stages.stages, r.in_flight, strict=True))
-        what = f"activations of the micro-batches in flight on this rank ({counts}; parallel.schedule={layout.schedule})"
+        what = (
+            f"activations of the micro-batches in flight on this rank ({counts}; parallel.schedule={layout.schedule})"
+        )
     else:
         what = "activations of one micro-batch per rank"
     lines += [
