@@ -11,6 +11,10 @@ describes (see its docstring):
 Each must equal parallel/memory_plan.plan_model_states for that rank. A walk over everything the
 trainer references also checks that the measurement misses no tensor it holds.
 
+Pipeline layouts (parallel.pp=2: 4 ranks with ep 2 or 1 at ZeRO 0-2, 2 ranks at ZeRO 1-2, and
+interleaved 1F1B with 2 stages per rank) run two steps of their schedule the same way: each rank
+holds only its stages' part, data parallel over its slice, and the plan says so per rank.
+
 The models are chosen so that DeepSpeed pads: their dense matrices (105,740 and 184,932 elements)
 and norms (100 and 90) are not multiples of 2 x 4 ranks; the tied 5003 x 20 embedding exceeds
 ZeRO-3's persistence threshold (1e5 elements) while the other parameters stay persistent; and
@@ -150,10 +154,11 @@ def check_layout(rank: int, world_size: int, ep: int, stage: int, model_name: st
 
 # -- pipeline stages: each rank holds its stages' part -------------------------------------------
 
-# (world, pp, ep, ZeRO stage, model): 4 ranks pp=2 x ep=2 with the tied model (the last stage holds no
-# head weight); pp=2 x dp=2 with the untied one, its experts FSDP-sharded over 2 ranks; 2 ranks pp=2.
-PIPELINE_LAYOUTS_4 = [(4, 2, 2, 1, "even"), (4, 2, 1, 2, "uneven"), (4, 2, 2, 0, "uneven")]
-PIPELINE_LAYOUTS_2 = [(2, 2, 1, 1, "uneven"), (2, 2, 1, 2, "even")]
+# (world, pp, ep, ZeRO stage, model, stages per rank): 4 ranks pp=2 x ep=2 with the tied model (the last
+# stage holds no head weight); pp=2 x dp=2 with the untied one, its experts FSDP-sharded over 2 ranks;
+# 2 ranks pp=2; interleaved 1F1B with 2 stages per rank (4 blocks: rank 0 holds blocks 0 and 2).
+PIPELINE_LAYOUTS_4 = [(4, 2, 2, 1, "even", 1), (4, 2, 1, 2, "uneven", 1), (4, 2, 2, 0, "uneven", 1)]
+PIPELINE_LAYOUTS_2 = [(2, 2, 1, 1, "uneven", 1), (2, 2, 1, 2, "even", 1), (2, 2, 1, 1, "even", 2)]
 
 
 def pipeline_step(trainer, job: JobConfig, seed: int) -> None:
@@ -172,10 +177,23 @@ def pipeline_step(trainer, job: JobConfig, seed: int) -> None:
     runner.take_records()
 
 
-def check_pipeline_layout(rank: int, world_size: int, pp: int, ep: int, stage: int, model_name: str) -> None:
+def check_pipeline_layout(
+    rank: int, world_size: int, pp: int, ep: int, stage: int, model_name: str, stages_per_rank: int
+) -> None:
     job = tiny_job(ep, stage, **MODELS[model_name])
     job.parallel.pp, job.train.grad_accum = pp, 2
-    layout = Layout(world_size, ep, stage, *element_bytes("fp32"), pp=pp)
+    if stages_per_rank > 1:
+        job.parallel.stages_per_rank, job.parallel.schedule = stages_per_rank, "interleaved_1f1b"
+        job.model.n_layers = pp * stages_per_rank  # one block per stage
+    layout = Layout(
+        world_size,
+        ep,
+        stage,
+        *element_bytes("fp32"),
+        pp=pp,
+        stages_per_rank=stages_per_rank,
+        schedule=job.parallel.schedule,
+    )
     with torch.device("meta"):
         planned = plan_model_states(GPT(job.gpt_config()), layout, rank)
         model = GPT(job.gpt_config())
@@ -188,7 +206,7 @@ def check_pipeline_layout(rank: int, world_size: int, pp: int, ep: int, stage: i
         trainer.step(1e-3)
     rest, rest_reachable = count_model_states(trainer), reachable_storages(trainer)
 
-    where = f"rank {rank}/{world_size}, pp={pp}, ep={ep}, ZeRO-{stage}, {model_name} model"
+    where = f"rank {rank}/{world_size}, pp={pp} x {stages_per_rank} stages, ep={ep}, ZeRO-{stage}, {model_name} model"
     for part in ("dense", "experts"):
         assert boundary.bytes[part]["gradients"] == planned[part]["gradients"], (where, part, boundary.bytes, planned)
         for kind in ("weights", "optimizer", "buffers"):

@@ -15,6 +15,10 @@ so it answers for Mixtral-sized models on a laptop. Per rank, for the dense part
   (dropless, uniform routing);
 - the peak per rank and a verdict against `plan.device_memory_gb` (GiB per rank).
 
+With `parallel.pp` > 1 each rank holds its pipeline stages only (planner/pipeline.py): the figures
+are those of the pipeline rank with the highest peak, with the activations of the micro-batches
+its schedule keeps in flight and torch's receive buffers.
+
 Bad input exits 2 with one line; a plan that does not fit exits 0 with a "does not fit" verdict.
 """
 
