@@ -125,7 +125,20 @@ def build_report(job: PlannedJob, plan: PlanSettings, model: GPT, layout: Layout
     return report
 
 
-def _rank_report(job, plan, model, layout, settings, rank, states, spread, total, active, experts) -> Report:
+def _rank_report(
+    job: PlannedJob,
+    plan: PlanSettings,
+    model: GPT,
+    layout: Layout,
+    settings: DeepSpeedSettings,
+    rank: int,
+    states: dict[str, dict[str, int]],
+    spread: int,
+    total: int,
+    active: int,
+    experts: int,
+) -> Report:
+    """The figures of one rank (`states`: its planned model states; the counts: the whole model's)."""
     t = job.train
     _, bytes_per_activation = element_bytes(t.dtype)
     transients = plan_transients(model, layout, settings, rank)
