@@ -125,6 +125,15 @@ def build_report(job: PlannedJob, plan: PlanSettings, model: GPT, layout: Layout
     return report
 
 
+def rank_report(job: PlannedJob, plan: PlanSettings, model: GPT, layout: Layout, rank: int) -> Report:
+    """The figures of `rank` (build_report shows the heaviest)."""
+    settings = DeepSpeedSettings.for_model(model, layout.zero_stage)
+    total, active = count_parameters(model)
+    experts = sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters())
+    states = plan_all_ranks(model, layout, settings)[rank]
+    return _rank_report(job, plan, model, layout, settings, rank, states, 0, total, active, experts)
+
+
 def _rank_report(
     job: PlannedJob,
     plan: PlanSettings,

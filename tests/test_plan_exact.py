@@ -13,7 +13,10 @@ trainer references also checks that the measurement misses no tensor it holds.
 
 Pipeline layouts (parallel.pp=2: 4 ranks with ep 2 or 1 at ZeRO 0-2, 2 ranks at ZeRO 1-2, and
 interleaved 1F1B with 2 stages per rank) run two steps of their schedule the same way: each rank
-holds only its stages' part, data parallel over its slice, and the plan says so per rank.
+holds only its stages' part, data parallel over its slice, and the plan says so per rank. Their
+activations (the micro-batches the schedule keeps in flight, 1F1B and interleaved) are checked on
+a larger model against the profiler's peak of a step on every rank, within the 25% that
+tests/test_plan.py allows the single-process estimate.
 
 The models are chosen so that DeepSpeed pads: their dense matrices (105,740 and 184,932 elements)
 and norms (100 and 90) are not multiples of 2 x 4 ranks; the tied 5003 x 20 embedding exceeds
@@ -22,9 +25,11 @@ with d_model 18 the persistent parameters (embedding and output 5003 x 18 includ
 evenly over 4 ranks.
 """
 
+import functools
 import gc
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
@@ -223,9 +228,61 @@ def check_pipeline_layout(
     gc.collect()
 
 
+# (world, pp, ep, stages per rank, train.activation_checkpointing): a model whose activations outweigh
+# its V x D matrices (d_model 64, vocabulary 512), 4 micro-batches of 4 x 64 tokens.
+PIPELINE_ACTIVATIONS = {4: (4, 2, 2, 1, "none"), 2: (2, 2, 1, 2, "moe")}
+
+
+def check_pipeline_activations(rank: int, world_size: int, pp: int, ep: int, stages_per_rank: int, mode: str) -> None:
+    """The step's allocations on each rank (the profiler's peak over the schedule of step 2: the
+    activations of the micro-batches in flight, the forward/backward transients, the gradients
+    the step allocates anew, the logits the schedule keeps) against the plan's figure for them:
+    gradients + max(activation peak + forward/backward transients, after-backward transients)."""
+    from parallel.memory import profiled_allocation_peak
+    from planner.report import rank_report
+
+    job = tiny_job(ep, 1, **MODELS["even"])
+    m = job.model
+    m.d_model, m.n_heads, m.vocab_size, m.ffn_hidden, job.moe.expert_ffn_hidden = 64, 4, 512, 128, 64
+    m.n_layers, m.max_seq_len = pp * stages_per_rank, 64
+    job.train.micro_batch, job.train.seq_len, job.train.grad_accum = 4, 64, 4
+    job.train.activation_checkpointing = mode
+    job.parallel.pp, job.parallel.stages_per_rank = pp, stages_per_rank
+    job.parallel.schedule = "interleaved_1f1b" if stages_per_rank > 1 else "1f1b"
+    layout = Layout(
+        world_size,
+        ep,
+        1,
+        *element_bytes("fp32"),
+        pp=pp,
+        stages_per_rank=stages_per_rank,
+        schedule=job.parallel.schedule,
+    )
+    with torch.device("meta"):
+        report = rank_report(job, None, GPT(job.gpt_config()), layout, rank)
+        model = GPT(job.gpt_config())
+    dims = init_parallel(ep, job.moe.num_experts, torch.device("cpu"), pp=pp)
+    trainer = parallelize(model, dims, job)
+    pipeline_step(trainer, job, seed=dims.dp_rank)  # step 1 allocates the receive buffers and AdamW's state
+    trainer.step(1e-3)
+    measured = profiled_allocation_peak(functools.partial(pipeline_step, trainer, job, seed=10 + dims.dp_rank))
+    during = sum(t.bytes for t in report.transients if t.when == "forward/backward")
+    after = sum(t.bytes for t in report.transients if t.when == "after backward")
+    gradients = report.states["dense"]["gradients"] + report.states["experts"]["gradients"]
+    planned = gradients + max(report.activations[mode].peak + during, after)
+    where = (
+        f"rank {rank}/{world_size}, pp={pp} x {stages_per_rank} stages, ep={ep}, {mode}, in flight {report.in_flight}"
+    )
+    assert planned == pytest.approx(measured, rel=0.25), (where, planned, measured, report.activations[mode])
+    del trainer, model
+    gc.collect()
+
+
 def _pipeline_worker(rank: int, world_size: int) -> None:
+    torch.set_num_threads(1)  # kernels' scratch memory the same everywhere (tests/test_plan.py: one_thread)
     for layout in PIPELINE_LAYOUTS_4 if world_size == 4 else PIPELINE_LAYOUTS_2:
         check_pipeline_layout(rank, *layout)
+    check_pipeline_activations(rank, *PIPELINE_ACTIVATIONS[world_size])
 
 
 def test_planned_model_states_of_pipeline_stages_equal_what_each_rank_holds():
