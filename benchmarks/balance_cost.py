@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +59,8 @@ def build_arm(arm: str, grad_accum: int, args, tokens: np.ndarray, dims):
     if arm == WITH_HEAD:
         full_forward = trainer.forward
         trainer.forward = lambda idx_BS, logits=True: full_forward(idx_BS, logits=True)
-    run = Run(job, dims, None, None, trainer, None, 0, 0.0)
+    no_checkpoints = types.SimpleNamespace(background_write_running=lambda: False)  # what run_step asks of it
+    run = Run(job, dims, None, None, trainer, no_checkpoints, 0, 0.0, None)
     sampler = BatchSampler(tokens, args.seq_len, args.micro_batch, 1, 0, grad_accum, job.train.seed)
     window = MoEWindow(len(trainer.module.moe_layers()), job.moe.num_experts)
     return run, sampler, window

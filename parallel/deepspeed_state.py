@@ -49,6 +49,22 @@ def skip_deepspeed_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def skip_zero3_grad_norm(engine) -> None:
+    """Stop ZeRO-3 from computing its own gradient norm, which we throw away: ours covers dense and
+    expert gradients together (parallel/grad_norm.py), and clipping is ours (`gradient_clipping` 0).
+    ZeRO-1/2 have the config key `compute_grad_norm: false` for that; DeepSpeed 0.19.8 refuses it at
+    stage 3 (zero/config.py: "compute_grad_norm=false is supported only with ZeRO Stage 1 or 2"), and
+    `DeepSpeedZeroOptimizer_Stage3.step` always calls `_get_norm_groups()` (a norm over every
+    partition, an all-reduce, and a host read of the result in `is_invalid_grad_norm`). Its norm
+    only feeds DeepSpeed's own clipping (off) and `engine.get_global_grad_norm()` (unused), so the
+    engine's optimizer reports one norm of 0.0 per group instead: a host float, valid, read without a
+    device sync. fp16 overflow checks are elsewhere (`check_overflow`) and untouched."""
+    if engine.zero_optimization_stage() != 3:
+        return
+    zero3_optimizer = engine.optimizer
+    zero3_optimizer._get_norm_groups = lambda: [0.0] * len(zero3_optimizer.fp16_groups)
+
+
 def ensure_adamw_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor] | None = None) -> None:
     """Create AdamW's state (step 0, zero moments) for `params` (default: the optimizer's) where it
     does not exist yet, as AdamW's first step would, so that a checkpoint can be loaded into it

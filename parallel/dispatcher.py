@@ -85,6 +85,7 @@ class AllToAllDispatcher:
             send_splits_P=send_splits,
             recv_splits_P=recv_splits,
             regroup_M=regroup_M,
+            host_counts_E=recv_PL.sum(0),  # rows per local expert, from the same host copy
         )
         return x_MD[regroup_M], recv_counts_PL.sum(0), state
 

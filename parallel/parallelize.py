@@ -34,6 +34,7 @@ from parallel.deepspeed_state import (
     full_shape,
     partition_zero3,
     skip_deepspeed_shm_op,
+    skip_zero3_grad_norm,
 )
 from parallel.dims import ParallelDims
 from parallel.expert_parallel import apply_expert_parallel, shard_moe_layer
@@ -82,6 +83,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=dense_optimizer, config=config, dist_init_required=False
     )
+    skip_zero3_grad_norm(engine)  # ours is parallel/grad_norm.py (ZeRO-1/2: deepspeed_config says so)
     dense = DenseShards(engine, dense_optimizer, job.deepspeed.zero_stage)
     return Trainer(
         engine, dense, experts, expert_optimizer, experts_sharded, dims, job.deepspeed.zero_stage, job.optim.grad_clip

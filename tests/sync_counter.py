@@ -17,13 +17,20 @@ device tensor; `nonzero`, boolean-mask indexing, `bincount`, `unique`, `masked_s
 nothing and is caught by wrapping those methods while counting.
 
 While counting, a device tensor's `.device` reads `cpu:0`, so `.to(t.device)`, `device=t.device`
-and device comparisons behave as they would on a GPU.
+and device comparisons behave as they would on a GPU, and a move to `cpu:0` is one to the device
+(without copying, as `.to(device)` of a tensor already there on a GPU).
+
+DeepSpeed names the device through its accelerator, whose CPU flavour says `cpu`: its moves and
+buffers "on the device" would read as host copies. While counting, its accelerator names the compute
+device `cpu:0` instead (as CUDA's says `cuda:0`), so those are device tensors and device moves, and
+what DeepSpeed really reads on the host (`.cpu()`, `.item()`, ...) is counted like anything else.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 import traceback
 import warnings
 
@@ -57,6 +64,28 @@ def _is_compute_device(device) -> bool:
 def _is_host_device(device) -> bool:
     device = torch.device(device) if isinstance(device, str) else device
     return isinstance(device, torch.device) and device.type == "cpu" and device.index is None
+
+
+@contextlib.contextmanager
+def deepspeed_names_the_compute_device():
+    """DeepSpeed's accelerator (when DeepSpeed is in use) names `cpu:0` as its device, as CUDA's
+    names `cuda:0`."""
+    if "deepspeed.accelerator" not in sys.modules:
+        yield
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        yield
+        return
+    name = str(COMPUTE_DEVICE)
+    accelerator.device_name = lambda device_index=None: name
+    accelerator.current_device_name = lambda: name
+    try:
+        yield
+    finally:
+        del accelerator.device_name, accelerator.current_device_name  # the class's methods again
 
 
 class SyncCounter(TorchDispatchMode):
@@ -164,12 +193,21 @@ class SyncCounter(TorchDispatchMode):
             return host_copy(t, result) if counter.is_device(t) else result
 
         def to(t, *args, **kwargs):
-            result = originals["to"](t, *args, **kwargs)
             like = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("other")
             if like is not None:  # .to(other_tensor): where that one lives
+                result = originals["to"](t, *args, **kwargs)
                 to_host = not counter.is_device(like)
             else:
-                to_host = _is_host_device(torch._C._nn._parse_to(*args, **kwargs)[0])
+                target, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+                to_host = _is_host_device(target)
+                if _is_compute_device(target):  # the same memory: no copy, as on a GPU for a tensor already there
+                    options = {"dtype": dtype, "non_blocking": non_blocking, "copy": kwargs.get("copy", False)}
+                    if memory_format is not None:
+                        options["memory_format"] = memory_format
+                    result = originals["to"](t, **options)
+                    counter.mark(result)  # (also a host tensor moved there: it is the same object here)
+                    return result
+                result = originals["to"](t, *args, **kwargs)
             if to_host and counter.is_device(t):
                 return host_copy(t, result)
             if not to_host and result is not t:
@@ -196,7 +234,7 @@ class SyncCounter(TorchDispatchMode):
             setattr(torch.Tensor, name, fn)
         torch.Tensor.device = property(device)
         try:
-            with self:
+            with deepspeed_names_the_compute_device(), self:
                 yield self
         finally:
             del torch.Tensor.device

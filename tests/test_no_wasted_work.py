@@ -1,9 +1,12 @@
 """No wasted work in a training step: DeepSpeed neither times (its throughput timer synchronises the
-device) nor computes its own gradient norm under ZeRO-1/2 (ours is parallel/grad_norm.py)."""
+device) nor computes its own gradient norm at any ZeRO stage (ours is parallel/grad_norm.py)."""
+
+import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.gpt import GPT
 from parallel.dims import init_parallel
@@ -63,6 +66,78 @@ def test_deepspeed_computes_no_gradient_norm_of_its_own(monkeypatch, zero_stage)
     assert calls == []
     assert norms[-1] is not None and norms[-1] > 0  # ours still is
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.module.parameters()))  # and the step applied
+
+
+aten = torch.ops.aten
+NORM_OPS = {aten.linalg_vector_norm, aten.norm, aten.linalg_norm, aten._foreach_norm, aten.frobenius_norm}
+DEEPSPEED_NORM_METHODS = (
+    "get_grad_norm_direct",
+    "scaled_global_norm",
+    "complete_grad_norm_calculation_for_cpu_offload",
+)
+
+
+class DeepSpeedNorms(TorchDispatchMode):
+    """Records every norm computed by DeepSpeed's code: a norm op with a DeepSpeed frame on the stack
+    (ours, parallel/grad_norm.py, sums squares), and every call of a ZeRO optimizer's norm method.
+    Not counted: `combine_grad_norm_groups`, which ZeRO-3's step still calls on the per-group norms
+    `skip_zero3_grad_norm` reports (a host vector of zeros, one per group); a real ZeRO-3 norm would
+    first be computed by `get_grad_norm_direct`, which is counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in NORM_OPS:
+            stack = traceback.extract_stack()
+            frames = [f"{f.filename}:{f.lineno}" for f in stack if "/deepspeed/" in f.filename]
+            if frames and not any(f.name == "combine_grad_norm_groups" for f in stack):
+                self.calls.append(f"{func} at {frames[-1]}")
+        return func(*args, **(kwargs or {}))
+
+    def wrap_methods(self, optimizer) -> None:
+        for name in DEEPSPEED_NORM_METHODS:
+            method = getattr(optimizer, name, None)
+            if method is not None:
+                setattr(optimizer, name, lambda *a, _m=method, _n=name, **k: self.calls.append(_n) or _m(*a, **k))
+
+
+def _deepspeed_norm_worker(rank, world_size, zero_stage):
+    dims = init_parallel(ep=1, num_experts=4, device=torch.device("cpu"))  # experts FSDP-sharded at ZeRO >= 1
+    job = tiny_job(micro_batch=2, grad_accum=2, zero_stage=zero_stage)
+    with torch.device("meta"):
+        model = GPT(job.gpt_config())
+    trainer = parallelize(model, dims, job)
+    norms = DeepSpeedNorms()
+    norms.wrap_methods(trainer.engine.optimizer)
+    idx = global_batch()[4 * rank : 4 * rank + 4]
+    before = [p.detach().clone() for p in trainer.module.parameters()]
+    with norms:
+        ours = [step_micro_batch(trainer, idx[2 * m : 2 * m + 2]) for _ in range(2) for m in range(2)]
+    assert norms.calls == [], f"ZeRO-{zero_stage}: DeepSpeed computed a gradient norm: {norms.calls}"
+    assert ours[1] is not None and ours[1] > 0 and ours[3] is not None and ours[3] > 0  # ours still is
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.module.parameters()))  # and the steps applied
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_deepspeed_computes_no_gradient_norm_at_any_stage(zero_stage):
+    """2 ranks over gloo, 2 steps of 2 micro-batches: not one norm by DeepSpeed (ZeRO-1/2: the config's
+    `compute_grad_norm: false`; ZeRO-3: parallel/deepspeed_state.py's `skip_zero3_grad_norm`)."""
+    from tests.ranks import run_ranks
+
+    run_ranks(2, _deepspeed_norm_worker, zero_stage)
+
+
+def test_the_norm_recorder_sees_deepspeed_norms():
+    """The recorder above can fail: DeepSpeed's own norm helper, called as DeepSpeed calls it."""
+    from deepspeed.runtime.utils import get_global_norm_of_tensors
+
+    norms = DeepSpeedNorms()
+    with norms:
+        torch.arange(4.0).square().sum()  # ours: not a norm op
+        get_global_norm_of_tensors([torch.arange(4.0)])
+    assert len(norms.calls) >= 1 and all("deepspeed" in call for call in norms.calls), norms.calls
 
 
 ROWS, ACCUM = 16, 4  # a global batch of 16 sequences: 4 ranks x 4 micro-batches of 1

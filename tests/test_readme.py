@@ -9,7 +9,8 @@ the long default job), is composed and validated as the job would be before it s
 - Checks (`train.check` in-process: compose with conf/, validate every setting, the process layout
   and the places it writes): every other command as written, with the number of processes its
   launcher would start (torchrun, launch/torchrun.sh, sbatch + launch/slurm.sbatch's #SBATCH lines);
-  a sweep (`-m`) is checked combination by combination.
+  a sweep (`-m`) is checked combination by combination (with the SLURM launcher, with the processes
+  of each of its jobs).
 - A command this file does not know how to run or check fails the test: classify it here.
 """
 
@@ -123,6 +124,20 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*choices)]
 
 
+def sweep_processes(overrides: list[str]) -> int:
+    """Processes of each job of a sweep: one with Hydra's basic launcher; nodes x tasks_per_node of
+    conf/hydra/launcher/slurm.yaml (or its overrides) with the SLURM launcher."""
+    if "hydra/launcher=slurm" not in overrides:
+        return 1
+    text = (REPO / "conf/hydra/launcher/slurm.yaml").read_text()
+    options = dict(re.findall(r"^(nodes|tasks_per_node): (\d+)", text, re.M))
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key in ("hydra.launcher.nodes", "hydra.launcher.tasks_per_node"):
+            options[key.rsplit(".", 1)[1]] = value
+    return int(options["nodes"]) * int(options["tasks_per_node"])
+
+
 def sbatch_processes(argv: list[str], env: dict) -> int:
     """Processes `sbatch [options] launch/slurm.sbatch` starts: nodes x processes per node, from the
     sbatch options, else the script's #SBATCH lines; SWITCHYARD_PROCS_PER_NODE, else GPUs per node."""
@@ -193,8 +208,9 @@ def test_every_readme_command_runs_or_checks(fresh_layout, data_cache):
         elif argv[0] in ("python", ".venv/bin/python") and argv[1] == "-m" and argv[2] == "train":
             overrides = argv[3:]
             if "-m" in overrides:
+                nproc = sweep_processes(overrides)
                 for job in expand_sweep([o for o in overrides if o != "-m"]):
-                    check(job, 1)
+                    check(job, nproc)
             elif any(o in {f"run_name={name}" for name in RUN_NAMES} for o in overrides):
                 done = run(["python", "-m", "train", *small(overrides)], fresh_layout, env)
                 assert done.returncode == 0, f"{where}\n{done.stderr[-3000:]}"

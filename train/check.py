@@ -29,7 +29,9 @@ def checked_summary(job: JobConfig, world_size: int, overrides: list[str]) -> st
         data += f" ({len(job.data.paths)} file(s) found and readable)"
     return (
         f"switchyard: ok: {len(overrides)} override(s) composed with conf/; every setting of the schema checked "
-        f"against its allowed values; layout: {world_size} process(es), parallel.ep={job.parallel.ep} dividing "
+        f"against its allowed values; layout: {world_size} process(es), "
+        + (f"parallel.pp={job.parallel.pp} x " if job.parallel.pp > 1 else "")
+        + f"parallel.ep={job.parallel.ep} dividing "
         f"them and moe.num_experts={job.moe.num_experts}; data: {data}; writable: run directory {job.run_dir}, "
         f"its checkpoints/ and data.cache_dir {job.data.cache_dir}"
     )

@@ -273,6 +273,17 @@ class JobConfig:
             validate_split(self.parallel.split, self.model.n_layers, num_stages)
             if self.train.global_batch is None:  # else grad_accum is derived per layout (train/setup.py)
                 validate_micro_batches(self.parallel.schedule, self.train.grad_accum, self.parallel.pp)
+            if (
+                self.moe.jitter > 0
+                and self.parallel.schedule == "interleaved_1f1b"
+                and self.moe.aux_loss_scope == "global_batch"
+            ):
+                # The routing pass runs micro-batch by micro-batch, the interleaved schedule in its own
+                # order: with noise, the routing it counts would not be the routing it trains.
+                raise ValueError(
+                    "moe.jitter > 0 with parallel.schedule=interleaved_1f1b needs moe.aux_loss_scope micro_batch or "
+                    "sequence; got moe.aux_loss_scope='global_batch' (or use parallel.schedule=1f1b)"
+                )
             if self.deepspeed.zero_stage not in PIPELINE_ZERO_STAGES:
                 raise ValueError(
                     f"parallel.pp={self.parallel.pp} runs with deepspeed.zero_stage "

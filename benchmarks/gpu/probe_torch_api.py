@@ -162,7 +162,32 @@ def _device_mesh():
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
     has_params(init_device_mesh, "device_type", "mesh_shape", "mesh_dim_names")
-    has_attrs(DeviceMesh, "get_group", "__getitem__", "size", "get_local_rank")
+    has_attrs(DeviceMesh, "get_group", "__getitem__", "size", "get_local_rank")  # mesh["edp", "ep"]: a sub-mesh
+
+
+@check(
+    "torch.distributed.pipelining: PipelineStage(input_args=, output_args=, group=), its "
+    "backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward), ScheduleGPipe/Schedule1F1B/"
+    "ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=, scale_grads=), step(target=, losses=)",
+    "parallel/pipeline.py: PipelineRunner",
+)
+def _pipelining():
+    from torch.distributed.pipelining import PipelineStage, schedules
+
+    has_params(PipelineStage.__init__, "submodule", "stage_index", "num_stages", "device", "input_args", "output_args")
+    has_params(PipelineStage.__init__, "group")
+    has_params(PipelineStage.backward_maybe_with_nosync, "backward_type", "bwd_kwargs", "last_backward")
+    for name in ("ScheduleGPipe", "Schedule1F1B", "ScheduleInterleaved1F1B"):
+        has_params(getattr(schedules, name).__init__, "n_microbatches", "loss_fn", "scale_grads")
+        has_params(getattr(schedules, name).step, "target", "losses")
+
+
+@check("torch.distributed.new_subgroups(group_size=), get_global_rank", "parallel/parallelize.py, parallel/pipeline.py")
+def _subgroups():
+    import torch.distributed as dist
+
+    has_params(dist.new_subgroups, "group_size")
+    has_attrs(dist, "get_global_rank")
 
 
 @check(

@@ -88,6 +88,9 @@ class DispatchState:
     num_tokens: int
     bytes_sent: int = 0  # bytes this rank sent to other ranks: tokens in dispatch, results in combine
     comm_seconds: float = 0.0  # wall time of the forward all-to-alls (dispatch + combine)
+    # Rows per local expert (dispatch's counts) on the host, where dispatch copied them there anyway
+    # (the split sizes, the kept count); None where it did not: for kernels that read sizes on the host.
+    host_counts_E: torch.Tensor | None = None
 
 
 class Dispatcher(Protocol):
@@ -122,9 +125,12 @@ class LocalDispatcher:
         self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         plan = plan_routing(expert_ids_TK, self.num_experts, self.capacity_factor)
+        host_counts_E = None
         if self.capacity_factor is not None:  # dropless keeps all T·K copies; with drops, one host copy says how many
-            plan = plan.keep_first(int(plan.kept_per_expert_E.sum()))
-        return gather_tokens(x_TD, plan, self.top_k), plan.kept_per_expert_E, DispatchState(plan, x_TD.shape[0])
+            host_counts_E = plan.kept_per_expert_E.cpu()
+            plan = plan.keep_first(int(host_counts_E.sum()))
+        state = DispatchState(plan, x_TD.shape[0], host_counts_E=host_counts_E)
+        return gather_tokens(x_TD, plan, self.top_k), plan.kept_per_expert_E, state
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, state: DispatchState) -> torch.Tensor:
         return scatter_combine(y_ND, weights_TK, state.plan, state.num_tokens)

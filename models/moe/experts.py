@@ -121,14 +121,18 @@ class GroupedExperts(nn.Module):
         self.first_expert += first
         self.num_experts = count
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_ND: torch.Tensor, counts_E: torch.Tensor, host_counts_E: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`counts_E`: rows per expert (on x's device); `host_counts_E`: the same on the host, where the
+        dispatcher copied them (kernels that read sizes on the host use it instead of copying again)."""
         assert counts_E.numel() == self.num_experts, (counts_E.numel(), self.num_experts)
         weights = (self.w1_EDF, self.w2_EFD, self.w3_EDF)
         dtype = compute_dtype(x_ND, self.w1_EDF)
         x_ND = x_ND.to(dtype)
         weights = tuple(w.to(dtype) if w is not None else None for w in weights)  # differentiable casts
         if self.backend == "megablocks":  # MegaBlocks' grouped kernels: CUDA, bf16 (imported lazily)
-            return run_experts_megablocks(x_ND, counts_E, *weights)
+            return run_experts_megablocks(x_ND, counts_E, *weights, host_counts_E=host_counts_E)
         if grouped_mm_supported(x_ND, *(w for w in weights if w is not None)):
             return run_experts_grouped(x_ND, counts_E, *weights)
         return run_experts_loop(x_ND, counts_E, *weights)

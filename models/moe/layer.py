@@ -83,7 +83,7 @@ class MoELayer(nn.Module):
         # RMSNorm before this layer still returns fp32, which would double the all-to-all's bytes.
         x_TD = x_TD.to(compute_dtype(x_TD, x_TD))  # autocast's dtype, else the input's own
         x_ND, counts_local, state = self.dispatcher.dispatch(x_TD, routing.expert_ids_TK)
-        y_ND = self.experts(x_ND, counts_local)
+        y_ND = self.experts(x_ND, counts_local, state.host_counts_E)
         out_TD = self.dispatcher.combine(y_ND, routing.weights_TK, state)
         if self.shared_expert_gate is not None:
             out_TD = out_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_experts(x_TD)

@@ -8,9 +8,13 @@ variable-size groups (dropless, nothing padded), batch sizes as an int64 host te
 dispatchers already hand the experts that input (copies sorted by expert, with counts per local
 expert), so this backend calls the same kernels through MegaBlocks' `grouped_gemm_util`, with
 Switchyard's router, dispatch/combine and weight layout: [E, D, F] and [E, F, D] are exactly the
-`b` operands gmm multiplies without a transpose. The kernels are CUDA and bf16 only; megablocks is
-imported here lazily, so nothing else needs it installed. The per-expert loop in experts.py is the
-oracle (tests/test_megablocks_experts.py, marked `gpu`).
+`b` operands gmm multiplies without a transpose. gmm reads the group sizes on the host: the
+dispatchers hand over the host copy they made anyway (the all-to-all's split sizes; with capacity,
+the kept counts), so this backend adds no device->host copy to the layer; only on one rank without
+capacity, where nothing else needs the counts on the host, does it make the layer's one copy. The
+kernels are CUDA and bf16 only; megablocks is imported here lazily, so nothing else needs it
+installed. The per-expert loop in experts.py is the oracle (tests/test_gpu_experts.py, marked `gpu`);
+tests/test_sync_budget.py counts the copies on CPU with a stand-in for gmm.
 """
 
 from __future__ import annotations
@@ -34,19 +38,25 @@ def megablocks_unavailable_reason() -> str | None:
     return None
 
 
-def run_experts_megablocks(x_ND, counts_E, w1_EDF, w2_EFD, w3_EDF=None) -> torch.Tensor:
-    """The expert MLP as MegaBlocks computes it: gmm(x, w1) -> activation (x gmm(x, w3)) -> gmm(., w2).
-    Inputs: CUDA bf16, rows grouped by expert with `counts_E` rows each (any device)."""
-    tensors = [t for t in (x_ND, w1_EDF, w2_EFD, w3_EDF) if t is not None]
+def require_cuda_bf16(tensors: list[torch.Tensor]) -> None:
     if any(t.dtype != MEGABLOCKS_DTYPE or not t.is_cuda for t in tensors):
         raise ValueError(
             f"moe.backend=megablocks runs CUDA bf16 tensors only (train.dtype=bf16); got "
             f"{sorted({f'{t.device.type} {t.dtype}' for t in tensors})}"
         )
+
+
+def run_experts_megablocks(x_ND, counts_E, w1_EDF, w2_EFD, w3_EDF=None, host_counts_E=None) -> torch.Tensor:
+    """The expert MLP as MegaBlocks computes it: gmm(x, w1) -> activation (x gmm(x, w3)) -> gmm(., w2).
+    Inputs: CUDA bf16, rows grouped by expert with `counts_E` rows each (any device); `host_counts_E`:
+    the same counts already on the host (a dispatcher's copy), else they are copied here."""
+    require_cuda_bf16([t for t in (x_ND, w1_EDF, w2_EFD, w3_EDF) if t is not None])
     from megablocks import grouped_gemm_util as gg  # lazy: a CUDA-only package
 
     gg.assert_grouped_gemm_is_available()
-    batch_sizes_E = counts_E.to(device="cpu", dtype=torch.int64)  # gmm reads the group sizes on the host
+    if host_counts_E is None:
+        host_counts_E = counts_E.to(device="cpu")  # a device->host copy: gmm reads the group sizes on the host
+    batch_sizes_E = host_counts_E.to(torch.int64)
     x_ND = x_ND.contiguous()  # gmm takes contiguous operands only
     h_NF = gg.ops.gmm(x_ND, w1_EDF.contiguous(), batch_sizes_E)
     gate_NF = gg.ops.gmm(x_ND, w3_EDF.contiguous(), batch_sizes_E) if w3_EDF is not None else None
