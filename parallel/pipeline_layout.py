@@ -113,3 +113,41 @@ def validate_micro_batches(schedule: str, grad_accum: int, pp: int) -> None:
             f"parallel.schedule=interleaved_1f1b needs train.grad_accum (micro-batches per step) to be a multiple "
             f"of parallel.pp ({pp}); got {grad_accum}"
         )
+
+
+def in_flight_micro_batches(schedule: str, pp: int, pp_rank: int, stages_per_rank: int, n_micro: int) -> list[int]:
+    """Micro-batches whose forward activations pipeline rank `pp_rank` holds at its busiest moment
+    (the most forwards not yet backwarded), one count per local stage (`local_stages` order).
+
+    gpipe: every forward runs before any backward: all `n_micro`. 1f1b (torch's Schedule1F1B): stage
+    s runs min(n_micro, pp − s) warm-up forwards, then backward-then-forward, so never more.
+    interleaved_1f1b (torch's ScheduleInterleaved1F1B, replayed here): micro-batches go in rounds of
+    n_micro / max(1, n_micro // pp); the rank runs (v − 1) · round + 2 · (pp − 1 − rank) warm-up
+    forwards (at most n_micro · v), each `round` of them on its next local stage in turn, then
+    forward-then-backward pairs, so one forward more is alive before the first backward."""
+    if schedule == "gpipe":
+        return [n_micro] * stages_per_rank
+    if schedule == "1f1b":
+        return [min(n_micro, pp - pp_rank)] * stages_per_rank
+    if schedule != "interleaved_1f1b":
+        raise ValueError(f"parallel.schedule must be one of {', '.join(PIPELINE_SCHEDULES)}; got {schedule!r}")
+    v = stages_per_rank
+    per_round = n_micro // max(1, n_micro // pp)
+    total = n_micro * v
+    warmup = min((v - 1) * per_round + 2 * (pp - 1 - pp_rank), total)
+    alive, best = [0] * v, [0] * v
+
+    def forward(op: int) -> None:
+        alive[(op // per_round) % v] += 1
+        if sum(alive) > sum(best):
+            best[:] = alive
+
+    def backward(op: int) -> None:
+        alive[v - 1 - ((op - warmup) // per_round) % v] -= 1
+
+    for op in range(total + warmup):  # warm-up: forwards; then forward + backward pairs; cool-down: backwards
+        if op < total:
+            forward(op)
+        if op >= warmup:
+            backward(op)
+    return best

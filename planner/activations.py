@@ -122,18 +122,25 @@ def activation_peak(
     mode: str,
     bytes_per_activation: int,
     residual_bytes: int = FP32,
+    blocks: range | None = None,
+    last: bool = True,
 ) -> ActivationPeak:
-    """`residual_bytes`: the weights' dtype (r); `bytes_per_activation`: a (see the module docstring)."""
+    """`residual_bytes`: the weights' dtype (r); `bytes_per_activation`: a (see the module docstring).
+    A pipeline stage (planner/pipeline.py): `blocks`, the block indices it runs (default: all);
+    `last`, whether it ends with the output (norm, logits, cross-entropy)."""
     m, a, r = cfg.model, bytes_per_activation, residual_bytes
     T = micro_batch * seq_len
     parts = block_parts(cfg, T, micro_batch * m.n_heads * seq_len, ep, r, a)
-    moe_blocks = [(i + 1) % cfg.moe.every == 0 for i in range(m.n_layers)]
+    blocks = range(m.n_layers) if blocks is None else blocks
+    moe_blocks = [(i + 1) % cfg.moe.every == 0 for i in blocks]
     block_input = T * m.d_model * r
     copies = a if a != r else 0
     output = (
         rms_norm_bytes(T, m.d_model, r, a) + T * m.vocab_size * FP32 + 2 * T * INDEX + m.vocab_size * m.d_model * copies
     )
     logits_grads = 2 * T * m.vocab_size * FP32
+    if not last:  # the backward starts from the gradient the next stage sends
+        output = logits_grads = 0
 
     def ffn(is_moe: bool) -> tuple[int, int]:
         return (parts["moe"], parts["moe_backward"]) if is_moe else (parts["dense_ffn"], parts["dense_ffn_backward"])
@@ -160,6 +167,8 @@ def activation_peak(
             phases["a recomputed MoE"] = saved - output + parts["moe"] - kept_moe + parts["moe_backward"]
     else:
         raise ValueError(f"train.activation_checkpointing must be one of 'none', 'full', 'moe'; got {mode!r}")
+    if not last:
+        del phases["cross-entropy"]
     phase = max(phases, key=phases.get)
     by_experts = parts["experts"] * sum(moe_blocks) if mode == "none" else 0  # checkpointed: recomputed
     return ActivationPeak(saved, phases[phase], phase, by_experts)

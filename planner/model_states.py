@@ -58,10 +58,29 @@ class Layout:
     zero_stage: int
     bytes_per_param: int = 4  # weights and gradients: fp32 masters whatever train.dtype (see element_bytes)
     bytes_per_compute: int = 4  # what FSDP2 gathers the experts in (their compute dtype): 2 under bf16
+    pp: int = 1  # pipeline stages' slices of the world (parallel.pp)
+    stages_per_rank: int = 1  # parallel.stages_per_rank
+    schedule: str = "1f1b"  # parallel.schedule
+    split: str | tuple[int, ...] = "layers"  # parallel.split (a list as a tuple)
+
+    @property
+    def dp(self) -> int:
+        """Ranks of one pipeline slice: what the dense weights are data parallel (and ZeRO-split) over."""
+        return self.world_size // self.pp
 
     @property
     def edp(self) -> int:
-        return self.world_size // self.ep
+        return self.dp // self.ep
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.stages_per_rank
+
+    def dims(self, rank: int):
+        """The ParallelDims of `rank` (no process groups): what parallel/pipeline.py's stage_plan reads."""
+        from parallel.dims import ParallelDims
+
+        return ParallelDims(self.world_size, rank, 0, self.ep, pp=self.pp)
 
     @property
     def experts_sharded(self) -> bool:
@@ -104,13 +123,53 @@ def optimizer_groups(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
     return [group for group in parameter_groups(params) if group]
 
 
+@dataclass(frozen=True)
+class RankStages:
+    """What pipeline rank `pp_rank` holds: its stages (parallel/pipeline.py: stage_plan), every
+    stage's blocks, and `module`, the rank's `LocalStages` (what its DeepSpeed engine wraps: the
+    parameters and buffers in the job's order), built from the meta model without changing it."""
+
+    pp_rank: int
+    stages: list[int]
+    ranges: list[range]
+    num_stages: int
+    module: nn.Module
+
+    @property
+    def holds_first(self) -> bool:
+        return 0 in self.stages
+
+    @property
+    def holds_last(self) -> bool:
+        return self.num_stages - 1 in self.stages
+
+
+def rank_stages(model: nn.Module, layout: Layout, pp_rank: int) -> RankStages:
+    """The stages of pipeline rank `pp_rank` exactly as the job cuts them (parallel/pipeline.py)."""
+    from types import SimpleNamespace
+
+    from parallel.pipeline import LocalStages, StageModule, stage_plan
+
+    parallel = SimpleNamespace(split=layout.split, stages_per_rank=layout.stages_per_rank)
+    mine, ranges, num_stages = stage_plan(model, layout.dims(pp_rank * layout.dp), parallel)
+    local = LocalStages(model, [StageModule(model, s, num_stages, ranges[s]) for s in mine])
+    return RankStages(pp_rank, mine, ranges, num_stages, local)
+
+
+def held_module(model: nn.Module, layout: Layout, rank: int) -> nn.Module:
+    """The module whose parameters and buffers `rank` holds: the model, or its pipeline stages."""
+    return model if layout.pp == 1 else rank_stages(model, layout, rank // layout.dp).module
+
+
 def plan_model_states(
     model: nn.Module, layout: Layout, rank: int, settings: DeepSpeedSettings | None = None
 ) -> dict[str, dict[str, int]]:
     """Bytes of weights, gradients, optimizer state and buffers that `rank` will hold, as
     parallel/memory.model_state_bytes measures them. `model` is the whole single-process model
-    (typically on the meta device); it is not changed."""
+    (typically on the meta device); it is not changed. With pipeline stages (layout.pp > 1) the
+    rank holds its stages' part (`rank_stages`), data parallel over the layout.dp ranks of its slice."""
     settings = settings or DeepSpeedSettings.for_model(model, layout.zero_stage)
+    model, rank = held_module(model, layout, rank), rank % layout.dp
     states = empty_states()
     named = dense_parameters(model)
     groups = [[p.numel() for p in g] for g in optimizer_groups([p for _, p in named])]
@@ -135,7 +194,7 @@ def _plan_zero0(dense: dict, groups: list[list[int]], layout: Layout) -> None:
 
 
 def _plan_zero12(dense: dict, groups: list[list[int]], layout: Layout, rank: int) -> None:
-    world, bpp = layout.world_size, layout.bytes_per_param
+    world, bpp = layout.dp, layout.bytes_per_param
     gradient_numel = 0
     for sizes in groups:
         total = sum(sizes)
@@ -160,7 +219,7 @@ def _plan_zero12(dense: dict, groups: list[list[int]], layout: Layout, rank: int
 def _plan_zero3(
     dense: dict, groups: list[list[int]], named_numels: list[int], layout: Layout, settings: DeepSpeedSettings
 ) -> None:
-    world, bpp = layout.world_size, layout.bytes_per_param
+    world, bpp = layout.dp, layout.bytes_per_param
 
     def partition(n: int) -> int:
         return math.ceil(n / world)
@@ -232,9 +291,14 @@ def plan_all_ranks(
     """plan_model_states for every rank (ranks differ only in DeepSpeed's partitions of the
     dense part under ZeRO 1-2; ZeRO-3 pads every parameter to equal partitions)."""
     settings = settings or DeepSpeedSettings.for_model(model, layout.zero_stage)
-    if layout.zero_stage in (0, 3) or layout.world_size == 1:
-        return [plan_model_states(model, layout, 0, settings)] * layout.world_size
-    return [plan_model_states(model, layout, rank, settings) for rank in range(layout.world_size)]
+    out = []
+    for pp_rank in range(layout.pp):
+        first = pp_rank * layout.dp
+        if layout.zero_stage in (0, 3) or layout.dp == 1:
+            out += [plan_model_states(model, layout, first, settings)] * layout.dp
+        else:
+            out += [plan_model_states(model, layout, first + r, settings) for r in range(layout.dp)]
+    return out
 
 
 # -- transients: not held at rest, estimates (not part of the exactness test) -----------------
@@ -258,11 +322,14 @@ def _expert_layer_numels(model: nn.Module, layout: Layout) -> list[int]:
     ]
 
 
-def plan_transients(model: nn.Module, layout: Layout, settings: DeepSpeedSettings | None = None) -> list[Transient]:
+def plan_transients(
+    model: nn.Module, layout: Layout, settings: DeepSpeedSettings | None = None, rank: int = 0
+) -> list[Transient]:
     """Memory a step allocates and frees again, beyond activations: the gathered copies FSDP2 and
     ZeRO-3 compute with, gradients before their reduction, DeepSpeed's buckets (from the same
-    sources as the module docstring). Upper-bound estimates."""
+    sources as the module docstring), on `rank` (its pipeline stages' part). Upper-bound estimates."""
     settings = settings or DeepSpeedSettings.for_model(model, layout.zero_stage)
+    model = held_module(model, layout, rank)
     bpp, out = layout.bytes_per_param, []
     layers = _expert_layer_numels(model, layout)
     if layers and layout.experts_sharded:
@@ -285,15 +352,15 @@ def plan_transients(model: nn.Module, layout: Layout, settings: DeepSpeedSetting
         out.append(Transient("DeepSpeed gradient reduce bucket", DURING_COMPUTE, settings.reduce_bucket_size * bpp))
     if layout.zero_stage in (1, 2):
         partitions = sum(
-            math.ceil(sum(p.numel() for p in g) / (NCCL_START_ALIGNMENT_FACTOR * layout.world_size))
+            math.ceil(sum(p.numel() for p in g) / (NCCL_START_ALIGNMENT_FACTOR * layout.dp))
             * NCCL_START_ALIGNMENT_FACTOR
             for g in optimizer_groups([p for _, p in named])
         )
         out.append(Transient("DeepSpeed fp32 gradient partition for the step", AT_STEP, partitions * FP32_BYTES))
-    if layout.zero_stage == 0 and layout.world_size > 1:
+    if layout.zero_stage == 0 and layout.dp > 1:
         numel = min(sum(p.numel() for _, p in named), DEEPSPEED_ALLREDUCE_BUCKET)
         out.append(Transient("DeepSpeed flattened gradient all-reduce", AT_STEP, numel * bpp))
-    if layout.zero_stage == 3 and layout.world_size > 1:
+    if layout.zero_stage == 3 and layout.dp > 1:
         gathered = sorted(p.numel() for _, p in named if p.numel() > settings.param_persistence_threshold)[-2:]
         if gathered:
             out.append(

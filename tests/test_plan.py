@@ -14,9 +14,12 @@ from models.gpt import GPT
 from models.moe.balance import router_losses
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.memory import profiled_allocation_peak
+from parallel.pipeline_layout import in_flight_micro_batches
 from parallel.precision import autocast_dtype
 from planner.activations import activation_peak
-from planner.model_states import element_bytes
+from planner.model_states import element_bytes, rank_stages
+from planner.pipeline import StepShape as PipelineStep
+from planner.pipeline import rank_activation_peak
 from planner.report import build_report
 from tests.jobs import job_env
 from train import plan as planner
@@ -45,12 +48,9 @@ def report_for(*argv: str):
     job = planner.compose_job([a for a in argv if not a.startswith("plan.")])
     job.validate()
     planner.check_layout(job, plan)
-    from planner.model_states import Layout
-
     with torch.device("meta"):
         model = GPT(job.gpt_config())
-    layout = Layout(plan.world_size, job.parallel.ep, job.deepspeed.zero_stage, *element_bytes(job.train.dtype))
-    return build_report(job, plan, model, layout)
+    return build_report(job, plan, model, planner.plan_layout(job, plan.world_size))
 
 
 def test_default_config_by_hand():
@@ -141,6 +141,86 @@ def test_mixtral_command_prints_the_table_and_a_verdict(tmp_path):
     )
 
 
+# -- pipeline stages -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "schedule, pp, stages_per_rank, n_micro, counts_by_rank",
+    [
+        ("gpipe", 4, 1, 8, [[8], [8], [8], [8]]),  # every forward before any backward
+        ("1f1b", 4, 1, 8, [[4], [3], [2], [1]]),  # min(pp - stage, n)
+        ("1f1b", 4, 1, 2, [[2], [2], [2], [1]]),
+        # ScheduleInterleaved1F1B, stages 0 and 2 on rank 0, 1 and 3 on rank 1. n=2: one round of 2;
+        # rank 0 warms up with (2-1)·2 + 2·1 = 4 forwards (all of them), rank 1 with 2 (stage 1's)
+        # and runs stage 3's first forward before its first backward.
+        ("interleaved_1f1b", 2, 2, 2, [[2, 2], [2, 1]]),
+        # n=4: two rounds of 2; rank 0 warms up 0,0,2,2 then forwards stage 0 once more before backward.
+        ("interleaved_1f1b", 2, 2, 4, [[3, 2], [2, 1]]),
+        # pp=4, n=8: rounds of 4; rank r warms up (2-1)·4 + 2·(3-r) forwards, 4 on its first stage, then
+        # its second, then its first again (rank 0: 10 = 4 + 4 + 2; rank 2: 6 = 4 + 2), then one more
+        # forward (rank 0: op 10 -> stage 0; rank 2: op 6 -> stage 6) before its first backward.
+        ("interleaved_1f1b", 4, 2, 8, [[7, 4], [5, 4], [4, 3], [4, 1]]),
+    ],
+)
+def test_micro_batches_in_flight_per_schedule_by_hand(schedule, pp, stages_per_rank, n_micro, counts_by_rank):
+    got = [in_flight_micro_batches(schedule, pp, r, stages_per_rank, n_micro) for r in range(pp)]
+    assert got == counts_by_rank
+
+
+PIPELINE = ["plan.world_size=4", "parallel.pp=2", "parallel.ep=2", "deepspeed.zero_stage=1", "train.dtype=fp32"]
+
+
+def test_pipeline_plan_shows_the_heaviest_stage_by_hand():
+    """conf's small model (4 blocks, tied 8192 x 256 embedding) on pp=2 x ep=2, 1F1B with 4
+    micro-batches: stage 0 holds blocks 0-1 and the embedding, stage 1 blocks 2-3, the final norm,
+    and receives the embedding matrix with each micro-batch."""
+    r = report_for(*PIPELINE, "train.grad_accum=4")
+    one = report_for("plan.world_size=2", "parallel.ep=2", "deepspeed.zero_stage=1", "train.dtype=fp32")
+    D, V, E, F_, B, S = 256, 8192, 8, 512, 8, 256
+    block = 3 * D * D + D * D + E * D + 2 * D  # qkv, out, router, two norms
+    experts_per_block = 3 * (E // 2) * D * F_  # this rank's 4 experts, whole (one rank per EDP group)
+    assert r.stages.stages == [1] and r.stages.ranges == [range(0, 2), range(2, 4)]  # the last stage is heavier
+    stage1_dense = 2 * block + D  # no embedding weight: it arrives as an activation
+    assert r.states["dense"]["weights"] == 4 * (2 * block + D)  # two flat buffers, each a multiple of 2 x 2
+    assert r.states["experts"]["weights"] == 4 * 2 * experts_per_block
+    assert r.states["dense"]["optimizer"] == 3 * 4 * stage1_dense // 2 + 2 * 4  # half the masters + moments, 2 steps
+    # 1F1B: the last stage has one micro-batch in flight. One micro-batch's activations split between
+    # the stages: stage 0 saves those of blocks 0-1, stage 1 those of blocks 2-3 and the output.
+    assert r.in_flight == [1]
+    layout = planner.plan_layout(r.job, 4)
+    with torch.device("meta"):
+        model = GPT(r.job.gpt_config())
+    shape = PipelineStep(B, S, 1)
+    for mode in ("none", "full", "moe"):
+        stage_saved = [
+            rank_activation_peak(r.job.gpt_config(), layout, rank_stages(model, layout, p), shape, mode, 4, 4).saved
+            for p in (0, 1)
+        ]
+        assert stage_saved[1] == r.activations[mode].saved and stage_saved[0] < stage_saved[1], mode
+        assert sum(stage_saved) == one.activations[mode].saved, mode
+    # Receive buffers: 4 micro-batches of the hidden state and the tied matrix (fp32), inputs only.
+    assert r.receive_buffers == 4 * (B * S * D + V * D) * 4
+    transients = {t.what: t.bytes for t in r.transients}
+    name = "V x D matrices of the embedding's backward (its gradients; tied: the surrogate's product)"
+    assert transients[name] == V * D * 4  # the last stage: the received matrix's gradient
+    assert transients["every micro-batch's logits, kept by the schedule"] == 4 * B * S * V * 4
+    assert len(r.pipeline_peaks) == 2 and r.peaks[r.job.train.activation_checkpointing] == max(r.pipeline_peaks)
+    # GPipe keeps all 4 micro-batches' activations on every stage: more than 1F1B.
+    g = report_for(*PIPELINE, "train.grad_accum=4", "parallel.schedule=gpipe")
+    assert g.in_flight == [4] and g.activations["none"].saved == 4 * r.activations["none"].saved
+    assert g.peaks["none"] > r.peaks["none"]
+
+
+def test_pipeline_command_names_the_stage_in_the_table(capsys):
+    argv = [*PIPELINE, "train.grad_accum=4", "parallel.schedule=interleaved_1f1b", "parallel.stages_per_rank=2"]
+    assert planner.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "parallel.pp=2 (4 stages, parallel.schedule=interleaved_1f1b, parallel.split=layers)" in out
+    assert "pipeline rank 1 of 2, the highest peak, holds stage 1 (block 1); stage 3 (block 3, norm" in out
+    assert "micro-batches in flight on this rank (stage 1: 2, stage 3: 1;" in out
+    assert "peak of each pipeline rank" in out and out.strip().splitlines()[-1].startswith("verdict: fits: ")
+
+
 def test_plan_that_does_not_fit_exits_0_with_the_verdict(capsys):
     assert planner.main(["plan.device_memory_gb=0.25"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -174,6 +254,26 @@ def test_plan_that_does_not_fit_exits_0_with_the_verdict(capsys):
             "moe.num_expert: no such setting (did you mean moe.num_experts",
         ),  # as python -m train says
         (["+train.stepz=50"], "train.stepz: no such setting"),
+        (
+            ["plan.world_size=6", "parallel.pp=4", "train.grad_accum=4"],
+            "parallel.pp (4) must divide plan.world_size (6); allowed: divisors of 6",
+        ),
+        (
+            ["plan.world_size=4", "parallel.pp=2", "parallel.ep=4", "train.grad_accum=2"],
+            "parallel.pp x parallel.ep (2 x 4) must divide plan.world_size (4); allowed parallel.ep with parallel.pp=2",
+        ),
+        (
+            ["plan.world_size=3", "parallel.pp=3", "train.grad_accum=3"],
+            "parallel.pp x parallel.stages_per_rank (3 stages) must divide model.n_layers (4)",
+        ),
+        (
+            ["plan.world_size=2", "parallel.pp=2", "train.grad_accum=1"],
+            "parallel.schedule=1f1b needs train.grad_accum (micro-batches per step) >= parallel.pp (2); got 1",
+        ),
+        (
+            ["plan.world_size=2", "parallel.pp=2", "parallel.split=[1,2]", "train.grad_accum=2"],
+            "parallel.split as a list needs 2 positive block counts",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, line):
@@ -271,3 +371,90 @@ def test_activation_estimate_is_within_25_percent_of_the_profiled_peak(name, tra
         assert estimate.peak == pytest.approx(measured, rel=0.25), (name, train_dtype, mode, estimate, measured)
         phases.add(estimate.phase)
     assert len(phases) > 1 or name == "default"  # the backward phases are exercised, not only the cross-entropy
+
+
+# -- a pipeline stage's activations against the profiler -------------------------------------------
+
+
+def measured_stage_peak(cfg: GPTConfig, stage_index: int, ranges: list[range], B: int, S: int, n: int, mode: str):
+    """GPipe on one stage of the single-process model, as parallel/pipeline.py runs it: the forwards
+    of `n` micro-batches from preallocated receive buffers (the logits kept, as the schedule keeps
+    them), then each backward (the last stage's from its loss, the others' from the received output
+    gradients through Σ output · gradient), the inputs' gradients dropped once taken."""
+    from parallel.pipeline import StageModule
+
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    m, last = cfg.model, stage_index == len(ranges) - 1
+    stage = StageModule(model, stage_index, len(ranges), ranges[stage_index])
+    apply_activation_checkpointing(stage, mode)
+    for p in stage.parameters():
+        p.grad = torch.zeros_like(p)
+
+    def tied(x):
+        return (x, torch.randn(m.vocab_size, m.d_model, requires_grad=True)) if m.tie_embeddings else (x,)
+
+    if stage_index == 0:
+        inputs = [(torch.randint(0, m.vocab_size, (B, S)),) for _ in range(n)]
+    else:
+        inputs = [tied(torch.randn(B, S, m.d_model, requires_grad=True)) for _ in range(n)]
+    targets = [torch.randint(0, m.vocab_size, (B, S)) for _ in range(n)]
+    output_grads = None if last else [tied(torch.randn(B, S, m.d_model)) for _ in range(n)]
+
+    def step():
+        outputs = [stage(*x) for x in inputs]
+        for i in range(n):
+            if last:
+                loss = F.cross_entropy(outputs[i].flatten(0, 1), targets[i].flatten())
+            else:
+                out = outputs[i] if isinstance(outputs[i], tuple) else (outputs[i],)
+                loss = sum((o * g).sum() for o, g in zip(out, output_grads[i]))
+                outputs[i] = None
+            loss.backward()
+            del loss
+            for t in inputs[i]:
+                t.grad = None
+
+    return profiled_allocation_peak(step)
+
+
+PIPELINE_ACTIVATION_CONFIGS = {
+    # 4 blocks in 3 stages (first, middle, last), tied embeddings, 2 micro-batches
+    "tied, 3 stages": (ModelConfig(vocab_size=2048, max_seq_len=128), MoEConfig(), [1, 2, 1], 2, 128, 2),
+    # untied, alternating dense/MoE blocks, 2 stages, 3 micro-batches
+    "untied, every 2": (
+        ModelConfig(vocab_size=512, max_seq_len=128, tie_embeddings=False, activation="gelu"),
+        MoEConfig(every=2, top_k=1, num_shared_experts=1),
+        [2, 2],
+        4,
+        64,
+        3,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", PIPELINE_ACTIVATION_CONFIGS)
+def test_stage_activation_estimate_is_within_25_percent_of_the_profiled_peak(name, one_thread):
+    """What the plan adds for a rank's stage (in-flight activations and the transients of the
+    forward/backward) against the profiled GPipe replay of that stage (every micro-batch in flight)."""
+    from types import SimpleNamespace
+
+    from parallel.pipeline_layout import stage_ranges
+    from planner.model_states import Layout, RankStages
+    from planner.pipeline import pipeline_transients
+
+    model_cfg, moe_cfg, split, B, S, n = PIPELINE_ACTIVATION_CONFIGS[name]
+    cfg = GPTConfig(model_cfg, moe_cfg)
+    ranges = stage_ranges(split)
+    layout = Layout(len(split), 1, 0, pp=len(split), schedule="gpipe", split=tuple(split))
+    shape = PipelineStep(B, S, n)
+    for stage_index in range(len(split)):
+        stages = RankStages(stage_index, [stage_index], ranges, len(split), SimpleNamespace())
+        for mode in ("none", "full", "moe"):
+            activations = rank_activation_peak(cfg, layout, stages, shape, mode, 4, 4)
+            during = sum(
+                t.bytes for t in pipeline_transients(cfg, layout, stages, shape) if t.when == "forward/backward"
+            )
+            estimate = activations.peak + during
+            measured = measured_stage_peak(cfg, stage_index, ranges, B, S, n, mode)
+            assert estimate == pytest.approx(measured, rel=0.25), (name, stage_index, mode, estimate, measured)

@@ -15,6 +15,10 @@ so it answers for Mixtral-sized models on a laptop. Per rank, for the dense part
   (dropless, uniform routing);
 - the peak per rank and a verdict against `plan.device_memory_gb` (GiB per rank).
 
+With `parallel.pp` > 1 each rank holds its pipeline stages only (planner/pipeline.py): the figures
+are those of the pipeline rank with the highest peak, with the activations of the micro-batches
+its schedule keeps in flight and torch's receive buffers.
+
 Bad input exits 2 with one line; a plan that does not fit exits 0 with a "does not fit" verdict.
 """
 
@@ -78,14 +82,43 @@ def parse_plan_settings(overrides: list[str]) -> PlanConfig:
 
 
 def check_layout(job, plan: PlanConfig) -> None:
-
-    ep = job.parallel.ep
+    """The job's layout on plan.world_size ranks, refused as the job would (train/config.py:
+    process_layout), said in the planner's setting."""
+    ep, pp = job.parallel.ep, job.parallel.pp
+    if plan.world_size % pp:
+        raise ValueError(
+            f"parallel.pp ({pp}) must divide plan.world_size ({plan.world_size}); "
+            f"allowed: divisors of {plan.world_size}"
+        )
+    if pp > 1 and plan.world_size % (pp * ep):
+        raise ValueError(
+            f"parallel.pp x parallel.ep ({pp} x {ep}) must divide plan.world_size ({plan.world_size}); "
+            f"allowed parallel.ep with parallel.pp={pp}: divisors of {plan.world_size // pp}"
+        )
     if plan.world_size % ep:
         raise ValueError(
             f"parallel.ep ({ep}) must divide plan.world_size ({plan.world_size}); "
             f"allowed: divisors of {plan.world_size}"
         )
     job.train.micro_batch, job.train.grad_accum = process_layout(job, plan.world_size)  # with train.global_batch
+
+
+def plan_layout(job, world_size: int):
+    """The planner's Layout of the job on `world_size` ranks (pipeline settings included)."""
+    from planner.model_states import Layout, element_bytes
+
+    p = job.parallel
+    split = p.split if isinstance(p.split, str) else tuple(int(c) for c in p.split)
+    return Layout(
+        world_size,
+        p.ep,
+        job.deepspeed.zero_stage,
+        *element_bytes(job.train.dtype),
+        pp=p.pp,
+        stages_per_rank=p.stages_per_rank,
+        schedule=p.schedule,
+        split=split,
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -108,11 +141,11 @@ def main(argv: list[str]) -> int:
         preflight(job)
         check_layout(job, plan)
         from models.gpt import GPT
-        from planner.model_states import Layout, check_even_expert_sharding, element_bytes
+        from planner.model_states import check_even_expert_sharding
 
         with torch.device("meta"):  # shapes only: nothing is allocated
             model = GPT(job.gpt_config())
-        layout = Layout(plan.world_size, job.parallel.ep, job.deepspeed.zero_stage, *element_bytes(job.train.dtype))
+        layout = plan_layout(job, plan.world_size)
         check_even_expert_sharding(model, layout)
         print(render(build_report(job, plan, model, layout)))
 
