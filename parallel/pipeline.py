@@ -27,6 +27,7 @@ Shape legend: B micro-batch, S sequence, D hidden, V vocabulary, L MoE layers, E
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -281,6 +282,10 @@ class PipelineRunner:
         schedule_class = getattr(schedules, SCHEDULE_CLASSES[job.parallel.schedule])
         stages = self.stages if job.parallel.schedule == "interleaved_1f1b" else self.stages[0]
         self.schedule = schedule_class(stages, self.n_micro, loss_fn=self.cross_entropy, scale_grads=False)
+        # The last stage's outputs (every micro-batch's logits) are not wanted: without this, torch
+        # keeps them all until the next step to return them merged.
+        wants = inspect.signature(self.schedule.step).parameters
+        self.step_options = {"return_outputs": False} if "return_outputs" in wants else {}
         self.backward_calls: dict[int, int] = {}
 
     @staticmethod
@@ -324,7 +329,7 @@ class PipelineRunner:
         target = torch.cat(ys).to(self.dims.device) if self.holds_last else None
         losses: list[torch.Tensor] = []
         with autocast:
-            self.schedule.step(*args, target=target, losses=losses)
+            self.schedule.step(*args, target=target, losses=losses, **self.step_options)
         assert sum(self.backward_calls.values()) == self.n_micro * len(self.stages), self.backward_calls
         return losses if self.holds_last else []
 

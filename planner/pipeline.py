@@ -12,9 +12,9 @@ torch.distributed.pipelining holds between the stages (parallel/pipeline.py).
                      the last stage: the same shapes), in the weights' dtype, and keeps them
     transients       the V·D gradients of the embedding matrix in a backward (`_vocab_matrices`:
                      the first stage's lookup gradient; tied, the received matrix's gradient and
-                     the product of the backward's Σ output · output-gradient); the last stage's
-                     schedule keeps every micro-batch's fp32 logits (B·S·V) until the next step,
-                     and concatenates them after the last backward (the schedule's merged output)
+                     the product of the backward's Σ output · output-gradient). The last stage's
+                     logits live only until their micro-batch's backward (in its activations): the
+                     job asks the schedule not to keep them for a merged return value
 
 Legend: B micro-batch, S sequence, D hidden, V vocabulary, n = train.grad_accum micro-batches.
 """
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from models.config import GPTConfig
 from parallel.pipeline_layout import in_flight_micro_batches
-from planner.activations import FP32, ActivationPeak, activation_peak
-from planner.model_states import AT_STEP, DURING_COMPUTE, Layout, RankStages, Transient
+from planner.activations import ActivationPeak, activation_peak
+from planner.model_states import DURING_COMPUTE, Layout, RankStages, Transient
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,6 @@ def pipeline_transients(cfg: GPTConfig, layout: Layout, stages: RankStages, shap
                 matrices * m.vocab_size * m.d_model * layout.bytes_per_param,
             )
         )
-    if stages.holds_last:
-        logits = shape.n_micro * shape.micro_batch * shape.seq_len * m.vocab_size * FP32
-        out.append(Transient("every micro-batch's logits, kept by the schedule", DURING_COMPUTE, logits))
-        out.append(Transient("the schedule's kept logits and their concatenation", AT_STEP, 2 * logits))
     return out
 
 

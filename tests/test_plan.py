@@ -203,7 +203,7 @@ def test_pipeline_plan_shows_the_heaviest_stage_by_hand():
     transients = {t.what: t.bytes for t in r.transients}
     name = "V x D matrices of the embedding's backward (its gradients; tied: the surrogate's product)"
     assert transients[name] == V * D * 4  # the last stage: the received matrix's gradient
-    assert transients["every micro-batch's logits, kept by the schedule"] == 4 * B * S * V * 4
+    assert not [t for t in transients if "logits" in t]  # none kept for a return value (the job asks for none)
     assert len(r.pipeline_peaks) == 2 and r.peaks[r.job.train.activation_checkpointing] == max(r.pipeline_peaks)
     # GPipe keeps all 4 micro-batches' activations on every stage: more than 1F1B.
     g = report_for(*PIPELINE, "train.grad_accum=4", "parallel.schedule=gpipe")
