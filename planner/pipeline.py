@@ -12,9 +12,11 @@ torch.distributed.pipelining holds between the stages (parallel/pipeline.py).
                      the last stage: the same shapes), in the weights' dtype, and keeps them
     transients       the V·D gradients of the embedding matrix in a backward (`_vocab_matrices`:
                      the first stage's lookup gradient; tied, the received matrix's gradient and
-                     the product of the backward's Σ output · output-gradient). The last stage's
-                     logits live only until their micro-batch's backward (in its activations): the
-                     job asks the schedule not to keep them for a merged return value
+                     the product of the backward's Σ output · output-gradient); on the last stage
+                     the stage's output, one micro-batch's fp32 logits (B·S·V), which torch's stage
+                     holds beside the loss until that micro-batch's backward, and its gradient. The
+                     job asks the schedule not to keep every micro-batch's logits for a merged
+                     return value (parallel/pipeline.py: step_options)
 
 Legend: B micro-batch, S sequence, D hidden, V vocabulary, n = train.grad_accum micro-batches.
 """
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 from models.config import GPTConfig
 from parallel.pipeline_layout import in_flight_micro_batches
-from planner.activations import ActivationPeak, activation_peak
+from planner.activations import FP32, ActivationPeak, activation_peak
 from planner.model_states import DURING_COMPUTE, Layout, RankStages, Transient
 
 
@@ -86,6 +88,11 @@ def pipeline_transients(cfg: GPTConfig, layout: Layout, stages: RankStages, shap
                 DURING_COMPUTE,
                 matrices * m.vocab_size * m.d_model * layout.bytes_per_param,
             )
+        )
+    if stages.holds_last:
+        logits = shape.micro_batch * shape.seq_len * m.vocab_size * FP32
+        out.append(
+            Transient("the last stage's output (one micro-batch's logits) and its gradient", DURING_COMPUTE, 2 * logits)
         )
     return out
 

@@ -91,7 +91,9 @@ def test_pipeline_trains_as_one_process(tmp_path, data_cache, one_process, layou
     norms = [(e["train/grad_norm"], g["train/grad_norm"]) for e, g in zip(expected, got) if "train/grad_norm" in e]
     assert len(norms) == STEPS
     for e, g in norms:
-        assert g == pytest.approx(e, rel=1e-5)
+        # The norm is more sensitive than the loss to sums taken in another order (measured up to
+        # 2e-5 in single steps, with FSDP's reduce-scatter, while the losses agree to 1e-7).
+        assert g == pytest.approx(e, rel=1e-4)
 
     # Every gradient of step 1 (AdamW's first moment), then every weight and moment after 20 steps.
     for step in (1, STEPS):
