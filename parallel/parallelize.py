@@ -67,12 +67,20 @@ def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
         experts_stay_meta=experts_sharded,
     )  # 2
     apply_activation_checkpointing(model, job.train.activation_checkpointing)  # 3
-    experts = detach_experts(model)  # 4
+    return Trainer(*shard_and_optimize(model, dims, job, config, experts_sharded), job.optim.grad_clip)  # 4, 5
+
+
+def shard_and_optimize(model: nn.Module, dims: ParallelDims, job, config: dict, experts_sharded: bool, mpu=None):
+    """Steps 4 and 5 on a materialised `model` (or a pipeline rank's stages): the experts out of the
+    module tree and under FSDP2, the optimizers, and the DeepSpeed engine over the rest. `mpu`:
+    DeepSpeed's groups (parallel/deepspeed_state.py: StageGroups), None for the whole world.
+    Returns Trainer's first seven arguments."""
+    experts = detach_experts(model)
     shard_experts(experts, dims, job.deepspeed.zero_stage, autocast_dtype(job.train.dtype, dims.device))
     if experts_sharded:
         materialize_expert_shards(experts, dims)
 
-    dense_optimizer = adamw(model.parameters(), job.optim)  # 5
+    dense_optimizer = adamw(model.parameters(), job.optim)
     expert_params = [p for module in experts.values() for p in module.parameters()]
     expert_optimizer = adamw(expert_params, job.optim) if expert_params else None
     if expert_optimizer is not None:
@@ -81,13 +89,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, job) -> Trainer:
 
     skip_deepspeed_shm_op()
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=dense_optimizer, config=config, dist_init_required=False
+        model=model, optimizer=dense_optimizer, config=config, mpu=mpu, dist_init_required=False
     )
     skip_zero3_grad_norm(engine)  # ours is parallel/grad_norm.py (ZeRO-1/2: deepspeed_config says so)
     dense = DenseShards(engine, dense_optimizer, job.deepspeed.zero_stage)
-    return Trainer(
-        engine, dense, experts, expert_optimizer, experts_sharded, dims, job.deepspeed.zero_stage, job.optim.grad_clip
-    )
+    return engine, dense, experts, expert_optimizer, experts_sharded, dims, job.deepspeed.zero_stage
 
 
 def parallelize_pipeline(model: nn.Module, dims: ParallelDims, job) -> Trainer:
@@ -106,44 +112,17 @@ def parallelize_pipeline(model: nn.Module, dims: ParallelDims, job) -> Trainer:
     materialize_stages(model, kept, dims.device, job.train.seed, experts_stay_meta=experts_sharded)  # 2
     local = LocalStages(model, [StageModule(model, s, num_stages, ranges[s]) for s in mine])
     apply_activation_checkpointing(local, job.train.activation_checkpointing)  # 3
-    experts = detach_experts(local)  # 4
-    shard_experts(experts, dims, job.deepspeed.zero_stage, autocast_dtype(job.train.dtype, dims.device))
-    if experts_sharded:
-        materialize_expert_shards(experts, dims)
-    dense_optimizer = adamw(local.parameters(), job.optim)  # 5
-    expert_params = [p for module in experts.values() for p in module.parameters()]
-    expert_optimizer = adamw(expert_params, job.optim) if expert_params else None
-    if expert_optimizer is not None:
-        ensure_adamw_state(expert_optimizer)
-    import deepspeed
-
-    skip_deepspeed_shm_op()
-    _, singleton = torch.distributed.new_subgroups(group_size=1)
-    engine, _, _, _ = deepspeed.initialize(
-        model=local,
-        optimizer=dense_optimizer,
-        config=config,
-        mpu=StageGroups(dims.dp_mesh.get_group(), singleton),
-        dist_init_required=False,
-    )
-    dense = DenseShards(engine, dense_optimizer, job.deepspeed.zero_stage)
+    _, singleton = torch.distributed.new_subgroups(group_size=1)  # DeepSpeed's "model parallel" group
+    mpu = StageGroups(dims.dp_mesh.get_group(), singleton)
+    parts = shard_and_optimize(local, dims, job, config, experts_sharded, mpu)  # 4, 5
+    engine, experts = parts[0], parts[2]
     block_stage = {i: s for s in mine for i in ranges[s]}
     experts_by_stage: dict[int, list[GroupedExperts]] = {}
     if experts_sharded:
         for name, module in experts.items():
             experts_by_stage.setdefault(block_stage[int(name.split(".")[1])], []).append(module)
     runner = PipelineRunner(engine, local, num_stages, dims, job, experts_by_stage)
-    return Trainer(
-        engine,
-        dense,
-        experts,
-        expert_optimizer,
-        experts_sharded,
-        dims,
-        job.deepspeed.zero_stage,
-        job.optim.grad_clip,
-        pipeline=runner,
-    )
+    return Trainer(*parts, job.optim.grad_clip, pipeline=runner)
 
 
 @torch.no_grad()

@@ -137,7 +137,7 @@ def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> S
 
     Host syncs: the figures of the micro-batches (finite, cross-entropy, load) are summed on the
     device, and read once, before the last backward (see README: the sync budget)."""
-    t, dims = run.job.train, run.dims
+    t = run.job.train
     lr = lr_at(step, run.job)
     if run.trainer.pipeline is not None:
         from train.pipeline_step import run_pipeline_step  # (it imports this module)
@@ -156,16 +156,7 @@ def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> S
         num_bad += (~torch.isfinite(loss)).double()
         ce_sum += ce.detach().double()
         if micro_step == t.grad_accum - 1:
-            # The step's one look at the host: non-finite losses, stop signals and background writes
-            # on any rank (one all-reduce), and this rank's cross-entropy (one copy).
-            host_flags = torch.tensor(
-                [float(preemption.requested()), float(run.checkpoints.background_write_running())],
-                dtype=torch.float64,
-                device=run.device,
-            )
-            world_3 = all_reduce_sum(torch.cat([num_bad[None], host_flags]), dims)
-            num_bad_world, stops, writes, ce_total = torch.cat([world_3, ce_sum[None]]).tolist()
-            stop, writing = stops > 0, writes > 0
+            num_bad_world, stop, writing, ce_total = look_at_host(run, num_bad, ce_sum)
             if num_bad_world > 0:
                 skip_step(run, loss)
                 return StepResult(applied=False, stop=stop, writing=writing)
@@ -176,6 +167,20 @@ def run_step(run: Run, sampler: BatchSampler, step: int, window: MoEWindow) -> S
         if stats:
             load_LE += tokens_per_expert_LE(stats)
     return StepResult(True, ce_total / t.grad_accum, grad_norm, load_LE, stop, writing)
+
+
+def look_at_host(run: Run, num_bad: torch.Tensor, ce_sum: torch.Tensor) -> tuple[float, bool, bool, float]:
+    """The step's one look at the host: non-finite losses, stop signals and background writes on
+    any rank (one all-reduce), and this rank's cross-entropy sum (one copy). Returns (micro-batches
+    with a non-finite loss in the world, stop, a background write still running, ce_sum)."""
+    host_flags = torch.tensor(
+        [float(preemption.requested()), float(run.checkpoints.background_write_running())],
+        dtype=torch.float64,
+        device=run.device,
+    )
+    world_3 = all_reduce_sum(torch.cat([num_bad[None], host_flags]), run.dims)
+    num_bad_world, stops, writes, ce_total = torch.cat([world_3, ce_sum[None]]).tolist()
+    return num_bad_world, stops > 0, writes > 0, ce_total
 
 
 def skip_step(run: Run, last_loss: torch.Tensor) -> None:

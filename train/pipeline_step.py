@@ -19,9 +19,8 @@ import torch
 
 from parallel.collectives import all_reduce_sum
 from parallel.pipeline import RouterLossSettings
-from train import preemption
 from train.data import BatchSampler
-from train.loop import StepResult
+from train.loop import StepResult, look_at_host
 from train.metrics import MoEWindow
 
 
@@ -76,7 +75,7 @@ def router_settings(run, xs: list[torch.Tensor]) -> RouterLossSettings:
 def run_pipeline_step(run, sampler: BatchSampler, step: int, window: MoEWindow, lr: float):
     """One optimizer step (train/loop.py: run_step's contract). Host syncs: the step's losses and
     flags are read once, after the schedule (plus the global gradient norm)."""
-    t, dims, runner = run.job.train, run.dims, run.trainer.pipeline
+    t, runner = run.job.train, run.trainer.pipeline
     xs, ys = zip(*(sampler.get(step, micro_step) for micro_step in range(t.grad_accum)))
     runner.set_router_losses(router_settings(run, list(xs)))
     losses = runner.train_step(list(xs), list(ys), autocast_context(run))
@@ -88,14 +87,7 @@ def run_pipeline_step(run, sampler: BatchSampler, step: int, window: MoEWindow, 
         num_bad += (~torch.isfinite(loss.detach())).double()
     for r in records:  # a router loss that is not finite poisons the gradients of its stage
         num_bad += (~torch.isfinite(r.aux + r.z)).double()
-    host_flags = torch.tensor(
-        [float(preemption.requested()), float(run.checkpoints.background_write_running())],
-        dtype=torch.float64,
-        device=run.device,
-    )
-    world_3 = all_reduce_sum(torch.cat([num_bad[None], host_flags]), dims)
-    num_bad_world, stops, writes, ce_total = torch.cat([world_3, ce_sum[None]]).tolist()
-    stop, writing = stops > 0, writes > 0
+    num_bad_world, stop, writing, ce_total = look_at_host(run, num_bad, ce_sum)
     if num_bad_world > 0:
         # Every backward already ran: the gradients are dropped and the step applied with lr 0, as
         # train/loop.py's skip_step does (AdamW's moments decay by one step of zero gradients).
