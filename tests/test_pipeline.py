@@ -3,8 +3,9 @@
 The single process takes the same global batch as grad_accum micro-batches (the sampler lays a
 step's rows out by micro-step, then data-parallel rank), so every micro-batch, and with it every
 router loss, is the same; only reduction orders differ. "Every gradient" is read from the
-checkpoints: after the first step AdamW's first moment is exactly (1 - beta1) x the (clipped)
-gradient of every dense and expert weight.
+checkpoints: AdamW's first moment after step 1 is exactly (1 - beta1) x the (clipped) gradient of
+every dense and expert weight; at step 20 one process takes the step from the pipeline's step-19
+state.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from parallel.pipeline_layout import (
     validate_micro_batches,
     validate_split,
 )
-from tests.jobs import TINY, read_metrics, run_job, train_losses
+from tests.jobs import TINY, read_metrics, run_job, start_from_checkpoint, train_losses
 from train.checkpoint.manager import read_tensors
 from train.config import JobConfig
 
@@ -95,16 +96,24 @@ def test_pipeline_trains_as_one_process(tmp_path, data_cache, one_process, layou
         # 2e-5 in single steps, with FSDP's reduce-scatter, while the losses agree to 1e-7).
         assert g == pytest.approx(e, rel=1e-4)
 
-    # Every gradient of step 1 (AdamW's first moment), then every weight and moment after 20 steps.
-    for step in (1, STEPS):
-        folder = f"checkpoints/step_{step:06d}"
-        want = read_tensors(single_dir / "outputs" / single / folder, prefixes=("model.", "optim.exp_avg."))
-        have = read_tensors(tmp_path / "outputs/pipe" / folder, prefixes=("model.", "optim.exp_avg."))
-        assert want.keys() == have.keys()
-        assert any(k.startswith("optim.exp_avg.blocks.3.ffn.experts") for k in want)
-        for key in want:
-            scale = float(want[key].abs().max())  # fp32 sums in another order: 1e-4 of the tensor's scale
-            torch.testing.assert_close(have[key], want[key], rtol=1e-4, atol=1e-4 * scale, msg=key)
+    # Every gradient and weight of step 1 (AdamW's first moment is (1 - beta1) x the gradient), from
+    # the same initial weights.
+    compare_states(
+        single_dir / "outputs" / single / "checkpoints/step_000001", tmp_path / "outputs/pipe/checkpoints/step_000001"
+    )
+    # And of step 20, from the same weights: one process resumes the pipeline's step-19 checkpoint.
+    # (Compared with the 20-step single-process run instead, a token whose top-2 is a near tie can
+    # switch experts after enough steps of fp32 roundoff, as 3 of 2048 copies did at step 19 in one
+    # layout, and change that expert's gradient while the losses still agree to 1e-7.)
+    start_from_checkpoint(tmp_path, "pipe", STEPS - 1, "replay")
+    model_overrides = [o for o in overrides if o.startswith("model.")]
+    replay = run_job(
+        tmp_path, data_cache, *COMMON, *model_overrides, "run_name=replay", "train.grad_accum=4", "train.resume=true"
+    )
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    assert f"resumed from step {STEPS - 1} (resharded" in replay.stdout
+    last = f"checkpoints/step_{STEPS:06d}"
+    compare_states(tmp_path / "outputs/replay" / last, tmp_path / "outputs/pipe" / last)
 
     # Every MoE layer's figures are logged, whichever stage holds it, and count every routed copy.
     last = [r for r in got if "moe/layer3/tokens_per_expert" in r][-1]
@@ -154,6 +163,18 @@ def test_bad_layouts_are_refused_before_any_collective(tmp_path, data_cache, ove
     errors = [x for x in done.stderr.splitlines() if x.startswith("switchyard: error:")]
     assert errors == [f"switchyard: error: {line}"]
     assert "exitcode  : 2" in done.stderr
+
+
+def compare_states(want_folder, have_folder) -> None:
+    """Every weight and AdamW first moment of two checkpoints, within fp32 tolerance (sums taken in
+    another order: 1e-4 of each tensor's scale)."""
+    want = read_tensors(want_folder, prefixes=("model.", "optim.exp_avg."))
+    have = read_tensors(have_folder, prefixes=("model.", "optim.exp_avg."))
+    assert want.keys() == have.keys()
+    assert any(k.startswith("optim.exp_avg.blocks.3.ffn.experts") for k in want)
+    for key in want:
+        scale = float(want[key].abs().max())
+        torch.testing.assert_close(have[key], want[key], rtol=1e-4, atol=1e-4 * scale, msg=key)
 
 
 # -- pure parts ------------------------------------------------------------------------------
