@@ -134,35 +134,53 @@ def test_pipeline_resumes_bit_exactly(tmp_path, data_cache):
     assert train_losses(read_metrics(tmp_path, "parts")) == train_losses(read_metrics(tmp_path, "whole"))
 
 
-@pytest.mark.parametrize(
-    "overrides, line",
-    [
-        (
-            ["parallel.pp=3", "model.n_layers=6", "train.grad_accum=3"],
-            "parallel.pp (3) must divide the number of processes (4); allowed: divisors of 4",
-        ),
-        (
-            ["parallel.pp=2", "parallel.ep=4", "train.grad_accum=2"],
-            "parallel.pp x parallel.ep (2 x 4) must divide the number of processes (4); "
-            "allowed parallel.ep with parallel.pp=2: divisors of 2",
-        ),
-        (
-            ["parallel.pp=2", "model.n_layers=3", "train.grad_accum=2"],
-            "parallel.pp x parallel.stages_per_rank (2 stages) must divide model.n_layers (3) with "
-            "parallel.split=layers; use parallel.split=params or a list of block counts",
-        ),
-        (
-            ["parallel.pp=4", "model.n_layers=4", "train.grad_accum=2"],
-            "parallel.schedule=1f1b needs train.grad_accum (micro-batches per step) >= parallel.pp (4); got 2",
-        ),
-    ],
-)
-def test_bad_layouts_are_refused_before_any_collective(tmp_path, data_cache, overrides, line):
+# Two layouts refused by real ranks (every rank stops before any collective: no hang, exit 2, one
+# line); the others through the same checks (train/config.py: process_layout) in-process.
+BAD_LAYOUTS = {
+    "pp not dividing the processes": (
+        ["parallel.pp=3", "model.n_layers=6", "train.grad_accum=3"],
+        "parallel.pp (3) must divide the number of processes (4); allowed: divisors of 4",
+    ),
+    "pp x ep not dividing the processes": (
+        ["parallel.pp=2", "parallel.ep=4", "train.grad_accum=2"],
+        "parallel.pp x parallel.ep (2 x 4) must divide the number of processes (4); "
+        "allowed parallel.ep with parallel.pp=2: divisors of 2",
+    ),
+    "stages not dividing the layers": (
+        ["parallel.pp=2", "model.n_layers=3", "train.grad_accum=2"],
+        "parallel.pp x parallel.stages_per_rank (2 stages) must divide model.n_layers (3) with "
+        "parallel.split=layers; use parallel.split=params or a list of block counts",
+    ),
+    "too few micro-batches for 1f1b": (
+        ["parallel.pp=4", "model.n_layers=4", "train.grad_accum=2"],
+        "parallel.schedule=1f1b needs train.grad_accum (micro-batches per step) >= parallel.pp (4); got 2",
+    ),
+    "global batch not split over a stage's ranks": (
+        ["parallel.pp=2", "train.global_batch=5"],
+        "train.global_batch=5 must be a multiple of processes / parallel.pp (2): each rank takes an equal share",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ["pp x ep not dividing the processes", "stages not dividing the layers"])
+def test_bad_layouts_are_refused_before_any_collective(tmp_path, data_cache, case):
+    overrides, line = BAD_LAYOUTS[case]
     done = run_job(tmp_path, data_cache, *TINY, *overrides, nproc=4, timeout=180)
     assert done.returncode != 0
     errors = [x for x in done.stderr.splitlines() if x.startswith("switchyard: error:")]
     assert errors == [f"switchyard: error: {line}"]
     assert "exitcode  : 2" in done.stderr
+
+
+@pytest.mark.parametrize("case", BAD_LAYOUTS)
+def test_bad_layouts_are_one_line(case):
+    from train.check import check_job
+    from train.cli import compose_job
+
+    overrides, line = BAD_LAYOUTS[case]
+    with pytest.raises(ValueError) as refused:
+        check_job(compose_job([*TINY, *overrides]), world_size=4)
+    assert str(refused.value) == line
 
 
 def compare_states(want_folder, have_folder) -> None:
