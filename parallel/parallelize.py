@@ -109,7 +109,7 @@ def parallelize_pipeline(model: nn.Module, dims: ParallelDims, job) -> Trainer:
         for layer in module.modules():
             if isinstance(layer, MoELayer):
                 shard_moe_layer(layer, dims)  # 1
-    materialize_stages(model, kept, dims.device, job.train.seed, experts_stay_meta=experts_sharded)  # 2
+    materialize(model, dims.device, job.train.seed, experts_stay_meta=experts_sharded, kept=kept)  # 2
     local = LocalStages(model, [StageModule(model, s, num_stages, ranges[s]) for s in mine])
     apply_activation_checkpointing(local, job.train.activation_checkpointing)  # 3
     _, singleton = torch.distributed.new_subgroups(group_size=1)  # DeepSpeed's "model parallel" group
@@ -126,41 +126,13 @@ def parallelize_pipeline(model: nn.Module, dims: ParallelDims, job) -> Trainer:
 
 
 @torch.no_grad()
-def materialize_stages(
-    model: nn.Module, kept: list[nn.Module], device: torch.device, seed: int, experts_stay_meta: bool
-) -> None:
-    """`materialize` for a pipeline stage: every initialisation unit draws from the RNG in the
-    single-process order, so the kept weights get exactly the single-process values; a unit this
-    rank does not keep is allocated (one at a time, on the same device, so the same generator
-    draws) and freed again. Routed experts draw from their own generators: those not kept are
-    never allocated."""
-    torch.manual_seed(seed)
-    kept_ids = {id(m) for top in kept for m in top.modules()}
-    model.to_empty(device=device, recurse=False)  # the rotary tables: every stage uses them
-    model.init_buffers()
-    for unit, init in model.init_units():
-        keep = id(unit) in kept_ids
-        for module in unit.modules():
-            if isinstance(module, GroupedExperts) and (experts_stay_meta or not keep):
-                continue
-            if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
-                module.to_empty(device=device, recurse=False)
-        model.tie_weights()
-        init()
-        if not keep:
-            unit.to_empty(device="meta")
-    left = [
-        name
-        for top in kept
-        for name, p in top.named_parameters()
-        if p.is_meta and not (experts_stay_meta and ".experts." in f".{name}")
-    ]
-    assert not left, f"no initialisation unit covers {left}"
-
-
-@torch.no_grad()
 def materialize(
-    model: nn.Module, device: torch.device, seed: int, zero3_config: dict | None = None, experts_stay_meta: bool = False
+    model: nn.Module,
+    device: torch.device,
+    seed: int,
+    zero3_config: dict | None = None,
+    experts_stay_meta: bool = False,
+    kept: list[nn.Module] | None = None,
 ) -> None:
     """Allocate a model built on the meta device and initialise it from `seed`; a model built on a
     real device is only moved.
@@ -171,31 +143,43 @@ def materialize(
     process. Under ZeRO-3 each unit's dense weights go to DeepSpeed at once, which keeps this rank's
     partition and frees the rest: no rank ever holds the whole dense model. With `experts_stay_meta`
     the routed experts keep only their initialisation recipe; `materialize_expert_shards` writes
-    the FSDP shards from it."""
+    the FSDP shards from it.
+
+    With `kept` (a pipeline stage's modules, parallel/pipeline.py: kept_modules) only those are kept:
+    a unit outside them is allocated (one at a time, on the same device, so the same generator
+    draws) and freed again, so the kept weights get exactly the single-process values; routed
+    experts outside them draw from their own generators and are never allocated."""
     if not any(p.is_meta for p in model.parameters()):
         model.to(device)
         return
     torch.manual_seed(seed)
-    if zero3_config is None and not experts_stay_meta:
+    if zero3_config is None and not experts_stay_meta and kept is None:
         model.to_empty(device=device)
         model.init_weights()
         return
     if zero3_config is not None:
         skip_deepspeed_shm_op()  # before DeepSpeed sets up its communication
-    model.to_empty(device=device, recurse=False)  # the model's own buffers
+    kept = [model] if kept is None else kept
+    kept_ids = {id(m) for top in kept for m in top.modules()}
+    model.to_empty(device=device, recurse=False)  # the model's own buffers (every stage uses them)
     model.init_buffers()
     for unit, init in model.init_units():
+        keep = id(unit) in kept_ids
         for module in unit.modules():
-            own_meta = any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
-            if own_meta and not (experts_stay_meta and isinstance(module, GroupedExperts)):
+            if isinstance(module, GroupedExperts) and (experts_stay_meta or not keep):
+                continue
+            if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
                 module.to_empty(device=device, recurse=False)  # (a unit may hold an earlier one: q/k norms)
         model.tie_weights()  # to_empty gives the embedding a new parameter
         init()
-        if zero3_config is not None:
+        if not keep:
+            unit.to_empty(device="meta")
+        elif zero3_config is not None:
             partition_zero3(dense_parameters(unit), zero3_config)
     left = [
         name
-        for name, p in model.named_parameters()
+        for top in kept
+        for name, p in top.named_parameters()
         if p.is_meta and not (experts_stay_meta and ".experts." in f".{name}")
     ]
     assert not left, f"no initialisation unit covers {left}"

@@ -37,13 +37,31 @@ def lr_at(step: int, job: JobConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def autocast_context(run: Run):
+    """The job's autocast (train.dtype), or nothing."""
+    if run.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(run.device.type, dtype=run.autocast_dtype)
+
+
+@contextlib.contextmanager
+def replayed_rng(device: torch.device):
+    """Restore the random state on exit: a pass inside draws the same numbers (router jitter) as the
+    pass that follows it."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
+
+
 def forward(run: Run, x_BS: torch.Tensor, logits: bool = True):
     """(logits [B, S, V], MoE stats) of one micro-batch, under the job's autocast (logits=False: no
     logits, the pass stops after the last block)."""
-    autocast = (
-        torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
-    )
-    with autocast:
+    with autocast_context(run):
         return run.trainer.forward(x_BS.to(run.device), logits=logits)
 
 
@@ -68,17 +86,13 @@ def count_routing(run: Run, sampler: BatchSampler, step: int) -> torch.Tensor:
     routed, so a routing-only pass over the step's micro-batches comes first (one extra forward
     each, without the output head, no graph kept). The random state is replayed, so router jitter
     draws the same noise as the training pass that follows, which then routes exactly as counted here."""
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
     total_LE = None
-    for micro_step in range(run.job.train.grad_accum):
-        x, _ = sampler.get(step, micro_step)
-        _, stats = forward(run, x, logits=False)
-        counts_LE = tokens_per_expert_LE(stats)
-        total_LE = counts_LE if total_LE is None else total_LE + counts_LE
-    torch.set_rng_state(cpu_rng)
-    if cuda_rng is not None:
-        torch.cuda.set_rng_state(cuda_rng, run.device)
+    with replayed_rng(run.device):
+        for micro_step in range(run.job.train.grad_accum):
+            x, _ = sampler.get(step, micro_step)
+            _, stats = forward(run, x, logits=False)
+            counts_LE = tokens_per_expert_LE(stats)
+            total_LE = counts_LE if total_LE is None else total_LE + counts_LE
     return all_reduce_sum(total_LE, run.dims)
 
 

@@ -13,21 +13,13 @@ Shape legend: L MoE layers (of the whole model), E experts.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from parallel.collectives import all_reduce_sum
 from parallel.pipeline import RouterLossSettings
 from train.data import BatchSampler
-from train.loop import StepResult, look_at_host
+from train.loop import StepResult, autocast_context, look_at_host, replayed_rng
 from train.metrics import MoEWindow
-
-
-def autocast_context(run):
-    if run.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(run.device.type, dtype=run.autocast_dtype)
 
 
 def load_of(records, num_layers: int, num_experts: int, device: torch.device) -> torch.Tensor:
@@ -43,14 +35,10 @@ def count_routing(run, xs: list[torch.Tensor]) -> torch.Tensor:
     """[L, E] copies routed to each expert over the whole step (train/loop.py: count_routing, through
     the pipeline): one forward of every micro-batch, no graph, the random state replayed."""
     runner = run.trainer.pipeline
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
     runner.set_router_losses(RouterLossSettings())  # the pass's own losses are not used
-    runner.forward_only(xs, autocast_context(run))
+    with replayed_rng(run.device):
+        runner.forward_only(xs, autocast_context(run))
     records = runner.take_records()
-    torch.set_rng_state(cpu_rng)
-    if cuda_rng is not None:
-        torch.cuda.set_rng_state(cuda_rng, run.device)
     return all_reduce_sum(load_of(records, run.num_moe_layers, run.job.moe.num_experts, run.device), run.dims)
 
 
